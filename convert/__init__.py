@@ -1,0 +1,1 @@
+"""edgevlm.convert: Hugging Face checkpoints -> GGUF (LLM + vision projector)."""

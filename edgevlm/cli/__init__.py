@@ -1,0 +1,1 @@
+"""The ``edgevlm`` command line: one module per command."""

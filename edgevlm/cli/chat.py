@@ -1,0 +1,122 @@
+"""``edgevlm chat``: interactive, streaming, multi-turn chat about images."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from edgevlm.cli.options import load_from_options, model_options, sampling_kwargs, sampling_options
+from edgevlm.errors import EdgeVLMError
+
+HELP = "commands: /image PATH (attach to next question), /reset, /quit, /help"
+
+
+@click.command()
+@model_options
+@sampling_options
+@click.option("-i", "--image", "images", multiple=True, type=click.Path(),
+              help="Image to discuss (repeatable).")
+@click.option("-p", "--prompt", default=None, help="Ask once, print the answer and exit.")
+@click.option("--system", default=None, help="System prompt.")
+def chat(images: tuple[str, ...], prompt: str | None, system: str | None, **params: Any) -> None:
+    """Chat about one or more images (streaming; multi-turn)."""
+    vlm = load_from_options(params["model"], params["mmproj"], params["quant"], params["n_ctx"],
+                            params["n_threads"], params["n_gpu_layers"], params["kv_type"])
+    session = ChatSession(vlm, system=system, sampling=sampling_kwargs(params))
+    session.attach(images)
+    if prompt is not None:
+        session.ask(prompt)
+        return
+    _repl(session)
+
+
+class ChatSession:
+    """A conversation: messages so far, images waiting for the next question."""
+
+    def __init__(self, vlm: Any, *, system: str | None, sampling: dict[str, Any]) -> None:
+        self.vlm = vlm
+        self.system = system
+        self.sampling = sampling
+        self.messages: list[dict[str, Any]] = []
+        self.pending: list[str] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def attach(self, paths: tuple[str, ...] | list[str]) -> None:
+        from edgevlm.vision.images import load_image
+
+        for path in paths:
+            load_image(path)  # fail now, with a clear message, not mid-conversation
+            self.pending.append(path)
+
+    def ask(self, question: str, out: Any = None) -> str:
+        out = out or sys.stdout
+        content: list[dict[str, Any]] = [{"type": "image", "image": p} for p in self.pending]
+        content.append({"type": "text", "text": question})
+        self.messages.append({"role": "user", "content": content})
+        pieces = []
+        try:
+            for piece in self.vlm.stream(self.messages, **self.sampling):
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+        except BaseException:
+            self.messages.pop()  # keep the conversation consistent
+            raise
+        out.write("\n")
+        out.flush()
+        self.pending = []
+        reply = "".join(pieces).strip()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+
+def _repl(session: ChatSession) -> None:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo(HELP, err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line):
+                return
+            continue
+        try:
+            session.ask(line)
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted)", err=True)
+        except EdgeVLMError as exc:
+            click.echo(f"edgevlm: error: {exc}", err=True)
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Handle a /command; False means quit."""
+    cmd, _, arg = line.partition(" ")
+    if cmd in ("/quit", "/exit", "/q"):
+        return False
+    if cmd == "/reset":
+        session.reset()
+        session.pending = []
+        click.echo("(conversation cleared)", err=True)
+    elif cmd == "/image":
+        try:
+            session.attach([arg.strip()])
+            click.echo(f"(image attached: {arg.strip()})", err=True)
+        except EdgeVLMError as exc:
+            click.echo(f"edgevlm: error: {exc}", err=True)
+    else:
+        click.echo(HELP, err=True)
+    return True

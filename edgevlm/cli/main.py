@@ -1,0 +1,69 @@
+"""``edgevlm``: the command group, error reporting and logging switches."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from edgevlm import __version__
+from edgevlm.errors import EdgeVLMError
+
+
+class EdgeVLMGroup(click.Group):
+    """Turns edgevlm errors into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgeVLMError as exc:
+            message = " ".join(str(exc).split())
+            click.echo(f"edgevlm: error: {message}", err=True)
+            sys.exit(2 if isinstance(exc, ValueError) else 1)
+        except KeyboardInterrupt:
+            click.echo("edgevlm: interrupted", err=True)
+            sys.exit(130)
+
+
+def setup_logging(verbose: bool) -> None:
+    """Silent by default; --verbose shows edgevlm's and llama.cpp's logs on stderr."""
+    root = logging.getLogger("edgevlm")
+    if verbose and not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not verbose:
+        logging.getLogger("edgevlm.llama").setLevel(logging.CRITICAL)
+    else:
+        logging.getLogger("edgevlm.llama").setLevel(logging.DEBUG)
+
+
+@click.group(cls=EdgeVLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgevlm")
+@click.option("-v", "--verbose", is_flag=True, help="Show edgevlm's and llama.cpp's logs.")
+def cli(verbose: bool) -> None:
+    """edgevlm: run vision-language models on your own hardware."""
+    setup_logging(verbose)
+
+
+def _register() -> None:
+    from edgevlm.cli import bench, chat, convert_cmd, inspect_cmd
+
+    cli.add_command(chat.chat)
+    cli.add_command(convert_cmd.convert)
+    cli.add_command(inspect_cmd.inspect)
+    cli.add_command(bench.bench)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="edgevlm")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

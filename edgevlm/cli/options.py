@@ -1,0 +1,63 @@
+"""Options shared by the commands that load a model."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+
+def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type."""
+    decorators = [
+        click.option("-m", "--model", required=True,
+                     help="Model folder, LLM .gguf file, or Hugging Face repo id."),
+        click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
+                     help="Vision projector .gguf (when --model is a file)."),
+        click.option("--quant", default=None, help="Pick the LLM file whose name contains this."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=4096, show_default=True,
+                     help="Context size in tokens."),
+        click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", "n_gpu_layers", type=int, default=-1, show_default=True,
+                     help="LLM layers offloaded to the GPU (-1 = all)."),
+        click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0", "bf16"]),
+                     default="f16", show_default=True, help="KV cache element type."),
+    ]
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--max-tokens/--temperature/--top-p/--top-k/--min-p/--repeat-penalty/--seed/--stop."""
+    decorators = [
+        click.option("--max-tokens", type=click.IntRange(min=0), default=512, show_default=True),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.2, show_default=True,
+                     help="0 = greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--seed", type=int, default=None, help="Sampling seed."),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+    ]
+    for deco in reversed(decorators):
+        func = deco(func)
+    return func
+
+
+def load_from_options(model: str, mmproj: str | None, quant: str | None, n_ctx: int,
+                      n_threads: int | None, n_gpu_layers: int, kv_type: str) -> Any:
+    from edgevlm.api import load
+
+    return load(model, mmproj=mmproj, quant=quant, n_ctx=n_ctx, n_threads=n_threads,
+                n_gpu_layers=n_gpu_layers, kv_type=kv_type)
+
+
+def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+    out = {k: params[k] for k in keys}
+    out["stop"] = list(params.get("stop") or ())
+    return out

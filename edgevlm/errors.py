@@ -1,0 +1,61 @@
+"""Exceptions raised by edgevlm.
+
+Every user-facing failure is an :class:`EdgeVLMError`. Each subclass also
+inherits the builtin exception a Python caller would expect, so
+``except FileNotFoundError`` keeps working. Messages say what was wrong and
+what to do about it; the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+
+class EdgeVLMError(Exception):
+    """Base class of all edgevlm errors."""
+
+
+class ModelNotFoundError(EdgeVLMError, FileNotFoundError):
+    """A model file, folder or repository could not be found."""
+
+
+class InvalidModelError(EdgeVLMError, ValueError):
+    """A file exists but is not a model edgevlm can use (not GGUF, corrupt, ...)."""
+
+
+class UnsupportedModelError(EdgeVLMError, ValueError):
+    """The model or checkpoint is of a kind edgevlm does not support (yet)."""
+
+
+class IncompatibleModelError(EdgeVLMError, ValueError):
+    """Two files do not belong together (e.g. projector width != LLM width)."""
+
+
+class ImageError(EdgeVLMError, ValueError):
+    """An image could not be read or decoded."""
+
+
+class ImageNotFoundError(ImageError, FileNotFoundError):
+    """An image file does not exist."""
+
+
+class ContextOverflowError(EdgeVLMError, ValueError):
+    """The prompt does not fit into the context window."""
+
+
+class InvalidRequestError(EdgeVLMError, ValueError):
+    """Messages or options passed to the API are malformed."""
+
+
+class ConversionError(EdgeVLMError, ValueError):
+    """A checkpoint could not be converted."""
+
+
+class UnsafePickleError(ConversionError):
+    """A pickle file asked for a global that edgevlm refuses to load."""
+
+
+class RuntimeFailure(EdgeVLMError, RuntimeError):
+    """llama.cpp or libmtmd reported a failure while running a model."""
+
+
+class HubError(EdgeVLMError, OSError):
+    """Downloading from the Hugging Face hub failed."""

@@ -1,0 +1,348 @@
+"""The llama.cpp side of the engine: one model, one context, one sequence.
+
+:class:`LlamaModel` owns the weights and vocabulary; :class:`LlamaContext`
+owns the KV cache and knows how to decode tokens or embeddings at explicit
+positions, drop a suffix of the cache, read logits and sample. Everything
+above it (prompt layout, prefix reuse, images) lives in ``edgevlm.engine``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm import native
+from edgevlm.errors import ContextOverflowError, InvalidModelError, RuntimeFailure
+
+LOG = logging.getLogger("edgevlm")
+
+# ggml_type values for the KV cache (ggml.h)
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    """How the llama.cpp context is created.
+
+    Attributes:
+        n_ctx: context window in tokens (0 = the model's training context).
+        n_batch: logical batch size; images are decoded in one batch, so it is
+            raised to the largest image's token count when needed.
+        n_threads: CPU threads for generation (None = physical cores).
+        n_threads_batch: CPU threads for prompt processing (None = n_threads).
+        n_gpu_layers: layers offloaded to the GPU (-1 = all, 0 = none).
+        kv_type: KV cache element type ("f16", "f32", "q8_0", ...).
+        flash_attn: None = llama.cpp decides, True/False to force.
+        seed: default sampling seed.
+    """
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    n_gpu_layers: int = -1
+    kv_type: str = "f16"
+    flash_attn: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 0:
+            raise ValueError(f"n_ctx must be >= 0, got {self.n_ctx}")
+        if self.n_batch < 1:
+            raise ValueError(f"n_batch must be >= 1, got {self.n_batch}")
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type {self.kv_type!r} is not one of {sorted(KV_TYPES)}")
+
+    def threads(self) -> tuple[int, int]:
+        n = self.n_threads or default_threads()
+        return n, self.n_threads_batch or n
+
+
+def default_threads() -> int:
+    """Physical cores if known (hyper-threads slow ggml down), else logical."""
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:  # pragma: no cover - psutil missing or broken
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """A GGUF language model loaded by llama.cpp (weights + vocabulary)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1,
+                 use_mmap: bool = True) -> None:
+        lib = native.llama()
+        self.path = Path(path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if native.cpu_has_amx():
+            # The AMX extra buffer type crashes on quantised weights in the
+            # pinned ggml; keep weights in plain CPU buffers (see README).
+            params.use_extra_bufts = False
+        del use_mmap  # llama.cpp memory-maps by default
+        self._lib = lib
+        self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise InvalidModelError(
+                f"llama.cpp could not load {self.path} (run with --verbose for its log); "
+                "check that it is an LLM GGUF for a llama.cpp-supported architecture"
+            )
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = lib.llama_model_n_embd(self.ptr)
+        self.n_embd_inp = lib.llama_model_n_embd_inp(self.ptr)
+        self.n_ctx_train = lib.llama_model_n_ctx_train(self.ptr)
+        self.bos = lib.llama_vocab_bos(self.vocab)
+        self.eos = lib.llama_vocab_eos(self.vocab)
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lib.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value from the GGUF as a string, or None."""
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            self._lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def chat_template(self) -> str | None:
+        ptr = self._lib.llama_model_chat_template(self.ptr, None)
+        return ptr.decode("utf-8", errors="replace") if ptr else None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (ctypes.c_int32 * cap)()
+        n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (ctypes.c_int32 * cap)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special,
+                                         parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: list[int] | tuple[int, ...], *, special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode(
+            "utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        raw = self._lib.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+
+class LlamaContext:
+    """A llama.cpp context over one sequence (seq_id 0) of a :class:`LlamaModel`."""
+
+    SEQ = 0
+
+    def __init__(self, model: LlamaModel, options: ContextOptions) -> None:
+        lib = native.llama()
+        self._lib = lib
+        self.model = model
+        self.options = options
+        params = lib.llama_context_default_params()
+        params.n_ctx = options.n_ctx or model.n_ctx_train
+        params.n_batch = options.n_batch
+        params.n_ubatch = options.n_batch
+        params.n_seq_max = 1
+        n_threads, n_threads_batch = options.threads()
+        params.n_threads = n_threads
+        params.n_threads_batch = n_threads_batch
+        params.type_k = KV_TYPES[options.kv_type]
+        params.type_v = KV_TYPES[options.kv_type]
+        if options.flash_attn is not None:
+            params.flash_attn_type = 1 if options.flash_attn else 0
+        params.no_perf = False
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise RuntimeFailure(
+                f"llama.cpp could not create a context of {params.n_ctx} tokens; "
+                "try a smaller --ctx or fewer --gpu-layers"
+            )
+        self.n_ctx = lib.llama_n_ctx(self.ptr)
+        self.n_batch = lib.llama_n_batch(self.ptr)
+        self.memory = lib.llama_get_memory(self.ptr)
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._has_logits = False
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # --- KV cache --------------------------------------------------------
+    def truncate(self, n_pos: int) -> None:
+        """Drop every cached position >= n_pos."""
+        self._lib.llama_memory_seq_rm(self.memory, self.SEQ, n_pos, -1)
+        self._has_logits = False
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self.memory, True)
+        self._has_logits = False
+
+    def check_fits(self, n_pos: int, what: str = "the prompt") -> None:
+        if n_pos > self.n_ctx:
+            raise ContextOverflowError(
+                f"{what} needs {n_pos} positions but the context holds {self.n_ctx}; "
+                f"raise it with --ctx / n_ctx= (the model was trained with {self.model.n_ctx_train})"
+            )
+
+    # --- decoding ----------------------------------------------------------
+    def decode_tokens(self, tokens: list[int] | tuple[int, ...], start_pos: int, *,
+                      logits_last: bool = True) -> None:
+        """Decode ``tokens`` at positions start_pos, start_pos+1, ... in n_batch pieces."""
+        self.check_fits(start_pos + len(tokens))
+        batch = self._batch
+        for offset in range(0, len(tokens), self.n_batch):
+            piece = tokens[offset:offset + self.n_batch]
+            last_piece = offset + len(piece) == len(tokens)
+            batch.n_tokens = len(piece)
+            for i, tok in enumerate(piece):
+                batch.token[i] = tok
+                batch.pos[i] = start_pos + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = self.SEQ
+                batch.logits[i] = 1 if (logits_last and last_piece and i == len(piece) - 1) else 0
+            self._run(batch)
+        self._has_logits = logits_last and bool(tokens)
+
+    def decode_embeddings(self, embd: np.ndarray, start_pos: int, *, causal: bool = True,
+                          logits_last: bool = False) -> None:
+        """Decode raw input embeddings (n, n_embd_inp) at consecutive positions.
+
+        Non-causal chunks must fit in one batch (llama.cpp attends within a ubatch).
+        """
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        n, width = embd.shape
+        if width != self.model.n_embd_inp:
+            raise RuntimeFailure(f"embedding width {width} != model input width {self.model.n_embd_inp}")
+        self.check_fits(start_pos + n)
+        step = n if not causal else self.n_batch
+        if not causal and n > self.n_batch:
+            raise RuntimeFailure(f"non-causal chunk of {n} embeddings exceeds n_batch={self.n_batch}")
+        lib = self._lib
+        batch = lib.llama_batch_init(step, width, 1)
+        try:
+            if not causal:
+                lib.llama_set_causal_attn(self.ptr, False)
+            for offset in range(0, n, step):
+                piece = embd[offset:offset + step]
+                m = len(piece)
+                batch.n_tokens = m
+                ctypes.memmove(batch.embd, piece.ctypes.data, piece.nbytes)
+                for i in range(m):
+                    batch.pos[i] = start_pos + offset + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = self.SEQ
+                    batch.logits[i] = 1 if (logits_last and offset + i == n - 1) else 0
+                self._run(batch)
+        finally:
+            if not causal:
+                lib.llama_set_causal_attn(self.ptr, True)
+            lib.llama_batch_free(batch)
+        self._has_logits = logits_last
+
+    def _run(self, batch: object) -> None:
+        rc = self._lib.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise RuntimeFailure(f"llama_decode failed with code {rc} (1 = no KV slot: raise --ctx)")
+
+    def logits(self) -> np.ndarray:
+        """A copy of the logits of the last decoded position that asked for them."""
+        if not self._has_logits:
+            raise RuntimeFailure("no logits available: the last decode did not request them")
+        ptr = self._lib.llama_get_logits_ith(self.ptr, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
+    # --- timing --------------------------------------------------------------
+    def perf(self) -> dict[str, float]:
+        data = self._lib.llama_perf_context(self.ptr)
+        return {"prompt_ms": data.t_p_eval_ms, "prompt_tokens": data.n_p_eval,
+                "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
+
+
+class Sampler:
+    """A llama.cpp sampler chain: penalties -> top-k -> top-p -> min-p -> temperature -> dist.
+
+    temperature <= 0 means greedy decoding.
+    """
+
+    def __init__(self, model: LlamaModel, *, temperature: float = 0.8, top_k: int = 40,
+                 top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                 repeat_last_n: int = 64, seed: int = 0) -> None:
+        lib = native.llama()
+        self._lib = lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self.ptr = chain
+        if repeat_penalty != 1.0:
+            lib.llama_sampler_chain_add(
+                chain, lib.llama_sampler_init_penalties(repeat_last_n, repeat_penalty, 0.0, 0.0))
+        if temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return
+        if top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(top_k))
+        if 0 < top_p < 1:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
+        if min_p > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(min_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def accept_history(self, tokens: list[int] | tuple[int, ...]) -> None:
+        """Feed prompt tokens to the penalty window (as llama.cpp's server does)."""
+        for tok in tokens:
+            self._lib.llama_sampler_accept(self.ptr, tok)
+
+    def sample(self, ctx: LlamaContext) -> int:
+        # llama_sampler_sample also accepts the token into the chain.
+        return int(self._lib.llama_sampler_sample(self.ptr, ctx.ptr, -1))
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lib.llama_sampler_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass

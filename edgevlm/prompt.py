@@ -1,0 +1,203 @@
+"""Chat messages -> one prompt string with media markers + the images in order.
+
+Messages are OpenAI / transformers shaped::
+
+    {"role": "user", "content": [{"type": "image", "image": "a.jpg"},
+                                 {"type": "text", "text": "Genre?"}]}
+
+``{"type": "image_url", "image_url": {"url": "data:..."}}`` is accepted too.
+The chat template comes from the GGUF (``tokenizer.chat_template``) when it
+renders every image and text faithfully, otherwise from a built-in family
+template (:data:`FAMILIES`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from edgevlm.errors import InvalidRequestError
+from edgevlm.vision.images import LoadedImage, load_image
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    image: LoadedImage
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    parts: tuple[str | ImagePart, ...]
+
+    @property
+    def text(self) -> str:
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+
+def normalize_messages(messages: Sequence[dict[str, Any]],
+                       loader: Callable[[Any], LoadedImage] = load_image) -> list[Message]:
+    """Validate OpenAI-style messages and decode their images.
+
+    Raises:
+        InvalidRequestError: a message is malformed (says which one and why).
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidRequestError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise InvalidRequestError("messages is empty: give at least one user message")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg:
+            raise InvalidRequestError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        role = msg["role"]
+        if role not in ROLES:
+            raise InvalidRequestError(f"messages[{i}]: role {role!r} is not one of {ROLES}")
+        out.append(Message(role, tuple(_parts(msg.get("content"), i, loader))))
+    return out
+
+
+def _parts(content: Any, i: int, loader: Callable[[Any], LoadedImage]) -> Iterable[str | ImagePart]:
+    if content is None:
+        return
+    if isinstance(content, str):
+        yield content
+        return
+    if not isinstance(content, (list, tuple)):
+        raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            yield str(part.get("text", ""))
+        elif kind == "image":
+            ref = part.get("image", part.get("url", part.get("path")))
+            if ref is None:
+                raise InvalidRequestError(f"messages[{i}].content[{j}]: image part has no 'image'")
+            yield ImagePart(loader(ref))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            if not url:
+                raise InvalidRequestError(f"messages[{i}].content[{j}]: image_url part has no url")
+            yield ImagePart(loader(url))
+        else:
+            raise InvalidRequestError(
+                f"messages[{i}].content[{j}]: unsupported part type {kind!r} (use 'text', 'image' or 'image_url')")
+
+
+# --------------------------------------------------------------------------
+# built-in templates: (messages, marker, add_generation_prompt) -> prompt
+
+
+def _llava15(messages: list[Message], marker: str, gen: bool) -> str:
+    """LLaVA-1.5 (llava-hf): ``USER: <image>\\n... ASSISTANT: ...``."""
+    out = []
+    for m in messages:
+        images = "".join(f"{marker}\n" for p in m.parts if isinstance(p, ImagePart))
+        if m.role == "system":
+            out.append(m.text + " ")
+        elif m.role == "user":
+            out.append(f"USER: {images}{m.text} ")
+        else:
+            out.append(f"ASSISTANT: {images}{m.text}</s>")
+    if gen:
+        out.append("ASSISTANT:")
+    return "".join(out)
+
+
+def _chatml(messages: list[Message], marker: str, gen: bool) -> str:
+    out = []
+    for m in messages:
+        body = "".join(marker if isinstance(p, ImagePart) else p for p in m.parts)
+        out.append(f"<|im_start|>{m.role}\n{body}<|im_end|>\n")
+    if gen:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+FAMILIES: dict[str, Callable[[list[Message], str, bool], str]] = {
+    "llava-1.5": _llava15,
+    "chatml": _chatml,
+}
+
+
+# --------------------------------------------------------------------------
+# GGUF (jinja) templates
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str) -> Any:
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        """transformers' ``{% generation %}`` marks assistant text; render it as is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise InvalidRequestError(f"the model's chat template refused the messages: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, "jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def render_template(template: str, messages: list[Message], marker: str, *, gen: bool,
+                    bos: str = "", eos: str = "") -> str | None:
+    """Render a GGUF chat template; None if it does not carry every part faithfully.
+
+    Two shapes are tried: string content with markers in place of images (what
+    llama.cpp's server passes), then transformers-style part lists whose
+    ``<image>`` placeholders are swapped for markers.
+    """
+    n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.parts)
+    texts = [p for m in messages for p in m.parts if isinstance(p, str) and p.strip()]
+    attempts = (
+        ([{"role": m.role, "content": "".join(marker if isinstance(p, ImagePart) else p
+                                              for p in m.parts)} for m in messages], None),
+        ([{"role": m.role, "content": [{"type": "image"} if isinstance(p, ImagePart)
+                                       else {"type": "text", "text": p} for p in m.parts]}
+          for m in messages], "<image>"),
+    )
+    for payload, placeholder in attempts:
+        try:
+            text = _compile(template).render(messages=payload, add_generation_prompt=gen,
+                                             bos_token=bos, eos_token=eos)
+        except InvalidRequestError:
+            raise
+        except Exception:  # noqa: BLE001 - a template that cannot take this shape
+            continue
+        if placeholder is not None:
+            if text.count(placeholder) != n_images or marker in text:
+                continue
+            text = text.replace(placeholder, marker)
+        if text.count(marker) == n_images and all(t.strip() in text for t in texts):
+            if bos and text.startswith(bos):
+                text = text[len(bos):]  # the tokenizer adds BOS itself
+            return text
+    return None
+
+
+def build_prompt(messages: list[Message], marker: str, *, template: str | None, family: str,
+                 gen: bool = True, bos: str = "", eos: str = "") -> tuple[str, list[LoadedImage]]:
+    """The prompt text (images as markers) and the images in marker order."""
+    text = None
+    if template:
+        text = render_template(template, messages, marker, gen=gen, bos=bos, eos=eos)
+    if text is None:
+        text = FAMILIES.get(family, _chatml)(messages, marker, gen)
+    images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
+    return text, images

@@ -1,0 +1,152 @@
+"""Find the LLM and projector files: a folder, explicit paths, or a hub repo id."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgevlm.constants import GGUF_SUFFIX
+from edgevlm.errors import HubError, IncompatibleModelError, InvalidRequestError, ModelNotFoundError
+from edgevlm.gguf_info import read_header
+
+LOG = logging.getLogger("edgevlm")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    llm: Path
+    mmproj: Path | None
+
+
+def resolve(model: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
+            quant: str | None = None, revision: str | None = None) -> ModelFiles:
+    """Locate the GGUF pair for ``model``.
+
+    Args:
+        model: a folder holding one LLM GGUF and one projector GGUF, an LLM
+            ``.gguf`` file, or a Hugging Face repo id (``owner/name``).
+        mmproj: the projector file, when ``model`` is a file (found next to it
+            otherwise).
+        quant: with a folder or repo holding several LLM files, the one whose
+            name contains this (e.g. ``q4_k_m``).
+        revision: hub revision (branch, tag or commit).
+
+    Raises:
+        ModelNotFoundError: nothing usable at that path / repo.
+        InvalidRequestError: the choice is ambiguous (lists the candidates).
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _from_folder(path, quant, mmproj)
+    if path.is_file():
+        proj = Path(mmproj).expanduser() if mmproj else _find_projector(path.parent, quant)
+        if proj is not None and not proj.is_file():
+            raise ModelNotFoundError(f"projector file not found: {proj}")
+        return ModelFiles(path, proj)
+    if isinstance(model, str) and _REPO_ID.match(model) and not model.endswith(GGUF_SUFFIX):
+        return _from_hub(model, quant, revision, mmproj)
+    raise ModelNotFoundError(f"model not found: {model} (give a folder, a .gguf file or a Hugging Face repo id)")
+
+
+def _is_projector(path: Path) -> bool:
+    try:
+        return read_header(path, with_tensors=False).architecture == "clip"
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
+        return path.name.lower().startswith("mmproj")
+
+
+def _pick(paths: list[Path], quant: str | None, what: str, folder: Path) -> Path | None:
+    if quant:
+        wanted = quant.lower().replace("-", "_")
+        paths = [p for p in paths if wanted in p.name.lower().replace("-", "_")] or paths
+    if len(paths) > 1:
+        names = ", ".join(sorted(p.name for p in paths))
+        raise InvalidRequestError(f"{folder} holds several {what} files ({names}); choose one with "
+                                  f"--quant / quant= or pass the file path")
+    return paths[0] if paths else None
+
+
+def _find_projector(folder: Path, quant: str | None) -> Path | None:
+    projs = [p for p in sorted(folder.glob(f"*{GGUF_SUFFIX}")) if _is_projector(p)]
+    if len(projs) > 1:
+        f16 = [p for p in projs if "f16" in p.name.lower()]
+        projs = f16 if len(f16) == 1 else projs
+    return _pick(projs, None, "projector", folder)
+
+
+def _from_folder(folder: Path, quant: str | None, mmproj: str | os.PathLike[str] | None) -> ModelFiles:
+    ggufs = sorted(folder.glob(f"*{GGUF_SUFFIX}"))
+    llms = [p for p in ggufs if not _is_projector(p)]
+    llm = _pick(llms, quant, "LLM", folder)
+    if llm is None:
+        raise ModelNotFoundError(f"no LLM .gguf file in {folder}; convert a checkpoint with "
+                                 "`edgevlm convert` or pass the files explicitly")
+    proj = Path(mmproj) if mmproj else _find_projector(folder, quant)
+    return ModelFiles(llm, proj)
+
+
+def _from_hub(repo_id: str, quant: str | None, revision: str | None,
+              mmproj: str | os.PathLike[str] | None) -> ModelFiles:
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise HubError(f"huggingface_hub is required to download {repo_id}: {exc}") from exc
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        if offline:
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            return _from_folder(folder, quant, mmproj)
+        files = [f for f in HfApi().list_repo_files(repo_id, revision=revision) if f.endswith(GGUF_SUFFIX)]
+        wanted = _choose_hub_files(repo_id, files, quant)
+        LOG.info("downloading %s from %s", ", ".join(wanted), repo_id)
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except LocalEntryNotFoundError as exc:
+        raise ModelNotFoundError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                 "download it once without HF_HUB_OFFLINE") from exc
+    except HfHubHTTPError as exc:
+        raise HubError(f"could not fetch {repo_id} from the hub: {exc}") from exc
+    except OSError as exc:
+        raise HubError(f"could not fetch {repo_id}: {exc}") from exc
+    return _from_folder(folder, quant, mmproj)
+
+
+def _choose_hub_files(repo_id: str, files: list[str], quant: str | None) -> list[str]:
+    projs = [f for f in files if Path(f).name.lower().startswith("mmproj")]
+    llms = [f for f in files if f not in projs]
+    if not llms:
+        raise ModelNotFoundError(f"{repo_id} has no GGUF LLM files")
+    if quant:
+        llms = [f for f in llms if fnmatch.fnmatch(f.lower(), f"*{quant.lower()}*")] or llms
+    if len(llms) > 1:
+        default = [f for f in llms if "q4_k_m" in f.lower()]
+        if len(default) != 1:
+            raise InvalidRequestError(f"{repo_id} has several LLM files ({', '.join(llms)}); choose with --quant")
+        llms = default
+    if len(projs) > 1:
+        projs = [f for f in projs if "f16" in f.lower()][:1] or projs[:1]
+    return llms + projs
+
+
+def check_pair(files: ModelFiles, n_embd_inp: int) -> None:
+    """Refuse a projector whose output width differs from the LLM's input width."""
+    if files.mmproj is None:
+        return
+    header = read_header(files.mmproj)
+    if header.architecture != "clip":
+        raise IncompatibleModelError(
+            f"{files.mmproj.name} is not a vision projector (architecture {header.architecture!r})")
+    # LLaVA-style MLP projectors: the last linear layer's output width (ne1).
+    # (clip.vision.projection_dim is not reliable: old conversions stored CLIP's own.)
+    shapes = {t.name: t.shape for t in header.tensors}
+    last = next((shapes[n] for n in ("mm.2.weight", "mm.0.weight") if n in shapes), None)
+    width = last[1] if last and len(last) > 1 else None
+    if width is not None and int(width) != n_embd_inp:
+        raise IncompatibleModelError(
+            f"projector {files.mmproj.name} produces {int(width)}-wide embeddings but the LLM "
+            f"{files.llm.name} expects {n_embd_inp}; use the projector converted with this LLM")

@@ -1,0 +1,212 @@
+"""Vision encoding through llama.cpp's multimodal library (libmtmd).
+
+libmtmd supports every projector type llama.cpp knows (LLaVA, SigLIP/Gemma 3,
+Qwen2-VL, SmolVLM, ...). It tokenises a prompt with media markers into chunks,
+preprocesses images (resize, tiling where the model has it) and runs the
+vision tower. edgevlm keeps its own chunk identities on top so that the KV
+prefix and embedding caches work across requests.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm import native
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk
+from edgevlm.errors import (
+    ImageError,
+    IncompatibleModelError,
+    InvalidModelError,
+    RuntimeFailure,
+    UnsupportedModelError,
+)
+from edgevlm.llm import LlamaContext, LlamaModel
+from edgevlm.vision.images import LoadedImage
+
+
+def file_identity(path: Path) -> str:
+    """A cheap, stable identity for a model file: size + hash of head and tail."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if size > 1 << 20:
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+class _OwnedChunk:
+    """A libmtmd chunk copy that frees itself."""
+
+    def __init__(self, lib: object, ptr: int) -> None:
+        self._lib = lib
+        self.ptr = ptr
+
+    def __del__(self) -> None:  # pragma: no cover - GC timing
+        if self.ptr:
+            try:
+                self._lib.mtmd_input_chunk_free(self.ptr)
+            except Exception:
+                pass
+            self.ptr = None
+
+
+class MtmdEncoder:
+    """A projector file loaded by libmtmd, bound to one :class:`LlamaModel`."""
+
+    name = "mtmd"
+
+    def __init__(self, mmproj: Path, model: LlamaModel, *, n_threads: int, use_gpu: bool = True) -> None:
+        lib = native.mtmd()
+        self._lib = lib
+        self.path = Path(mmproj)
+        self.model = model
+        self.identity = file_identity(self.path)
+        params = lib.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.n_threads = n_threads
+        params.warmup = False
+        self.ptr = lib.mtmd_init_from_file(str(self.path).encode(), model.ptr, params)
+        if not self.ptr:
+            raise _explain_load_failure(self.path, model)
+        if not lib.mtmd_support_vision(self.ptr):
+            self.close()
+            raise UnsupportedModelError(f"{self.path} has no vision encoder (audio-only projectors are not supported)")
+        self.marker = (lib.mtmd_default_marker() or b"<__media__>").decode()
+        self.uses_mrope = bool(lib.mtmd_decode_use_mrope(self.ptr))
+        self.n_encode_calls = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lib.mtmd_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------
+    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
+        """Split ``prompt`` at media markers into text and image chunks."""
+        lib = self._lib
+        bitmaps = []
+        try:
+            for img in images:
+                bm = lib.mtmd_bitmap_init(img.width, img.height,
+                                          (ctypes.c_ubyte * len(img.rgb)).from_buffer_copy(img.rgb))
+                if not bm:
+                    raise ImageError(f"{img.source}: libmtmd could not take the image")
+                lib.mtmd_bitmap_set_id(bm, img.digest.encode())
+                bitmaps.append(bm)
+            return self._tokenize(prompt, bitmaps, add_special)
+        finally:
+            for bm in bitmaps:
+                lib.mtmd_bitmap_free(bm)
+
+    def _tokenize(self, prompt: str, bitmaps: list[int], add_special: bool) -> list[Chunk]:
+        lib = self._lib
+        text = lib.mtmd_input_text()
+        data = prompt.encode("utf-8")
+        text.text = data
+        text.text_len = len(data)
+        text.add_special = add_special
+        text.parse_special = True
+        arr = (lib.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+        chunks = lib.mtmd_input_chunks_init()
+        try:
+            rc = lib.mtmd_tokenize(self.ptr, chunks, ctypes.byref(text), arr, len(bitmaps))
+            if rc == 1:
+                raise RuntimeFailure(f"prompt has a different number of image markers than images ({len(bitmaps)})")
+            if rc != 0:
+                raise ImageError(f"libmtmd could not preprocess the image(s) (code {rc})")
+            return self._convert_chunks(chunks)
+        finally:
+            lib.mtmd_input_chunks_free(chunks)
+
+    def _convert_chunks(self, chunks: int) -> list[Chunk]:
+        lib = self._lib
+        out: list[Chunk] = []
+        per_image: dict[str, int] = {}
+        for i in range(lib.mtmd_input_chunks_size(chunks)):
+            chunk = lib.mtmd_input_chunks_get(chunks, i)
+            kind = lib.mtmd_input_chunk_get_type(chunk)
+            if kind == lib.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t(0)
+                ptr = lib.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                out.append(TextChunk(tuple(ptr[j] for j in range(n.value))))
+            elif kind == lib.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                raw_id = lib.mtmd_input_chunk_get_id(chunk)
+                image_id = raw_id.decode() if raw_id else "anon"
+                index = per_image.get(image_id, 0)
+                per_image[image_id] = index + 1
+                owned = _OwnedChunk(lib, lib.mtmd_input_chunk_copy(chunk))
+                out.append(ImageChunk(
+                    key=f"{image_id}/{self.identity}/{index}",
+                    n_tokens=int(lib.mtmd_input_chunk_get_n_tokens(chunk)),
+                    n_pos=int(lib.mtmd_input_chunk_get_n_pos(chunk)),
+                    handle=owned))
+            else:
+                raise UnsupportedModelError("audio chunks are not supported by edgevlm")
+        return out
+
+    def tokenize_text(self, text: str, *, add_special: bool) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special)
+
+    # ------------------------------------------------------------------
+    def encode(self, chunk: ImageChunk) -> np.ndarray:
+        """Run the vision tower + projector: (n_tokens, n_embd_inp) float32."""
+        with self._lock:
+            rc = self._lib.mtmd_encode_chunk(self.ptr, chunk.handle.ptr)
+            if rc != 0:
+                raise RuntimeFailure(f"libmtmd failed to encode an image (code {rc})")
+            self.n_encode_calls += 1
+            ptr = self._lib.mtmd_get_output_embd(self.ptr)
+            width = self.model.n_embd_inp
+            return np.ctypeslib.as_array(ptr, shape=(chunk.n_tokens * width,)).reshape(
+                chunk.n_tokens, width).copy()
+
+    def decode(self, ctx: LlamaContext, chunk: ImageChunk, embd: np.ndarray, pos: int) -> int:
+        """Put ``embd`` into the context at ``pos``; return the next position."""
+        ctx.check_fits(pos + chunk.n_pos, "the prompt with its images")
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        new_pos = ctypes.c_int32(0)
+        buf = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        rc = self._lib.mtmd_helper_decode_image_chunk(
+            self.ptr, ctx.ptr, chunk.handle.ptr, buf, pos, ctx.SEQ, ctx.n_batch,
+            ctypes.byref(new_pos), None, None)
+        if rc != 0:
+            raise RuntimeFailure(f"decoding image embeddings failed (code {rc}); raise --ctx?")
+        return int(new_pos.value)
+
+
+def _explain_load_failure(path: Path, model: LlamaModel) -> Exception:
+    """Turn libmtmd's bare failure into a message that says what is wrong."""
+    from edgevlm.gguf_info import read_metadata
+
+    try:
+        meta = read_metadata(path)
+    except InvalidModelError as exc:
+        return exc
+    if meta.get("general.architecture") != "clip":
+        return InvalidModelError(f"{path} is not a vision projector (general.architecture="
+                                 f"{meta.get('general.architecture')!r}); pass the mmproj-*.gguf file")
+    proj_dim = meta.get("clip.vision.projection_dim")
+    if proj_dim is not None and int(proj_dim) != model.n_embd_inp:
+        return IncompatibleModelError(
+            f"projector {path.name} outputs {proj_dim}-wide embeddings but the LLM "
+            f"{model.path.name} takes {model.n_embd_inp}; use the projector converted with this LLM")
+    proj_type = meta.get("clip.projector_type") or meta.get("clip.vision.projector_type")
+    return UnsupportedModelError(
+        f"libmtmd could not load projector {path.name} (projector type {proj_type!r}); "
+        f"run with --verbose for llama.cpp's reason. Size: {os.path.getsize(path)} bytes")
