@@ -15,7 +15,7 @@ from edgevlm.engine import Engine, PrefillStats, Reply, SamplingOptions
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.prompt import normalize_messages
-from edgevlm.resolve import ModelFiles, check_pair, resolve
+from edgevlm.resolve import ModelFiles, check_llm, check_pair, resolve
 from edgevlm.vision.images import load_image
 
 Messages = Sequence[dict[str, Any]]
@@ -56,6 +56,7 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     files = resolve(model, mmproj, quant=quant, revision=revision)
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, seed=seed)
+    check_llm(files.llm)
     llm = LlamaModel(files.llm, n_gpu_layers=n_gpu_layers)
     check_pair(files, llm.n_embd_inp)
     encoder = None

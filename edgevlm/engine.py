@@ -118,6 +118,7 @@ class Engine:
         self.embeddings = EmbeddingLRU()
         self._units: list[tuple[str, Any]] = []
         self._starts: list[int] = [0]
+        self.last_prefill = PrefillStats()
         self._bos = model.token_text(model.bos) if model.add_bos and model.bos >= 0 else ""
         self._eos = model.token_text(model.eos) if model.eos >= 0 else ""
 
@@ -179,6 +180,7 @@ class Engine:
             t0 = time.perf_counter()
             self._evaluate(units, starts, owners, keep, stats)
             stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
+            self.last_prefill = stats
             return stats
 
     def _evaluate(self, units: list, starts: list[int], owners: list[Chunk], first: int,

@@ -37,7 +37,7 @@ class ContextOptions:
         n_threads_batch: CPU threads for prompt processing (None = n_threads).
         n_gpu_layers: layers offloaded to the GPU (-1 = all, 0 = none).
         kv_type: KV cache element type ("f16", "f32", "q8_0", ...).
-        flash_attn: None = llama.cpp decides, True/False to force.
+        flash_attn: None = off on CPU, llama.cpp decides on GPU; True/False to force.
         seed: default sampling seed.
     """
 
@@ -181,8 +181,7 @@ class LlamaContext:
         params.n_threads_batch = n_threads_batch
         params.type_k = KV_TYPES[options.kv_type]
         params.type_v = KV_TYPES[options.kv_type]
-        if options.flash_attn is not None:
-            params.flash_attn_type = 1 if options.flash_attn else 0
+        params.flash_attn_type = _flash_attn_type(lib, options)
         params.no_perf = False
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -227,8 +226,13 @@ class LlamaContext:
 
     # --- decoding ----------------------------------------------------------
     def decode_tokens(self, tokens: list[int] | tuple[int, ...], start_pos: int, *,
-                      logits_last: bool = True) -> None:
-        """Decode ``tokens`` at positions start_pos, start_pos+1, ... in n_batch pieces."""
+                      logits_last: bool = True, logits_all: bool = False) -> None:
+        """Decode ``tokens`` at positions start_pos, start_pos+1, ... in n_batch pieces.
+
+        With ``logits_all`` (one batch only), :meth:`logits_at` reads every position.
+        """
+        if logits_all and len(tokens) > self.n_batch:
+            raise RuntimeFailure(f"logits_all needs at most n_batch={self.n_batch} tokens")
         self.check_fits(start_pos + len(tokens))
         batch = self._batch
         for offset in range(0, len(tokens), self.n_batch):
@@ -240,9 +244,9 @@ class LlamaContext:
                 batch.pos[i] = start_pos + offset + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = self.SEQ
-                batch.logits[i] = 1 if (logits_last and last_piece and i == len(piece) - 1) else 0
+                batch.logits[i] = 1 if logits_all or (logits_last and last_piece and i == len(piece) - 1) else 0
             self._run(batch)
-        self._has_logits = logits_last and bool(tokens)
+        self._has_logits = (logits_last or logits_all) and bool(tokens)
 
     def decode_embeddings(self, embd: np.ndarray, start_pos: int, *, causal: bool = True,
                           logits_last: bool = False) -> None:
@@ -292,11 +296,32 @@ class LlamaContext:
         ptr = self._lib.llama_get_logits_ith(self.ptr, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
 
+    def logits_at(self, i: int) -> np.ndarray:
+        """Logits of the i-th token of the last batch decoded with ``logits_all``."""
+        ptr = self._lib.llama_get_logits_ith(self.ptr, i)
+        if not ptr:
+            raise RuntimeFailure(f"no logits for batch index {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+
     # --- timing --------------------------------------------------------------
     def perf(self) -> dict[str, float]:
         data = self._lib.llama_perf_context(self.ptr)
         return {"prompt_ms": data.t_p_eval_ms, "prompt_tokens": data.n_p_eval,
                 "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
+
+
+def _flash_attn_type(lib: object, options: ContextOptions) -> int:
+    """-1 auto, 0 off, 1 on. CPU default: off.
+
+    On the CPU backend flash attention rounds Q and the softmax through f16,
+    so a follow-up evaluated on a reused prefix differs from a from-scratch
+    evaluation by ~1e-3; without it the two are bitwise equal. On GPUs
+    llama.cpp decides.
+    """
+    if options.flash_attn is not None:
+        return 1 if options.flash_attn else 0
+    on_gpu = options.n_gpu_layers != 0 and bool(lib.llama_supports_gpu_offload())
+    return -1 if on_gpu else 0
 
 
 class Sampler:

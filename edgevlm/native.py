@@ -73,7 +73,8 @@ def mtmd() -> ModuleType:
         raise RuntimeFailure(f"libmtmd could not be loaded ({exc})") from exc
     callback = lib.llama_log_callback(_forward)
     _callbacks.append(callback)
-    mtmd_lib.mtmd_log_set(callback, ctypes.c_void_p(0))
+    # mtmd_helper_log_set routes both libmtmd's and its helpers' loggers.
+    mtmd_lib.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return mtmd_lib
 
 

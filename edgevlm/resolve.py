@@ -133,6 +133,13 @@ def _choose_hub_files(repo_id: str, files: list[str], quant: str | None) -> list
     return llms + projs
 
 
+def check_llm(path: Path) -> None:
+    """Refuse files that are not GGUF LLMs before llama.cpp sees them."""
+    arch = read_header(path, with_tensors=False).architecture
+    if arch == "clip":
+        raise IncompatibleModelError(f"{path.name} is a vision projector, not an LLM; pass it as mmproj")
+
+
 def check_pair(files: ModelFiles, n_embd_inp: int) -> None:
     """Refuse a projector whose output width differs from the LLM's input width."""
     if files.mmproj is None:

@@ -184,7 +184,7 @@ class MtmdEncoder:
         buf = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rc = self._lib.mtmd_helper_decode_image_chunk(
             self.ptr, ctx.ptr, chunk.handle.ptr, buf, pos, ctx.SEQ, ctx.n_batch,
-            ctypes.byref(new_pos), None, None)
+            ctypes.byref(new_pos), self._lib.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
             raise RuntimeFailure(f"decoding image embeddings failed (code {rc}); raise --ctx?")
         return int(new_pos.value)

@@ -1,0 +1,128 @@
+"""Shared fixtures: isolated home/cache dirs, tiny checkpoints, converted models.
+
+Checkpoints are random, tiny (hidden 64-256, 2-3 layers) and built with
+transformers at session start; conversion uses edgevlm's own converters.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every home and cache directory at the test's tmp_path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+    monkeypatch.setenv("EDGEVLM_CACHE_DIR", str(home / ".cache" / "edgevlm"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def _build(factory: pytest.TempPathFactory, name: str, **kwargs: object) -> Path:
+    from tests.fixtures.checkpoints import build_llava_checkpoint
+
+    return build_llava_checkpoint(factory.mktemp(name) / "hf", **kwargs)
+
+
+def _convert(factory: pytest.TempPathFactory, source: Path, name: str, **kwargs: object) -> Path:
+    from edgevlm.convert import convert
+
+    out = factory.mktemp(name)
+    convert(source, out, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llava_clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llava-hf checkpoint: CLIP tower (CLS, feature layer -2), Llama LLM of width 256."""
+    return _build(tmp_path_factory, "llava_clip", tower="clip")
+
+
+@pytest.fixture(scope="session")
+def llava_siglip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llava-hf checkpoint: SigLIP tower (no CLS, feature layer -1, 'full')."""
+    return _build(tmp_path_factory, "llava_siglip", tower="siglip")
+
+
+@pytest.fixture(scope="session")
+def clip_f32(tmp_path_factory: pytest.TempPathFactory, llava_clip_checkpoint: Path) -> Path:
+    return _convert(tmp_path_factory, llava_clip_checkpoint, "clip_f32", quant="f32", vision_type="f32")
+
+
+@pytest.fixture(scope="session")
+def siglip_f32(tmp_path_factory: pytest.TempPathFactory, llava_siglip_checkpoint: Path) -> Path:
+    return _convert(tmp_path_factory, llava_siglip_checkpoint, "siglip_f32", quant="f32", vision_type="f32")
+
+
+@pytest.fixture(scope="session")
+def siglip_q8(tmp_path_factory: pytest.TempPathFactory, llava_siglip_checkpoint: Path) -> Path:
+    return _convert(tmp_path_factory, llava_siglip_checkpoint, "siglip_q8", quant="q8_0", vision_type="q8_0")
+
+
+@pytest.fixture(scope="session")
+def siglip_q4km(tmp_path_factory: pytest.TempPathFactory, llava_siglip_checkpoint: Path) -> Path:
+    return _convert(tmp_path_factory, llava_siglip_checkpoint, "siglip_q4km", quant="q4_k_m")
+
+
+@pytest.fixture(scope="session")
+def siglip_vlm(siglip_f32: Path):
+    """A loaded f32 model with an f32 KV cache (for numerics), shared by tests."""
+    import edgevlm
+
+    vlm = edgevlm.load(siglip_f32, n_ctx=1024, kv_type="f32", n_threads=2)
+    yield vlm
+    vlm.close()
+
+
+@pytest.fixture(scope="session")
+def painting(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deterministic 'painting': smooth gradients and a few shapes (PNG)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:96, 0:128]
+    rgb = np.stack([(xx * 2) % 256, (yy * 2.5) % 256, ((xx + yy) * 1.3) % 256], axis=-1)
+    img = Image.fromarray((rgb + rng.integers(0, 20, rgb.shape)).clip(0, 255).astype("uint8"))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((20, 20, 60, 70), fill=(200, 30, 40))
+    draw.rectangle((70, 10, 120, 50), fill=(20, 60, 180))
+    path = tmp_path_factory.mktemp("images") / "painting.png"
+    img.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def square_image(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: a random RGB PNG of exactly size x size pixels (no resize ambiguity)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("square")
+
+    def make(size: int, seed: int = 0) -> Path:
+        rng = np.random.default_rng(seed)
+        path = folder / f"sq{size}_{seed}.png"
+        if not path.exists():
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def clip_narrow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted model whose LLM is 128 wide (projector width mismatch tests)."""
+    src = _build(tmp_path_factory, "llava_narrow", tower="clip", text_hidden=128, text_ffn=256)
+    return _convert(tmp_path_factory, src, "clip_narrow", quant="f16")
