@@ -1,0 +1,124 @@
+"""The command line: chat, inspect, bench, convert, errors (CliRunner and a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import edgevlm
+from edgevlm.cli.chat import ChatSession
+from edgevlm.cli.main import cli
+
+
+def _run(*args: str, input: str | None = None):
+    return CliRunner().invoke(cli, list(args), input=input, catch_exceptions=False)
+
+
+def test_version_and_help():
+    result = _run("--version")
+    assert result.exit_code == 0 and edgevlm.__version__ in result.output
+    for cmd in ("chat", "convert", "inspect", "bench"):
+        res = _run(cmd, "--help")
+        assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_chat_one_shot_streams_an_answer(siglip_f32, painting):
+    res = _run("chat", "--model", str(siglip_f32), "--image", str(painting), "-p", "What genre?",
+               "--max-tokens", "5", "--temperature", "0", "--threads", "2")
+    assert res.exit_code == 0, res.output
+    assert res.output.endswith("\n")
+
+
+def test_chat_repl_multi_turn_commands(siglip_f32, painting):
+    script = f"/image {painting}\nDescribe it.\nMore?\n/reset\n/help\nHello\n/quit\n"
+    res = _run("chat", "--model", str(siglip_f32), "--max-tokens", "3", "--temperature", "0",
+               "--threads", "2", input=script)
+    assert res.exit_code == 0, res.output
+
+
+def test_chat_session_keeps_history(siglip_vlm, painting):
+    import io
+
+    session = ChatSession(siglip_vlm, system="You are terse.", sampling={"max_tokens": 3, "temperature": 0})
+    session.attach([str(painting)])
+    session.ask("First?", out=io.StringIO())
+    calls = siglip_vlm.encoder_calls
+    session.ask("Second?", out=io.StringIO())
+    roles = [m["role"] for m in session.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert siglip_vlm.encoder_calls == calls
+    session.reset()
+    assert [m["role"] for m in session.messages] == ["system"]
+
+
+def test_inspect_reports_both_files(siglip_f32):
+    files = sorted(str(p) for p in siglip_f32.glob("*.gguf"))
+    res = _run("inspect", "--json", *files)
+    assert res.exit_code == 0, res.output
+    reports = json.loads(res.output)
+    roles = sorted(r["role"] for r in reports)
+    assert roles == ["language model", "vision projector"]
+    llm = next(r for r in reports if r["role"] == "language model")
+    assert llm["architecture"] == "llama" and llm["hyperparameters"]["embedding_length"] == 256
+    text = _run("inspect", *files).output
+    assert "loadable by" in text
+
+
+def test_bench_json(siglip_f32, painting):
+    res = _run("bench", "--model", str(siglip_f32), "--image", str(painting), "--json",
+               "--max-tokens", "4", "--threads", "2")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    for key in ("model_load_ms", "image_encode_ms", "prompt_tokens", "prefill_tokens_per_s",
+                "time_to_first_token_ms", "decode_tokens_per_s", "follow_up_time_to_first_token_ms",
+                "peak_rss_mb"):
+        assert key in report, key
+    assert report["follow_up_images_encoded"] == 0
+    assert report["follow_up_evaluated_tokens"] < report["follow_up_prompt_tokens"]
+
+
+def test_convert_command(llava_siglip_checkpoint, tmp_path):
+    res = _run("convert", str(llava_siglip_checkpoint), str(tmp_path / "out"), "--quant", "q8_0")
+    assert res.exit_code == 0, res.output
+    assert "LLM" in res.output and "projector" in res.output
+    assert len(list((tmp_path / "out").glob("*.gguf"))) == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["chat", "--model", "/nonexistent/model", "-p", "hi"], "model not found"),
+    (["inspect", "/nonexistent.gguf"], "not found"),
+    (["convert", "/nonexistent/ckpt", "/tmp/out-x"], "not"),
+])
+def test_errors_are_one_line_and_nonzero(args, needle):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgevlm: error:"), res.output
+    assert needle in lines[0].lower()
+    assert "Traceback" not in res.output
+
+
+def test_bad_image_in_cli_is_one_line(siglip_f32, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\x00" * 50)
+    res = CliRunner().invoke(cli, ["chat", "--model", str(siglip_f32), "--image", str(bad), "-p", "x"])
+    assert res.exit_code != 0 and "not a readable image" in res.output
+
+
+def test_real_subprocess(siglip_f32, painting, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "chat", "--model", str(siglip_f32),
+                           "--image", str(painting), "-p", "Genre?", "--max-tokens", "3",
+                           "--temperature", "0", "--threads", "2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", f"llama.cpp logs leaked to stderr: {proc.stderr[:300]}"
+    bad = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "inspect", str(tmp_path / "no.gguf")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
