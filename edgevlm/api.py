@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -19,6 +20,9 @@ from edgevlm.resolve import ModelFiles, check_llm, check_pair, resolve
 from edgevlm.vision.images import load_image
 
 Messages = Sequence[dict[str, Any]]
+
+#: Batch size for projectors whose image tokens attend to each other (non-causal).
+NON_CAUSAL_MIN_BATCH = 2048
 
 
 def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
@@ -65,6 +69,9 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
 
         encoder = MtmdEncoder(files.mmproj, llm, n_threads=options.threads()[1],
                               use_gpu=n_gpu_layers != 0)
+    if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
+        # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
+        options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
     ctx = LlamaContext(llm, options)
     template = chat_template if chat_template is not None else llm.chat_template()
     family = family or llm.meta(KEY_PROMPT_FAMILY) or _guess_family(files)

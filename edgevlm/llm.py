@@ -77,16 +77,24 @@ class LlamaModel:
     """A GGUF language model loaded by llama.cpp (weights + vocabulary)."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1,
-                 use_mmap: bool = True) -> None:
+                 extra_buffers: bool | None = None) -> None:
+        """Load the weights.
+
+        Args:
+            path: the LLM GGUF.
+            n_gpu_layers: layers offloaded to the GPU (-1 = all).
+            extra_buffers: allow ggml's extra CPU buffer types (weight
+                repacking, AMX). None = yes, except on builds with ggml's AMX
+                path, whose AMX buffer type crashes on quantised weights in
+                the pinned llama.cpp (see README).
+        """
         lib = native.llama()
         self.path = Path(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        if native.cpu_has_amx():
-            # The AMX extra buffer type crashes on quantised weights in the
-            # pinned ggml; keep weights in plain CPU buffers (see README).
-            params.use_extra_bufts = False
-        del use_mmap  # llama.cpp memory-maps by default
+        if extra_buffers is None:
+            extra_buffers = not native.cpu_has_amx()
+        params.use_extra_bufts = extra_buffers
         self._lib = lib
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.ptr:

@@ -82,6 +82,8 @@ class MtmdEncoder:
             raise UnsupportedModelError(f"{self.path} has no vision encoder (audio-only projectors are not supported)")
         self.marker = (lib.mtmd_default_marker() or b"<__media__>").decode()
         self.uses_mrope = bool(lib.mtmd_decode_use_mrope(self.ptr))
+        # Non-causal image chunks must be decoded in one batch (see engine).
+        self.non_causal = bool(lib.mtmd_decode_use_non_causal(self.ptr, None))
         self.n_encode_calls = 0
         self._lock = threading.Lock()
 
