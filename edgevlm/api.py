@@ -29,7 +29,7 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
          n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = -1, kv_type: str = "f16", seed: int = 0,
          chat_template: str | None = None, family: str | None = None,
-         quant: str | None = None, revision: str | None = None) -> "VLM":
+         quant: str | None = None, revision: str | None = None, cache: bool = True) -> "VLM":
     """Load a vision-language model.
 
     Args:
@@ -48,6 +48,9 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
             ("llava-1.5", "chatml").
         quant: pick among several LLM files in a folder / repo.
         revision: hub revision.
+        cache: keep image embeddings in the on-disk cache (``EDGEVLM_CACHE_DIR``
+            or the platform cache home) so that another process asking about the
+            same image does not run the vision encoder again.
 
     Returns:
         A ready :class:`VLM`.
@@ -75,7 +78,12 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     ctx = LlamaContext(llm, options)
     template = chat_template if chat_template is not None else llm.chat_template()
     family = family or llm.meta(KEY_PROMPT_FAMILY) or _guess_family(files)
-    engine = Engine(llm, ctx, encoder, template=template, family=family)
+    store = None
+    if cache and encoder is not None:
+        from edgevlm.cache import EmbeddingStore
+
+        store = EmbeddingStore()
+    engine = Engine(llm, ctx, encoder, template=template, family=family, store=store)
     return VLM(engine, files, load_ms=(time.perf_counter() - t0) * 1e3)
 
 

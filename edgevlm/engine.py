@@ -108,7 +108,7 @@ class Engine:
     """One model + context + optional vision encoder, with prefix reuse."""
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, encoder: Any | None, *,
-                 template: str | None, family: str) -> None:
+                 template: str | None, family: str, store: Any | None = None) -> None:
         self.model = model
         self.ctx = ctx
         self.encoder = encoder
@@ -116,6 +116,7 @@ class Engine:
         self.family = family
         self.lock = threading.RLock()
         self.embeddings = EmbeddingLRU()
+        self.store = store  # disk tier (edgevlm.cache.EmbeddingStore) or None
         self._units: list[tuple[str, Any]] = []
         self._starts: list[int] = [0]
         self.last_prefill = PrefillStats()
@@ -149,7 +150,14 @@ class Engine:
         return self._starts[len(self._units)] if self._units else 0
 
     def image_embeddings(self, chunk: ImageChunk, stats: PrefillStats | None = None) -> np.ndarray:
+        """Embeddings of an image chunk: RAM cache, then disk cache, then the encoder."""
         cached = self.embeddings.get(chunk.key)
+        if cached is None and self.store is not None:
+            cached = self.store.get(chunk.key)
+            if cached is not None and cached.shape != (chunk.n_tokens, self.model.n_embd_inp):
+                cached = None  # a stale entry of another shape: recompute
+            if cached is not None:
+                self.embeddings.put(chunk.key, cached)
         if cached is not None:
             if stats:
                 stats.images_from_cache += 1
@@ -160,6 +168,8 @@ class Engine:
             stats.encode_ms += (time.perf_counter() - t0) * 1e3
             stats.images_encoded += 1
         self.embeddings.put(chunk.key, embd)
+        if self.store is not None:
+            self.store.put(chunk.key, embd)
         return embd
 
     def prefill(self, chunks: list[Chunk]) -> PrefillStats:

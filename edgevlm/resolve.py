@@ -94,39 +94,108 @@ def _from_hub(repo_id: str, quant: str | None, revision: str | None,
               mmproj: str | os.PathLike[str] | None) -> ModelFiles:
     try:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise HubError(f"huggingface_hub is required to download {repo_id}: {exc}") from exc
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    at = f" at revision {revision!r}" if revision else ""
     try:
-        if offline:
-            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-            return _from_folder(folder, quant, mmproj)
-        files = [f for f in HfApi().list_repo_files(repo_id, revision=revision) if f.endswith(GGUF_SUFFIX)]
-        wanted = _choose_hub_files(repo_id, files, quant)
-        LOG.info("downloading %s from %s", ", ".join(wanted), repo_id)
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
-    except LocalEntryNotFoundError as exc:
-        raise ModelNotFoundError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
-                                 "download it once without HF_HUB_OFFLINE") from exc
+        if _hub_offline():
+            try:
+                folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+            except LocalEntryNotFoundError as exc:
+                # IncompleteSnapshotError (huggingface_hub >= 1.x): the snapshot holds only some of the
+                # repo's files -- the normal state here, as only the chosen GGUFs are downloaded.
+                snapshot = getattr(exc, "snapshot_path", None)
+                if not snapshot or not Path(snapshot).is_dir():
+                    raise ModelNotFoundError(
+                        f"{repo_id}{at} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                        "download it once without HF_HUB_OFFLINE") from exc
+                folder = Path(snapshot)
+            cached = sorted(p.relative_to(folder).as_posix() for p in folder.rglob(f"*{GGUF_SUFFIX}"))
+            wanted = _choose_hub_files(repo_id, cached, quant, offline=True)
+        else:
+            files = [f for f in HfApi().list_repo_files(repo_id, revision=revision)
+                     if f.lower().endswith(GGUF_SUFFIX)]
+            wanted = _choose_hub_files(repo_id, files, quant)
+            if mmproj:
+                wanted = wanted[:1]  # the caller's projector replaces the repo's
+            LOG.info("downloading %s from %s", ", ".join(wanted), repo_id)
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except (ModelNotFoundError, InvalidRequestError, HubError):
+        raise
+    except GatedRepoError as exc:
+        raise HubError(f"{repo_id} is a gated repo: accept its conditions on the hub page and log in "
+                       "(`hf auth login` or HF_TOKEN)") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"Hugging Face repo {repo_id} not found (check the name; for a private repo "
+                                 "log in with `hf auth login` or set HF_TOKEN)") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"revision {revision!r} not found in Hugging Face repo {repo_id}") from exc
+    except LocalEntryNotFoundError as exc:  # online, but the files could not be fetched nor found in the cache
+        raise HubError(f"could not download {repo_id}{at} and it is not in the local cache: {exc}") from exc
     except HfHubHTTPError as exc:
         raise HubError(f"could not fetch {repo_id} from the hub: {exc}") from exc
     except OSError as exc:
         raise HubError(f"could not fetch {repo_id}: {exc}") from exc
-    return _from_folder(folder, quant, mmproj)
+    except Exception as exc:
+        # Transport errors of the HTTP client (httpx / requests) are not OSErrors.
+        if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
+            raise HubError(f"could not reach the Hugging Face hub for {repo_id}: {exc}") from exc
+        raise
+    llm = folder / wanted[0]
+    if mmproj:
+        proj: Path | None = Path(mmproj).expanduser()
+        if not proj.is_file():
+            raise ModelNotFoundError(f"projector file not found: {proj}")
+    else:
+        proj = folder / wanted[1] if len(wanted) > 1 else None
+    return ModelFiles(llm, proj)
 
 
-def _choose_hub_files(repo_id: str, files: list[str], quant: str | None) -> list[str]:
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE from the environment, or as huggingface_hub read it at import."""
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    if env.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _choose_hub_files(repo_id: str, files: list[str], quant: str | None, *, offline: bool = False) -> list[str]:
+    """The LLM GGUF (first) and the projector GGUF (if any) to use among a repo's ``files``.
+
+    The LLM is the one whose name contains ``quant``, else the only one, else the
+    ``q4_k_m`` one; the projector (``mmproj*``) prefers f16.
+    """
+    where = f"the cached copy of {repo_id}" if offline else repo_id
     projs = [f for f in files if Path(f).name.lower().startswith("mmproj")]
     llms = [f for f in files if f not in projs]
     if not llms:
-        raise ModelNotFoundError(f"{repo_id} has no GGUF LLM files")
+        if offline:
+            raise ModelNotFoundError(f"{where} holds no LLM .gguf file and HF_HUB_OFFLINE is set; "
+                                     "download it once without HF_HUB_OFFLINE")
+        raise ModelNotFoundError(f"{repo_id} has no GGUF LLM files (edgevlm runs GGUF models; convert a "
+                                 "checkpoint with `edgevlm convert`)")
     if quant:
-        llms = [f for f in llms if fnmatch.fnmatch(f.lower(), f"*{quant.lower()}*")] or llms
+        wanted = quant.lower().replace("-", "_")
+        matching = [f for f in llms if fnmatch.fnmatch(f.lower().replace("-", "_"), f"*{wanted}*")]
+        if not matching and offline:
+            raise ModelNotFoundError(f"no LLM file in {where} matches quant {quant!r} (cached: "
+                                     f"{', '.join(llms)}) and HF_HUB_OFFLINE is set; download it once "
+                                     "without HF_HUB_OFFLINE")
+        if not matching:
+            raise InvalidRequestError(f"no LLM file in {where} matches quant {quant!r} "
+                                      f"(available: {', '.join(llms)})")
+        llms = matching
     if len(llms) > 1:
-        default = [f for f in llms if "q4_k_m" in f.lower()]
+        default = [f for f in llms if "q4_k_m" in f.lower().replace("-", "_")]
         if len(default) != 1:
-            raise InvalidRequestError(f"{repo_id} has several LLM files ({', '.join(llms)}); choose with --quant")
+            raise InvalidRequestError(f"{where} has several LLM files ({', '.join(llms)}); "
+                                      "choose one with --quant / quant=")
         llms = default
     if len(projs) > 1:
         projs = [f for f in projs if "f16" in f.lower()][:1] or projs[:1]

@@ -29,8 +29,7 @@ def peak_rss_mb() -> float:
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, as_json: bool,
           **params: Any) -> None:
     """Measure one two-turn conversation (greedy decoding)."""
-    vlm = load_from_options(params["model"], params["mmproj"], params["quant"], params["n_ctx"],
-                            params["n_threads"], params["n_gpu_layers"], params["kv_type"])
+    vlm = load_from_options(params)
     report = run_bench(vlm, image, prompt, follow_up, max_tokens)
     report["threads"] = params["n_threads"]
     if as_json:

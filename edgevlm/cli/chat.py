@@ -22,8 +22,7 @@ HELP = "commands: /image PATH (attach to next question), /reset, /quit, /help"
 @click.option("--system", default=None, help="System prompt.")
 def chat(images: tuple[str, ...], prompt: str | None, system: str | None, **params: Any) -> None:
     """Chat about one or more images (streaming; multi-turn)."""
-    vlm = load_from_options(params["model"], params["mmproj"], params["quant"], params["n_ctx"],
-                            params["n_threads"], params["n_gpu_layers"], params["kv_type"])
+    vlm = load_from_options(params)
     session = ChatSession(vlm, system=system, sampling=sampling_kwargs(params))
     session.attach(images)
     if prompt is not None:

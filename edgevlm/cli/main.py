@@ -50,12 +50,13 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgevlm.cli import bench, chat, convert_cmd, inspect_cmd
+    from edgevlm.cli import bench, cache_cmd, chat, convert_cmd, inspect_cmd
 
     cli.add_command(chat.chat)
     cli.add_command(convert_cmd.convert)
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(bench.bench)
+    cli.add_command(cache_cmd.cache)
 
 
 _register()

@@ -23,6 +23,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="LLM layers offloaded to the GPU (-1 = all)."),
         click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0", "bf16"]),
                      default="f16", show_default=True, help="KV cache element type."),
+        click.option("--no-cache", is_flag=True, help="Do not use the on-disk embedding cache."),
     ]
     for deco in reversed(decorators):
         func = deco(func)
@@ -48,12 +49,17 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def load_from_options(model: str, mmproj: str | None, quant: str | None, n_ctx: int,
-                      n_threads: int | None, n_gpu_layers: int, kv_type: str) -> Any:
+MODEL_KEYS = ("model", "mmproj", "quant", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "no_cache")
+
+
+def load_from_options(params: dict[str, Any]) -> Any:
+    """edgevlm.load() with the values of :func:`model_options`."""
     from edgevlm.api import load
 
-    return load(model, mmproj=mmproj, quant=quant, n_ctx=n_ctx, n_threads=n_threads,
-                n_gpu_layers=n_gpu_layers, kv_type=kv_type)
+    return load(params["model"], mmproj=params["mmproj"], quant=params["quant"],
+                n_ctx=params["n_ctx"], n_threads=params["n_threads"],
+                n_gpu_layers=params["n_gpu_layers"], kv_type=params["kv_type"],
+                cache=not params["no_cache"])
 
 
 def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:

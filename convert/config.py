@@ -1,0 +1,294 @@
+"""Typed, validated views of a llava-style ``config.json``.
+
+Both transformers 4.x and 5.x layouts are read: nested ``text_config`` /
+``vision_config``, ``rope_theta`` or ``rope_parameters``, ``rope_scaling``.
+Fields missing from ``config.json`` take the defaults transformers uses
+(llava-hf's 7B config omits most LlamaConfig fields, for instance).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgevlm.errors import ConversionError
+
+CONFIG_FILE = "config.json"
+
+# transformers' LlamaConfig defaults (used when text_config omits a field).
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+}
+# transformers' CLIPVisionConfig defaults (ViT-B/32); llava-hf configs spell most out.
+_CLIP_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+_SIGLIP_DEFAULTS: dict[str, Any] = {
+    **_CLIP_DEFAULTS, "image_size": 224, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh",
+    "layer_norm_eps": 1e-6,
+}
+_VISION_DEFAULTS = {"clip_vision_model": _CLIP_DEFAULTS, "siglip_vision_model": _SIGLIP_DEFAULTS}
+_LLAVA_DEFAULTS: dict[str, Any] = {
+    "image_token_index": 32000, "projector_hidden_act": "gelu",
+    "vision_feature_select_strategy": "default", "vision_feature_layer": -2,
+    "multimodal_projector_bias": True,
+}
+
+
+def _get(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any], where: str,
+         kind: type | tuple[type, ...]) -> Any:
+    """Fetch ``key`` (or its default) and check its type; name the key on failure."""
+    if key in data and data[key] is not None:
+        value = data[key]
+    elif key in defaults:
+        value = defaults[key]
+    else:
+        raise ConversionError(f"config.json: {where}{key} is missing; the checkpoint "
+                              "config is incomplete.")
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConversionError(f"config.json: {where}{key} must be {_kind_name(kind)}, "
+                              f"got {value!r}.")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _positive(value: int, key: str) -> int:
+    if value <= 0:
+        raise ConversionError(f"config.json: {key} must be positive, got {value}.")
+    return value
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Hyper-parameters of the Llama-family text model."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Mapping[str, Any] | None
+    tie_word_embeddings: bool
+    hidden_act: str
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim"):
+            _positive(getattr(self, key), f"text_config.{key}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConversionError(
+                "config.json: text_config.num_attention_heads "
+                f"({self.num_attention_heads}) is not a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}).")
+        if self.head_dim % 2:
+            raise ConversionError(f"config.json: text_config.head_dim ({self.head_dim}) "
+                                  "must be even for rotary embeddings.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], tie_default: bool = False) -> TextConfig:
+        """Parse a ``text_config`` mapping (LlamaConfig defaults for missing keys).
+
+        Args:
+            data: The ``text_config`` dict of ``config.json``.
+            tie_default: ``tie_word_embeddings`` of the outer config.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConversionError: a field has the wrong type or an impossible value.
+        """
+        w = "text_config."
+        d = {**_LLAMA_DEFAULTS, "tie_word_embeddings": tie_default}
+        heads = _get(data, "num_attention_heads", d, w, int)
+        hidden = _get(data, "hidden_size", d, w, int)
+        rope = data.get("rope_parameters") or {}
+        scaling = data.get("rope_scaling") or (rope if rope.get("rope_type", "default")
+                                               not in ("default", None) else None)
+        theta = rope.get("rope_theta", data.get("rope_theta", d["rope_theta"]))
+        return cls(
+            model_type=str(data.get("model_type", "llama")),
+            vocab_size=_get(data, "vocab_size", d, w, int),
+            hidden_size=hidden,
+            intermediate_size=_get(data, "intermediate_size", d, w, int),
+            num_hidden_layers=_get(data, "num_hidden_layers", d, w, int),
+            num_attention_heads=heads,
+            num_key_value_heads=_get(data, "num_key_value_heads", {"num_key_value_heads": heads},
+                                     w, int),
+            head_dim=_get(data, "head_dim", {"head_dim": hidden // max(heads, 1)}, w, int),
+            max_position_embeddings=_get(data, "max_position_embeddings", d, w, int),
+            rms_norm_eps=_get(data, "rms_norm_eps", d, w, float),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_word_embeddings=_get(data, "tie_word_embeddings", d, w, bool),
+            hidden_act=_get(data, "hidden_act", d, w, str),
+        )
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Hyper-parameters of a CLIP / SigLIP vision tower."""
+
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_channels: int
+    image_size: int
+    patch_size: int
+    hidden_act: str
+    layer_norm_eps: float
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "image_size", "patch_size"):
+            _positive(getattr(self, key), f"vision_config.{key}")
+        if self.image_size % self.patch_size:
+            raise ConversionError(
+                f"config.json: vision_config.image_size ({self.image_size}) is not a multiple "
+                f"of vision_config.patch_size ({self.patch_size}).")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConversionError(
+                f"config.json: vision_config.hidden_size ({self.hidden_size}) is not a "
+                f"multiple of num_attention_heads ({self.num_attention_heads}).")
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether the tower prepends a class embedding (CLIP does, SigLIP does not)."""
+        return self.model_type == "clip_vision_model"
+
+    @property
+    def n_patches(self) -> int:
+        """Patch tokens per image (without CLS)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> VisionConfig:
+        """Parse a ``vision_config`` mapping.
+
+        Args:
+            data: The ``vision_config`` dict of ``config.json``.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConversionError: unknown tower type or a bad field.
+        """
+        w = "vision_config."
+        model_type = data.get("model_type", "clip_vision_model")
+        if model_type not in _VISION_DEFAULTS:
+            raise ConversionError(
+                f"config.json: vision_config.model_type {model_type!r} is not supported; "
+                f"supported: {', '.join(sorted(_VISION_DEFAULTS))}.")
+        d = _VISION_DEFAULTS[model_type]
+        return cls(model_type=model_type,
+                   **{k: _get(data, k, d, w, type(d[k])) for k in (
+                       "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_channels", "image_size", "patch_size",
+                       "hidden_act", "layer_norm_eps")})
+
+
+@dataclass(frozen=True)
+class LlavaConfig:
+    """The whole llava ``config.json``: text model, tower and projector settings."""
+
+    architecture: str
+    text: TextConfig
+    vision: VisionConfig
+    image_token_index: int
+    projector_hidden_act: str
+    vision_feature_layer: int | tuple[int, ...]
+    vision_feature_select_strategy: str
+    projector_bias: bool
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConversionError(
+                "config.json: vision_feature_select_strategy must be 'default' or 'full', "
+                f"got {self.vision_feature_select_strategy!r}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LlavaConfig:
+        """Parse the top level of a llava ``config.json``.
+
+        Args:
+            data: The decoded ``config.json``.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConversionError: a section or field is missing or malformed.
+        """
+        for section in ("text_config", "vision_config"):
+            if not isinstance(data.get(section, {}), Mapping):
+                raise ConversionError(f"config.json: {section} must be an object.")
+        d = _LLAVA_DEFAULTS
+        layer = data.get("vision_feature_layer", d["vision_feature_layer"])
+        if isinstance(layer, list):
+            layer = tuple(layer)
+        elif not isinstance(layer, int) or isinstance(layer, bool):
+            raise ConversionError("config.json: vision_feature_layer must be an int or a list "
+                                  f"of ints, got {layer!r}.")
+        archs = data.get("architectures") or ["?"]
+        return cls(
+            architecture=str(archs[0]),
+            text=TextConfig.from_dict(data.get("text_config", {}),
+                                      bool(data.get("tie_word_embeddings", False))),
+            vision=VisionConfig.from_dict(data.get("vision_config", {})),
+            image_token_index=_get(data, "image_token_index", d, "", int),
+            projector_hidden_act=_get(data, "projector_hidden_act", d, "", str),
+            vision_feature_layer=layer,
+            vision_feature_select_strategy=_get(data, "vision_feature_select_strategy", d, "",
+                                                str),
+            projector_bias=_get(data, "multimodal_projector_bias", d, "", bool),
+            raw=data,
+        )
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """Load ``folder/config.json``.
+
+    Args:
+        folder: Checkpoint folder.
+
+    Returns:
+        The decoded JSON object.
+
+    Raises:
+        ConversionError: the file is missing or not a JSON object.
+    """
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no {CONFIG_FILE}; point the converter at a "
+                              "Hugging Face model folder (the one holding config.json).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConversionError(f"{path} is not valid JSON ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must contain a JSON object.")
+    return data

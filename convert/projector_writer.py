@@ -1,0 +1,195 @@
+"""Write the vision tower + projector GGUF that llama.cpp's libmtmd (clip.cpp) loads.
+
+Facts this follows (from llama.cpp's ``tools/mtmd``):
+
+* ``general.architecture = "clip"``; keys ``clip.vision.*``; the llava graph
+  runs layers ``il < max_feature_layer`` where ``max_feature_layer`` is the
+  deepest ``clip.vision.feature_layer`` entry (else ``block_count - 1``), and
+  takes the output of the last run layer. ``v.post_ln`` would be applied after
+  that, so it is never written (HF llava takes ``hidden_states[k]`` before it).
+* HF ``hidden_states[k]`` is the output of ``k`` layers, so a negative
+  ``vision_feature_layer`` ``f`` becomes ``L + 1 + f`` and only those layers are
+  written (``block_count`` = that count).
+* The patch embedding is a conv kernel whose numpy shape (out, in, kh, kw) is
+  exactly the ``ne = [kw, kh, in, out]`` ggml_conv_2d expects.
+* ``clip.use_gelu`` selects erf/tanh GELU in the tower MLP, otherwise quick-GELU.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgevlm.errors import ConversionError, UnsupportedModelError
+
+from .config import VisionConfig
+from .tensors import TensorSpec, write_gguf
+
+if TYPE_CHECKING:
+    from .base import Converter
+
+CLIP_ARCH = "clip"
+_VISION_STATIC = {
+    "embeddings.class_embedding": "v.class_embd",
+    "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+    "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+    "embeddings.position_embedding.weight": "v.position_embd.weight",
+    "pre_layrnorm.weight": "v.pre_ln.weight",
+    "pre_layrnorm.bias": "v.pre_ln.bias",
+}
+_LAYER_RE = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_PARTS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+    "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
+}
+_IGNORED_RE = re.compile(r"^(post_layernorm|head)\.")
+GELU_ACTS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
+QUICK_GELU_ACTS = {"quick_gelu"}
+
+
+def feature_layer_count(cfg: VisionConfig, feature_layer: int) -> int:
+    """Convert HF ``vision_feature_layer`` into the number of layers to run.
+
+    Args:
+        cfg: Vision tower config (``num_hidden_layers`` = L).
+        feature_layer: HF index into ``hidden_states`` (L + 1 entries).
+
+    Returns:
+        Non-negative layer count ``k`` in ``1..L``.
+
+    Raises:
+        ConversionError: out of range.
+    """
+    n_layers = cfg.num_hidden_layers
+    count = feature_layer if feature_layer >= 0 else n_layers + 1 + feature_layer
+    if not 1 <= count <= n_layers:
+        raise ConversionError(f"config.json: vision_feature_layer {feature_layer} is out of "
+                              f"range for a {n_layers}-layer vision tower.")
+    return count
+
+
+def _matrix_type(shape: tuple[int, ...], vision_type: str) -> str:
+    if vision_type == "q8_0":
+        return "Q8_0" if shape[-1] % 32 == 0 else "F16"
+    return vision_type.upper()
+
+
+def vision_tower_specs(vision_names: Mapping[str, str], reader: Any, n_layers: int,
+                       vision_type: str) -> list[TensorSpec]:
+    """Plan ``v.*`` tensors of a CLIP/SigLIP tower, keeping the first ``n_layers`` blocks.
+
+    Args:
+        vision_names: Local tower names (``encoder.layers.0.mlp.fc1.weight``) -> checkpoint.
+        reader: Checkpoint reader (shapes).
+        n_layers: Blocks to keep.
+        vision_type: ``f32``, ``f16`` or ``q8_0`` for matrices.
+
+    Returns:
+        Tensor specs.
+
+    Raises:
+        ConversionError: a tensor of an unknown kind.
+    """
+    specs = []
+    for local, source in vision_names.items():
+        shape = tuple(reader.shape(source))
+        match = _LAYER_RE.match(local)
+        if local in _VISION_STATIC:
+            name = _VISION_STATIC[local]
+        elif match and match.group(2) in _LAYER_PARTS:
+            if int(match.group(1)) >= n_layers:
+                continue
+            name = f"v.blk.{match.group(1)}.{_LAYER_PARTS[match.group(2)]}.{match.group(3)}"
+        elif _IGNORED_RE.match(local):
+            continue
+        else:
+            raise ConversionError(f"vision tensor {source!r} is not understood; this vision "
+                                  "tower variant is not supported.")
+        if name == "v.patch_embd.weight":
+            kind = "F32" if vision_type == "f32" else "F16"
+        elif len(shape) == 2 and "position_embd" not in name:
+            kind = _matrix_type(shape, vision_type)
+        else:
+            kind = "F32"
+        specs.append(TensorSpec(name, source, shape, kind))
+    return specs
+
+
+def mlp_projector_specs(projector_names: Mapping[str, str], reader: Any,
+                        vision_type: str) -> list[TensorSpec]:
+    """Plan ``mm.0`` / ``mm.2`` tensors of a llava 2-layer MLP projector.
+
+    Raises:
+        ConversionError: missing linear_1/linear_2 or extra projector tensors.
+    """
+    table = {"linear_1": "mm.0", "linear_2": "mm.2"}
+    specs = []
+    for local, source in projector_names.items():
+        layer, _, suffix = local.partition(".")
+        if layer not in table:
+            raise ConversionError(f"projector tensor {source!r} is not understood; only the "
+                                  "2-layer MLP projector (linear_1, linear_2) is supported.")
+        shape = tuple(reader.shape(source))
+        kind = _matrix_type(shape, vision_type) if len(shape) == 2 else "F32"
+        specs.append(TensorSpec(f"{table[layer]}.{suffix}", source, shape, kind))
+    if not {"mm.0.weight", "mm.2.weight"} <= {s.name for s in specs}:
+        raise ConversionError("tensor 'multi_modal_projector.linear_1/linear_2.weight' is "
+                              "missing from the checkpoint.")
+    return specs
+
+
+def write_clip_hparams(writer: Any, cfg: VisionConfig, *, n_layers: int, projection_dim: int,
+                       image_mean: list[float], image_std: list[float]) -> None:
+    """Add the ``clip.*`` keys llama.cpp needs for an MLP (llava) projector.
+
+    Raises:
+        UnsupportedModelError: unknown tower activation, or ffn == width (clip.cpp
+            would mistake fc1/fc2 for swapped legacy tensors).
+    """
+    if cfg.hidden_act not in GELU_ACTS | QUICK_GELU_ACTS:
+        raise UnsupportedModelError(f"vision_config.hidden_act {cfg.hidden_act!r} is not "
+                                    "supported (gelu*, quick_gelu are).")
+    if cfg.intermediate_size == cfg.hidden_size:
+        raise UnsupportedModelError("vision towers whose intermediate_size equals hidden_size "
+                                    "cannot be loaded by llama.cpp's clip loader.")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "mlp")
+    writer.add_bool("clip.use_gelu", cfg.hidden_act in GELU_ACTS)
+    p = "clip.vision."
+    writer.add_uint32(p + "image_size", cfg.image_size)
+    writer.add_uint32(p + "patch_size", cfg.patch_size)
+    writer.add_uint32(p + "embedding_length", cfg.hidden_size)
+    writer.add_uint32(p + "feed_forward_length", cfg.intermediate_size)
+    writer.add_uint32(p + "projection_dim", projection_dim)
+    writer.add_uint32(p + "block_count", n_layers)
+    writer.add_uint32(p + "attention.head_count", cfg.num_attention_heads)
+    writer.add_float32(p + "attention.layer_norm_epsilon", cfg.layer_norm_eps)
+    writer.add_array(p + "image_mean", [float(x) for x in image_mean])
+    writer.add_array(p + "image_std", [float(x) for x in image_std])
+    writer.add_array(p + "feature_layer", [n_layers])
+
+
+def write_projector(converter: Converter, path: Path, vision_type: str) -> int:
+    """Write the projector GGUF of ``converter`` to ``path``.
+
+    Args:
+        converter: A converter for the checkpoint.
+        path: Output file.
+        vision_type: ``f32``, ``f16`` or ``q8_0``.
+
+    Returns:
+        Size of the written file in bytes.
+    """
+    import gguf
+
+    specs = converter.projector_tensors(vision_type)
+    writer = gguf.GGUFWriter(None, CLIP_ARCH)
+    converter.write_projector_metadata(writer)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if vision_type == "f32" else
+                             gguf.LlamaFileType.MOSTLY_F16 if vision_type == "f16" else
+                             gguf.LlamaFileType.MOSTLY_Q8_0))
+    write_gguf(path, writer, converter.reader, specs, converter.log)
+    return path.stat().st_size

@@ -1,0 +1,170 @@
+"""On-disk caches: image embeddings (and, later, KV snapshots).
+
+Layout under the cache directory (``EDGEVLM_CACHE_DIR``, else the platform
+cache home + ``/edgevlm``)::
+
+    embeddings/ab/abcdef....emb     one image chunk's embeddings
+
+Each entry is self-checking: a fixed header (magic, format version, dtype,
+shape, sha256 of the payload) followed by the float32 payload. A truncated,
+bit-flipped or foreign-version entry is ignored, logged and removed, and the
+caller recomputes it. Writers write a temp file in the same folder and
+``os.replace`` it over the entry, so a reader in another process sees the old
+entry or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger("edgevlm.cache")
+
+MAGIC = b"EVLMEMB\x00"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIII32s")  # magic, version, rows, cols, sha256(payload)
+
+
+def cache_dir() -> Path:
+    """The root cache directory (created on first write, not here)."""
+    env = os.environ.get("EDGEVLM_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_cache_dir("edgevlm", appauthor=False))
+    except ImportError:  # pragma: no cover - platformdirs is a dependency
+        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgevlm"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    size: int
+    last_used: float
+
+
+class EmbeddingStore:
+    """Disk tier of the image-embedding cache with a byte budget and LRU eviction."""
+
+    def __init__(self, root: Path | None = None, *, max_bytes: int = 2 << 30) -> None:
+        self.root = (root or cache_dir()) / "embeddings"
+        self.max_bytes = max_bytes
+
+    def _path(self, key: str) -> Path:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return self.root / digest[:2] / f"{digest}.emb"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached embeddings for ``key``, or None (missing or corrupt)."""
+        path = self._path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            LOG.warning("embedding cache: cannot read %s (%s)", path, exc)
+            return None
+        array = _decode(data)
+        if array is None:
+            LOG.warning("embedding cache: %s is corrupt or from another version; rebuilding", path)
+            _unlink(path)
+            return None
+        try:
+            os.utime(path)  # LRU: last use = mtime
+        except OSError:
+            pass
+        return array
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        """Store ``array`` atomically; failures are logged, never raised."""
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, _encode(array))
+        except OSError as exc:
+            LOG.warning("embedding cache: cannot write %s (%s)", path, exc)
+            return
+        self.evict()
+
+    def entries(self) -> list[CacheEntry]:
+        out = []
+        for path in self.root.glob("*/*.emb"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append(CacheEntry(path, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda e: e.last_used)
+
+    def evict(self) -> int:
+        """Remove least recently used entries beyond the budget; returns bytes freed."""
+        entries = self.entries()
+        total = sum(e.size for e in entries)
+        freed = 0
+        for entry in entries:
+            if total - freed <= self.max_bytes:
+                break
+            _unlink(entry.path)
+            freed += entry.size
+        return freed
+
+    def clear(self) -> int:
+        freed = 0
+        for entry in self.entries():
+            _unlink(entry.path)
+            freed += entry.size
+        return freed
+
+
+def _encode(array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError("embeddings must be 2-D")
+    payload = array.tobytes()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, array.shape[0], array.shape[1],
+                          hashlib.sha256(payload).digest())
+    return header + payload
+
+
+def _decode(data: bytes) -> np.ndarray | None:
+    if len(data) < _HEADER.size:
+        return None
+    magic, version, rows, cols, digest = _HEADER.unpack_from(data)
+    payload = data[_HEADER.size:]
+    if magic != MAGIC or version != FORMAT_VERSION or len(payload) != rows * cols * 4:
+        return None
+    if hashlib.sha256(payload).digest() != digest:
+        return None
+    return np.frombuffer(payload, dtype=np.float32).reshape(rows, cols).copy()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(Path(tmp))
+        raise
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        LOG.warning("cache: cannot remove %s (%s)", path, exc)
