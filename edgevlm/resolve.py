@@ -169,10 +169,10 @@ def _choose_hub_files(repo_id: str, files: list[str], quant: str | None, *, offl
     """The LLM GGUF (first) and the projector GGUF (if any) to use among a repo's ``files``.
 
     The LLM is the one whose name contains ``quant``, else the only one, else the
-    ``q4_k_m`` one; the projector (``mmproj*``) prefers f16.
+    ``q4_k_m`` one; the projector (a name containing ``mmproj``) prefers f16.
     """
     where = f"the cached copy of {repo_id}" if offline else repo_id
-    projs = [f for f in files if Path(f).name.lower().startswith("mmproj")]
+    projs = [f for f in files if "mmproj" in Path(f).name.lower()]  # mmproj-x-f16.gguf, x.mmproj-f16.gguf
     llms = [f for f in files if f not in projs]
     if not llms:
         if offline:
