@@ -12,6 +12,7 @@ re-encoded.
 from __future__ import annotations
 
 import codecs
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prompt import Message, build_prompt
 from edgevlm.vision.images import LoadedImage
+
+LOG = logging.getLogger("edgevlm")
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,10 @@ class Engine:
             self._evaluate(units, starts, owners, keep, stats)
             stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
             self.last_prefill = stats
+            LOG.info("prefill: %d positions, %d reused from the KV cache, %d evaluated; images: "
+                     "%d encoded (%.0f ms), %d from the embedding cache",
+                     stats.prompt_positions, stats.reused_positions, stats.evaluated_positions,
+                     stats.images_encoded, stats.encode_ms, stats.images_from_cache)
             return stats
 
     def _evaluate(self, units: list, starts: list[int], owners: list[Chunk], first: int,
