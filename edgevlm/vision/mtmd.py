@@ -162,9 +162,6 @@ class MtmdEncoder:
                 raise UnsupportedModelError("audio chunks are not supported by edgevlm")
         return out
 
-    def tokenize_text(self, text: str, *, add_special: bool) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special)
-
     # ------------------------------------------------------------------
     def encode(self, chunk: ImageChunk) -> np.ndarray:
         """Run the vision tower + projector: (n_tokens, n_embd_inp) float32."""
