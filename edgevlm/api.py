@@ -48,9 +48,10 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
             ("llava-1.5", "chatml").
         quant: pick among several LLM files in a folder / repo.
         revision: hub revision.
-        cache: keep image embeddings in the on-disk cache (``EDGEVLM_CACHE_DIR``
-            or the platform cache home) so that another process asking about the
-            same image does not run the vision encoder again.
+        cache: keep image embeddings and KV snapshots of image prefixes in the
+            on-disk cache (``EDGEVLM_CACHE_DIR`` or the platform cache home), so
+            that another process asking about the same image neither runs the
+            vision encoder nor re-reads the prompt up to the image.
 
     Returns:
         A ready :class:`VLM`.
@@ -78,13 +79,30 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     ctx = LlamaContext(llm, options)
     template = chat_template if chat_template is not None else llm.chat_template()
     family = family or llm.meta(KEY_PROMPT_FAMILY) or _guess_family(files)
-    store = None
+    store = snapshots = None
     if cache and encoder is not None:
         from edgevlm.cache import EmbeddingStore
+        from edgevlm.snapshots import SnapshotStore
 
         store = EmbeddingStore()
-    engine = Engine(llm, ctx, encoder, template=template, family=family, store=store)
+        snapshots = SnapshotStore(_snapshot_identity(files, ctx, encoder))
+    engine = Engine(llm, ctx, encoder, template=template, family=family, store=store,
+                    snapshots=snapshots)
     return VLM(engine, files, load_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> Any:
+    import llama_cpp
+
+    from edgevlm import native
+    from edgevlm.llm import _flash_attn_type
+    from edgevlm.snapshots import SnapshotIdentity
+    from edgevlm.vision.mtmd import file_identity
+
+    return SnapshotIdentity(model=file_identity(files.llm), projector=encoder.identity,
+                            build=f"{llama_cpp.__version__} {native.system_info()}",
+                            n_ctx=ctx.n_ctx, kv_type=ctx.options.kv_type,
+                            flash_attn=_flash_attn_type(native.llama(), ctx.options))
 
 
 def _guess_family(files: ModelFiles) -> str:

@@ -63,6 +63,7 @@ class PrefillStats:
     images_from_cache: int = 0
     encode_ms: float = 0.0
     decode_ms: float = 0.0
+    snapshot_restored: bool = False
 
 
 @dataclass
@@ -111,7 +112,8 @@ class Engine:
     """One model + context + optional vision encoder, with prefix reuse."""
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, encoder: Any | None, *,
-                 template: str | None, family: str, store: Any | None = None) -> None:
+                 template: str | None, family: str, store: Any | None = None,
+                 snapshots: Any | None = None) -> None:
         self.model = model
         self.ctx = ctx
         self.encoder = encoder
@@ -120,6 +122,7 @@ class Engine:
         self.lock = threading.RLock()
         self.embeddings = EmbeddingLRU()
         self.store = store  # disk tier (edgevlm.cache.EmbeddingStore) or None
+        self.snapshots = snapshots  # edgevlm.snapshots.SnapshotStore or None
         self._units: list[tuple[str, Any]] = []
         self._starts: list[int] = [0]
         self.last_prefill = PrefillStats()
@@ -186,12 +189,18 @@ class Engine:
             keep = _common_prefix(self._units, units)
             if keep == len(units):
                 keep -= 1  # re-evaluate the last unit to get fresh logits
+            boundary = _snapshot_boundary(units) if self.snapshots is not None else 0
+            restored = boundary > keep and self._restore_snapshot(units, starts, boundary)
+            if restored:
+                keep = boundary
+            else:
+                self.ctx.truncate(starts[keep])
+                self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
             stats = PrefillStats(prompt_positions=total, reused_positions=starts[keep],
-                                 evaluated_positions=total - starts[keep])
-            self.ctx.truncate(starts[keep])
-            self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
+                                 evaluated_positions=total - starts[keep], snapshot_restored=restored)
             t0 = time.perf_counter()
-            self._evaluate(units, starts, owners, keep, stats)
+            save_at = boundary if boundary > keep else 0
+            self._evaluate(units, starts, owners, keep, stats, save_at)
             stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
             self.last_prefill = stats
             LOG.info("prefill: %d positions, %d reused from the KV cache, %d evaluated; images: "
@@ -200,8 +209,26 @@ class Engine:
                      stats.images_encoded, stats.encode_ms, stats.images_from_cache)
             return stats
 
+    def _restore_snapshot(self, units: list, starts: list[int], boundary: int) -> bool:
+        found = self.snapshots.load(units[:boundary])
+        if found is None or found[0] != starts[boundary]:
+            return False
+        if not self.ctx.restore_state(found[1]):
+            LOG.warning("llama.cpp refused a KV snapshot; evaluating instead")
+            self._units, self._starts = [], [0]
+            return False
+        self._units, self._starts = list(units[:boundary]), list(starts[:boundary + 1])
+        LOG.info("restored a KV snapshot of %d positions", starts[boundary])
+        return True
+
+    def _save_snapshot(self) -> None:
+        try:
+            self.snapshots.save(list(self._units), self.cached_positions, self.ctx.save_state())
+        except Exception as exc:  # noqa: BLE001 - a cache must never break a request
+            LOG.warning("could not save a KV snapshot: %s", exc)
+
     def _evaluate(self, units: list, starts: list[int], owners: list[Chunk], first: int,
-                  stats: PrefillStats) -> None:
+                  stats: PrefillStats, save_at: int = 0) -> None:
         run: list[int] = []
         run_start = starts[first]
         i = first
@@ -225,6 +252,8 @@ class Engine:
                                            logits_last=i == len(units) - 1)
             self._commit(units[i:i + 1], starts[i:i + 2])
             i += 1
+            if i == save_at:
+                self._save_snapshot()
         if run:
             self.ctx.decode_tokens(run, run_start, logits_last=True)
             self._commit(units[len(units) - len(run):], starts[len(units) - len(run):])
@@ -323,6 +352,16 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.buffer = self.buffer, ""
         return out
+
+
+def _snapshot_boundary(units: list) -> int:
+    """Units up to and including the last image/embedding chunk (0 if none).
+
+    That prefix is what "same image, new question" shares; a prompt that ends
+    with it has nothing after it to ask, so it is not snapshotted.
+    """
+    last = max((i for i, u in enumerate(units) if u[0] != "t"), default=-1)
+    return last + 1 if 0 <= last < len(units) - 1 else 0
 
 
 def _common_prefix(a: list, b: list) -> int:

@@ -232,6 +232,24 @@ class LlamaContext:
                 f"raise it with --ctx / n_ctx= (the model was trained with {self.model.n_ctx_train})"
             )
 
+    def save_state(self) -> bytes:
+        """The KV state of the sequence (llama_state_seq_get_data)."""
+        size = self._lib.llama_state_seq_get_size(self.ptr, self.SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(self.ptr, buf, size, self.SEQ)
+        if written != size:
+            raise RuntimeFailure(f"llama.cpp saved {written} of {size} state bytes")
+        return bytes(buf)
+
+    def restore_state(self, data: bytes) -> bool:
+        """Replace the sequence's KV state with ``data``; False if llama.cpp refused it."""
+        self.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        ok = self._lib.llama_state_seq_set_data(self.ptr, buf, len(data), self.SEQ) == len(data)
+        if not ok:
+            self.clear()
+        return ok
+
     # --- decoding ----------------------------------------------------------
     def decode_tokens(self, tokens: list[int] | tuple[int, ...], start_pos: int, *,
                       logits_last: bool = True, logits_all: bool = False) -> None:

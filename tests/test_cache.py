@@ -88,6 +88,7 @@ def test_new_process_reuses_disk_embeddings_without_encoding(siglip_f32, paintin
         encoded = first.next_token_logits(messages)
         assert first.encoder_calls == 1
     with edgevlm.load(siglip_f32, n_ctx=512, kv_type="f32", n_threads=2) as second:
+        second.engine.snapshots = None  # exercise the embedding tier alone
         cached = second.next_token_logits(messages)
         assert second.encoder_calls == 0, "the vision encoder ran despite a disk cache hit"
         assert second.engine.last_prefill.images_from_cache == 1
@@ -107,4 +108,5 @@ def test_cache_command(siglip_f32, painting):
     assert ls.exit_code == 0 and ".emb" in ls.output
     clear = runner.invoke(cli, ["cache", "clear"])
     assert clear.exit_code == 0
-    assert "0 entries" in runner.invoke(cli, ["cache", "info"]).output
+    after = runner.invoke(cli, ["cache", "info"]).output
+    assert "embeddings: 0 entries" in after and "kv snapshots: 0 entries" in after

@@ -1,0 +1,95 @@
+"""Persistent KV snapshots: restore in a fresh process equals a full evaluation; foreign ones are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import edgevlm
+from edgevlm.snapshots import SnapshotMismatchError, SnapshotStore, read_snapshot
+
+
+def _messages(painting, question):
+    return [{"role": "user", "content": [{"type": "image", "image": str(painting)},
+                                         {"type": "text", "text": question}]}]
+
+
+def _load(folder, **kw):
+    return edgevlm.load(folder, n_ctx=512, kv_type="f32", n_threads=2, **kw)
+
+
+def test_restored_prefix_equals_full_evaluation(siglip_f32, painting):
+    with _load(siglip_f32) as first:
+        first.next_token_logits(_messages(painting, "What genre is it?"))
+        snaps = list(first.engine.snapshots.root.rglob("*.kv"))
+        assert len(snaps) == 1
+    follow = _messages(painting, "Which colours dominate?")
+    with _load(siglip_f32) as second:
+        restored = second.next_token_logits(follow)
+        pre = second.engine.last_prefill
+        assert pre.snapshot_restored and pre.reused_positions > 16
+        assert second.encoder_calls == 0 and pre.images_from_cache == 0
+    with _load(siglip_f32, cache=False) as fresh:
+        full = fresh.next_token_logits(follow)
+        assert fresh.encoder_calls == 1
+    np.testing.assert_allclose(restored, full, rtol=0, atol=1e-4)
+
+
+def test_snapshot_from_other_context_size_is_refused(siglip_f32, painting):
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(_messages(painting, "Genre?"))
+        identity = vlm.engine.snapshots.identity
+        path = next(vlm.engine.snapshots.root.rglob("*.kv"))
+    other = dataclasses.replace(identity, n_ctx=identity.n_ctx * 2)
+    with pytest.raises(SnapshotMismatchError, match="n_ctx"):
+        read_snapshot(path, other)
+    other_model = dataclasses.replace(identity, model="0" * 16)
+    with pytest.raises(SnapshotMismatchError, match="model"):
+        read_snapshot(path, other_model)
+    # a bigger context gets its own snapshot and does not load this one
+    with edgevlm.load(siglip_f32, n_ctx=1024, kv_type="f32", n_threads=2) as big:
+        big.next_token_logits(_messages(painting, "Other question?"))
+        assert not big.engine.last_prefill.snapshot_restored
+
+
+def test_corrupt_snapshot_is_rebuilt(siglip_f32, painting):
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(_messages(painting, "Genre?"))
+        path = next(vlm.engine.snapshots.root.rglob("*.kv"))
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(_messages(painting, "Another?"))
+        assert not vlm.engine.last_prefill.snapshot_restored
+    assert read_snapshot(path, vlm.engine.snapshots.identity)[0] > 0  # rewritten, valid
+
+
+def test_cli_second_run_restores_without_encoding(siglip_f32, painting, tmp_path):
+    code = ("import sys, edgevlm\n"
+            f"vlm = edgevlm.load({str(siglip_f32)!r}, n_ctx=512, n_threads=2)\n"
+            f"m = [{{'role': 'user', 'content': [{{'type': 'image', 'image': {str(painting)!r}}},"
+            " {'type': 'text', 'text': sys.argv[1]}]}]\n"
+            "vlm.chat(m, max_tokens=2, temperature=0)\n"
+            "p = vlm.engine.last_prefill\n"
+            "print(vlm.encoder_calls, int(p.snapshot_restored))\n")
+    runs = [subprocess.run([sys.executable, "-c", code, q], capture_output=True, text=True, timeout=120)
+            for q in ("Genre?", "Colours?")]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr + runs[1].stderr
+    assert runs[0].stdout.split() == ["1", "0"]
+    assert runs[1].stdout.split() == ["0", "1"]
+
+
+def test_store_eviction(tmp_path):
+    from edgevlm.snapshots import SnapshotIdentity
+
+    ident = SnapshotIdentity("m", "p", "b", 256, "f16", 0)
+    store = SnapshotStore(ident, tmp_path, max_bytes=2500)
+    for i in range(5):
+        store.save([("t", i)], 1, bytes(1000))
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*.kv")) <= 2500
+    assert store.load([("t", 4)]) is not None and store.load([("t", 0)]) is None
