@@ -194,6 +194,7 @@ class Engine:
             if restored:
                 keep = boundary
             else:
+                keep = min(keep, len(self._units))  # a refused restore leaves the KV empty
                 self.ctx.truncate(starts[keep])
                 self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
             stats = PrefillStats(prompt_positions=total, reused_positions=starts[keep],

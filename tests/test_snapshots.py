@@ -93,3 +93,16 @@ def test_store_eviction(tmp_path):
         store.save([("t", i)], 1, bytes(1000))
     assert sum(p.stat().st_size for p in tmp_path.rglob("*.kv")) <= 2500
     assert store.load([("t", 4)]) is not None and store.load([("t", 0)]) is None
+
+
+def test_refused_restore_falls_back_to_full_evaluation(siglip_f32, painting, monkeypatch):
+    follow = _messages(painting, "Which colours dominate?")
+    with _load(siglip_f32, cache=False) as fresh:
+        full = fresh.next_token_logits(follow)
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(_messages(painting, "Genre?"))  # snapshot saved, prefix cached
+        vlm.next_token_logits([{"role": "user", "content": "USER text only"}])  # diverge early
+        monkeypatch.setattr(vlm.engine.ctx, "restore_state", lambda data: (vlm.engine.ctx.clear(), False)[1])
+        logits = vlm.next_token_logits(follow)
+        assert not vlm.engine.last_prefill.snapshot_restored
+    np.testing.assert_allclose(logits, full, rtol=0, atol=1e-4)
