@@ -95,14 +95,13 @@ def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> An
     import llama_cpp
 
     from edgevlm import native
-    from edgevlm.llm import _flash_attn_type
+    from edgevlm.cache import file_identity
     from edgevlm.snapshots import SnapshotIdentity
-    from edgevlm.vision.mtmd import file_identity
 
     return SnapshotIdentity(model=file_identity(files.llm), projector=encoder.identity,
                             build=f"{llama_cpp.__version__} {native.system_info()}",
                             n_ctx=ctx.n_ctx, kv_type=ctx.options.kv_type,
-                            flash_attn=_flash_attn_type(native.llama(), ctx.options))
+                            flash_attn=ctx.flash_attn_type)
 
 
 def _guess_family(files: ModelFiles) -> str:

@@ -76,7 +76,7 @@ class EmbeddingStore:
         array = _decode(data)
         if array is None:
             LOG.warning("embedding cache: %s is corrupt or from another version; rebuilding", path)
-            _unlink(path)
+            remove_file(path)
             return None
         try:
             os.utime(path)  # LRU: last use = mtime
@@ -89,7 +89,7 @@ class EmbeddingStore:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, _encode(array))
+            atomic_write(path, _encode(array))
         except OSError as exc:
             LOG.warning("embedding cache: cannot write %s (%s)", path, exc)
             return
@@ -107,22 +107,46 @@ class EmbeddingStore:
 
     def evict(self) -> int:
         """Remove least recently used entries beyond the budget; returns bytes freed."""
-        entries = self.entries()
-        total = sum(e.size for e in entries)
-        freed = 0
-        for entry in entries:
-            if total - freed <= self.max_bytes:
-                break
-            _unlink(entry.path)
-            freed += entry.size
-        return freed
+        return evict_lru(list(self.root.glob("*/*.emb")), self.max_bytes)
 
     def clear(self) -> int:
         freed = 0
         for entry in self.entries():
-            _unlink(entry.path)
+            remove_file(entry.path)
             freed += entry.size
         return freed
+
+
+def file_identity(path: Path) -> str:
+    """A cheap, stable identity for a model file: size + hash of head and tail."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        if size > 1 << 20:
+            fh.seek(max(0, size - (1 << 20)))
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def evict_lru(paths: list[Path], max_bytes: int) -> int:
+    """Delete the least recently modified of ``paths`` until they fit ``max_bytes``."""
+    sized = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        sized.append((st.st_mtime, st.st_size, path))
+    sized.sort()
+    total = sum(size for _, size, _ in sized)
+    freed = 0
+    for _, size, path in sized:
+        if total - freed <= max_bytes:
+            break
+        remove_file(path)
+        freed += size
+    return freed
 
 
 def _encode(array: np.ndarray) -> bytes:
@@ -147,7 +171,7 @@ def _decode(data: bytes) -> np.ndarray | None:
     return np.frombuffer(payload, dtype=np.float32).reshape(rows, cols).copy()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -157,11 +181,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        _unlink(Path(tmp))
+        remove_file(Path(tmp))
         raise
 
 
-def _unlink(path: Path) -> None:
+def remove_file(path: Path) -> None:
+    """Delete ``path`` if it exists; other failures are logged, not raised."""
     try:
         path.unlink()
     except FileNotFoundError:

@@ -189,7 +189,8 @@ class LlamaContext:
         params.n_threads_batch = n_threads_batch
         params.type_k = KV_TYPES[options.kv_type]
         params.type_v = KV_TYPES[options.kv_type]
-        params.flash_attn_type = _flash_attn_type(lib, options)
+        self.flash_attn_type = _flash_attn_type(lib, options)
+        params.flash_attn_type = self.flash_attn_type
         params.no_perf = False
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
@@ -319,11 +320,10 @@ class LlamaContext:
         """A copy of the logits of the last decoded position that asked for them."""
         if not self._has_logits:
             raise RuntimeFailure("no logits available: the last decode did not request them")
-        ptr = self._lib.llama_get_logits_ith(self.ptr, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,)).copy()
+        return self.logits_at(-1)
 
     def logits_at(self, i: int) -> np.ndarray:
-        """Logits of the i-th token of the last batch decoded with ``logits_all``."""
+        """Logits of the i-th token of the last batch (-1 = last) that computed logits."""
         ptr = self._lib.llama_get_logits_ith(self.ptr, i)
         if not ptr:
             raise RuntimeFailure(f"no logits for batch index {i}")

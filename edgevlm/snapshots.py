@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevlm.cache import _atomic_write, _unlink, cache_dir
+from edgevlm.cache import atomic_write, cache_dir, evict_lru, remove_file
 from edgevlm.errors import EdgeVLMError
 
 LOG = logging.getLogger("edgevlm.cache")
@@ -75,7 +75,7 @@ class SnapshotStore:
         path = self.path(units)
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = MAGIC + struct.pack("<I", len(header)) + header + hashlib.sha256(state).digest() + state
-        _atomic_write(path, blob)
+        atomic_write(path, blob)
         self._evict()
         return path
 
@@ -90,17 +90,11 @@ class SnapshotStore:
             LOG.warning("%s", exc)
         except (OSError, ValueError) as exc:
             LOG.warning("KV snapshot %s is unreadable (%s); rebuilding", path, exc)
-        _unlink(path)
+        remove_file(path)
         return None
 
     def _evict(self) -> None:
-        files = sorted(self.root.glob("*/*.kv"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
-            if total <= self.max_bytes:
-                break
-            total -= path.stat().st_size
-            _unlink(path)
+        evict_lru(list(self.root.glob("*/*.kv")), self.max_bytes)
 
 
 def read_snapshot(path: Path, identity: SnapshotIdentity) -> tuple[int, bytes]:

@@ -10,7 +10,6 @@ prefix and embedding caches work across requests.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import native
+from edgevlm.cache import file_identity
 from edgevlm.chunks import Chunk, ImageChunk, TextChunk
 from edgevlm.errors import (
     ImageError,
@@ -28,18 +28,6 @@ from edgevlm.errors import (
 )
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.vision.images import LoadedImage
-
-
-def file_identity(path: Path) -> str:
-    """A cheap, stable identity for a model file: size + hash of head and tail."""
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as fh:
-        digest.update(fh.read(1 << 20))
-        if size > 1 << 20:
-            fh.seek(max(0, size - (1 << 20)))
-            digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 class _OwnedChunk:
