@@ -22,3 +22,31 @@ GGUF_SUFFIX = ".gguf"
 # --- quantisation names accepted by `edgevlm convert` -----------------------
 LLM_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 VISION_QUANT_TYPES = ("f32", "f16", "q8_0")
+
+# --- edgevlm projector files (general.architecture = "clip", read by edgevlm.kernels) ---
+# A projector libmtmd cannot run (OmniFusion) keeps the CLIP tower under the
+# usual clip.vision.* keys and v.* tensor names, and adds the following.
+KEY_PROJECTOR_KIND = "edgevlm.projector.kind"       # str: one of PROJECTOR_KINDS
+PROJECTOR_KIND_OMNIFUSION = "omnifusion"
+PROJECTOR_KINDS = (PROJECTOR_KIND_OMNIFUSION,)
+KEY_ADAPTER_HEAD_COUNT = "edgevlm.adapter.head_count"        # u32: attention heads of the adapter layer
+KEY_ADAPTER_LAYER_NORM_EPS = "edgevlm.adapter.layer_norm_epsilon"  # f32
+KEY_ADAPTER_ACTIVATION = "edgevlm.adapter.activation"        # str: "relu" | "gelu"
+KEY_ADAPTER_NORM_FIRST = "edgevlm.adapter.norm_first"        # bool: pre-norm (True) or post-norm
+KEY_PROMPT_LAYOUT = "edgevlm.prompt.layout"         # str: one of PROMPT_LAYOUTS
+PROMPT_LAYOUT_OMNIFUSION = "omnifusion-1.1"
+PROMPT_LAYOUTS = (PROMPT_LAYOUT_OMNIFUSION,)
+KEY_PROMPT_PREFIX = "edgevlm.prompt.prefix"         # str: text before the first image
+KEY_IMAGE_RESIZE = "edgevlm.image.resize"           # str: "shortest-edge-crop" (CLIPImageProcessor) | "pad-square"
+IMAGE_RESIZE_MODES = ("shortest-edge-crop", "pad-square")
+# Adapter tensors (source: torch.nn.TransformerEncoderLayer + nn.Linear of
+# OmniFusion's VisualToGPTMapping; in_proj split into q/k/v):
+#   adapter.attn_{q,k,v,out}.{weight,bias}  self_attn in_proj / out_proj
+#   adapter.ln1.{weight,bias}               norm1
+#   adapter.ffn_up.{weight,bias}            linear1
+#   adapter.ffn_down.{weight,bias}          linear2
+#   adapter.ln2.{weight,bias}               norm2
+#   adapter.proj.{weight,bias}              VisualToGPTMapping.linear
+# Learned embeddings injected into the LLM (1-D, LLM width):
+SPECIAL_EMBEDDING_TENSORS = {"SOI": "special.soi", "EOI": "special.eoi",
+                             "USER": "special.user", "BOT": "special.bot"}
