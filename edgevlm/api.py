@@ -14,6 +14,8 @@ from edgevlm.chunks import Chunk, ImageChunk
 from edgevlm.constants import KEY_PROMPT_FAMILY
 from edgevlm.engine import Engine, PrefillStats, Reply, SamplingOptions
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.layouts import layout_for
+from edgevlm.vision.kernels_encoder import VISION_ENGINES
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.prompt import normalize_messages
 from edgevlm.resolve import ModelFiles, check_llm, check_pair, resolve
@@ -29,7 +31,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
          n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = -1, kv_type: str = "f16", seed: int = 0,
          chat_template: str | None = None, family: str | None = None,
-         quant: str | None = None, revision: str | None = None, cache: bool = True) -> "VLM":
+         quant: str | None = None, revision: str | None = None, cache: bool = True,
+         vision_engine: str = "auto", vision_device: str | None = None) -> "VLM":
     """Load a vision-language model.
 
     Args:
@@ -52,6 +55,14 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
             on-disk cache (``EDGEVLM_CACHE_DIR`` or the platform cache home), so
             that another process asking about the same image neither runs the
             vision encoder nor re-reads the prompt up to the image.
+        vision_engine: who runs the vision tower: "kernels" (edgevlm's own
+            ggml graphs: CLIP towers computed as the reference does, OmniFusion
+            adapters), "mtmd" (llama.cpp's libmtmd: every projector type it
+            knows) or "auto" (kernels for CLIP-tower LLaVA and OmniFusion
+            projectors, libmtmd otherwise).
+        vision_device: ggml device for the kernels engine ("auto", "cpu",
+            "cuda", "metal", or a device name); default "cpu" when
+            ``n_gpu_layers == 0``, else "auto".
 
     Returns:
         A ready :class:`VLM`.
@@ -61,6 +72,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         UnsupportedModelError, HubError: see the message for what to do.
     """
     t0 = time.perf_counter()
+    if vision_engine not in VISION_ENGINES:
+        raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of {', '.join(VISION_ENGINES)}")
     files = resolve(model, mmproj, quant=quant, revision=revision)
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, seed=seed)
@@ -69,10 +82,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     check_pair(files, llm.n_embd_inp)
     encoder = None
     if files.mmproj is not None:
-        from edgevlm.vision.mtmd import MtmdEncoder
-
-        encoder = MtmdEncoder(files.mmproj, llm, n_threads=options.threads()[1],
-                              use_gpu=n_gpu_layers != 0)
+        device = vision_device or ("cpu" if n_gpu_layers == 0 else "auto")
+        encoder = _make_encoder(files.mmproj, llm, vision_engine, device, options.threads()[1])
     if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
         # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
         options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
@@ -87,8 +98,22 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         store = EmbeddingStore()
         snapshots = SnapshotStore(_snapshot_identity(files, ctx, encoder))
     engine = Engine(llm, ctx, encoder, template=template, family=family, store=store,
-                    snapshots=snapshots)
+                    snapshots=snapshots, layout=layout_for(llm, encoder) if encoder else None)
     return VLM(engine, files, load_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _make_encoder(mmproj: Path, llm: LlamaModel, engine: str, device: str, n_threads: int) -> Any:
+    """The vision encoder ``engine`` (resolved by :func:`choose_engine`) for ``mmproj``."""
+    from edgevlm.gguf_info import read_header
+    from edgevlm.vision.kernels_encoder import KernelsEncoder, choose_engine
+
+    header = read_header(mmproj)
+    chosen = choose_engine(engine, header.metadata, frozenset(t.name for t in header.tensors))
+    if chosen == "kernels":
+        return KernelsEncoder(mmproj, llm, n_threads=n_threads, device=device)
+    from edgevlm.vision.mtmd import MtmdEncoder
+
+    return MtmdEncoder(mmproj, llm, n_threads=n_threads, use_gpu=device != "cpu")
 
 
 def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> Any:
@@ -142,6 +167,11 @@ class VLM:
     @property
     def n_vocab(self) -> int:
         return self.engine.model.n_vocab
+
+    @property
+    def vision_engine(self) -> str | None:
+        """"kernels" or "mtmd" (None without a projector)."""
+        return self.engine.encoder.name if self.engine.encoder else None
 
     @property
     def encoder_calls(self) -> int:

@@ -113,12 +113,13 @@ class Engine:
 
     def __init__(self, model: LlamaModel, ctx: LlamaContext, encoder: Any | None, *,
                  template: str | None, family: str, store: Any | None = None,
-                 snapshots: Any | None = None) -> None:
+                 snapshots: Any | None = None, layout: Any | None = None) -> None:
         self.model = model
         self.ctx = ctx
         self.encoder = encoder
         self.template = template
         self.family = family
+        self.layout = layout  # builds chunks itself (edgevlm.layouts), else the template does
         self.lock = threading.RLock()
         self.embeddings = EmbeddingLRU()
         self.store = store  # disk tier (edgevlm.cache.EmbeddingStore) or None
@@ -131,12 +132,16 @@ class Engine:
 
     # ------------------------------------------------------------------ prompt
     def prompt_text(self, messages: list[Message], *, gen: bool = True) -> tuple[str, list[LoadedImage]]:
+        if self.layout is not None:
+            return self.layout.text(messages, gen=gen)
         marker = self.encoder.marker if self.encoder else "<__media__>"
         return build_prompt(messages, marker, template=self.template, family=self.family, gen=gen,
                             bos=self._bos, eos=self._eos)
 
     def chunks(self, messages: list[Message], *, gen: bool = True) -> list[Chunk]:
         """Messages -> the chunks the context must hold."""
+        if self.layout is not None:
+            return self.layout.build_chunks(messages, gen=gen)
         text, images = self.prompt_text(messages, gen=gen)
         if images and self.encoder is None:
             raise UnsupportedModelError(
@@ -356,12 +361,12 @@ class StopMatcher:
 
 
 def _snapshot_boundary(units: list) -> int:
-    """Units up to and including the last image/embedding chunk (0 if none).
+    """Units up to and including the last image chunk (0 if none).
 
     That prefix is what "same image, new question" shares; a prompt that ends
     with it has nothing after it to ask, so it is not snapshotted.
     """
-    last = max((i for i, u in enumerate(units) if u[0] != "t"), default=-1)
+    last = max((i for i, u in enumerate(units) if u[0] == "i"), default=-1)
     return last + 1 if 0 <= last < len(units) - 1 else 0
 
 

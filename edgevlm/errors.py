@@ -59,3 +59,7 @@ class RuntimeFailure(EdgeVLMError, RuntimeError):
 
 class HubError(EdgeVLMError, OSError):
     """Downloading from the Hugging Face hub failed."""
+
+
+class KernelsUnavailableError(EdgeVLMError, RuntimeError):
+    """edgevlm.kernels cannot run: ggml libraries missing or not the pinned layout."""

@@ -220,7 +220,7 @@ def check_pair(files: ModelFiles, n_embd_inp: int) -> None:
     # LLaVA-style MLP projectors: the last linear layer's output width (ne1).
     # (clip.vision.projection_dim is not reliable: old conversions stored CLIP's own.)
     shapes = {t.name: t.shape for t in header.tensors}
-    last = next((shapes[n] for n in ("mm.2.weight", "mm.0.weight") if n in shapes), None)
+    last = next((shapes[n] for n in ("mm.2.weight", "mm.0.weight", "adapter.proj.weight") if n in shapes), None)
     width = last[1] if last and len(last) > 1 else None
     if width is not None and int(width) != n_embd_inp:
         raise IncompatibleModelError(

@@ -8,7 +8,7 @@ import click
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type."""
+    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--no-cache/--vision-engine."""
     decorators = [
         click.option("-m", "--model", required=True,
                      help="Model folder, LLM .gguf file, or Hugging Face repo id."),
@@ -24,6 +24,12 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0", "bf16"]),
                      default="f16", show_default=True, help="KV cache element type."),
         click.option("--no-cache", is_flag=True, help="Do not use the on-disk embedding cache."),
+        click.option("--vision-engine", type=click.Choice(["auto", "kernels", "mtmd"]), default="auto",
+                     show_default=True,
+                     help="Who runs the vision tower: edgevlm's ggml graphs (kernels), libmtmd, or "
+                          "auto (kernels for CLIP-tower LLaVA and OmniFusion, libmtmd otherwise)."),
+        click.option("--vision-device", default=None,
+                     help="ggml device for the kernels engine (auto, cpu, cuda, metal, CUDA0, ...)."),
     ]
     for deco in reversed(decorators):
         func = deco(func)
@@ -49,7 +55,8 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-MODEL_KEYS = ("model", "mmproj", "quant", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "no_cache")
+MODEL_KEYS = ("model", "mmproj", "quant", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "no_cache",
+              "vision_engine", "vision_device")
 
 
 def load_from_options(params: dict[str, Any]) -> Any:
@@ -59,7 +66,8 @@ def load_from_options(params: dict[str, Any]) -> Any:
     return load(params["model"], mmproj=params["mmproj"], quant=params["quant"],
                 n_ctx=params["n_ctx"], n_threads=params["n_threads"],
                 n_gpu_layers=params["n_gpu_layers"], kv_type=params["kv_type"],
-                cache=not params["no_cache"])
+                cache=not params["no_cache"], vision_engine=params.get("vision_engine") or "auto",
+                vision_device=params.get("vision_device"))
 
 
 def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""ggml backends: which devices this llama.cpp build has, and opening one.
+
+``device="auto"`` picks the first GPU (CUDA, Metal, Vulkan, ...) the build
+registers and falls back to the CPU. A device can also be named (``"cpu"``,
+``"cuda"``, ``"metal"``, or an exact ggml device name such as ``"CUDA0"``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+from edgevlm.errors import KernelsUnavailableError
+
+from . import ggml
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One ggml device of this build."""
+
+    name: str
+    description: str
+    kind: str  # "cpu" | "gpu" | "igpu" | "accel"
+    free_bytes: int
+    total_bytes: int
+
+
+_KINDS = {ggml.DEV_TYPE_CPU: "cpu", ggml.DEV_TYPE_GPU: "gpu", ggml.DEV_TYPE_IGPU: "igpu",
+          ggml.DEV_TYPE_ACCEL: "accel"}
+
+
+def _devices() -> list[tuple[int, DeviceInfo]]:
+    g = ggml.lib()
+    out = []
+    for i in range(g.ggml_backend_dev_count()):
+        dev = g.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        g.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append((dev, DeviceInfo(
+            name=(g.ggml_backend_dev_name(dev) or b"?").decode(),
+            description=(g.ggml_backend_dev_description(dev) or b"").decode(),
+            kind=_KINDS.get(g.ggml_backend_dev_type(dev), "other"),
+            free_bytes=free.value, total_bytes=total.value)))
+    return out
+
+
+def available_devices() -> list[DeviceInfo]:
+    """The devices ggml registered in this build (the CPU is always one)."""
+    return [info for _, info in _devices()]
+
+
+def _pick(device: str) -> tuple[int, DeviceInfo]:
+    devices = _devices()
+    wanted = device.strip().lower()
+    if wanted == "auto":
+        for kind in ("gpu", "igpu", "cpu"):
+            for dev, info in devices:
+                if info.kind == kind:
+                    return dev, info
+    for dev, info in devices:
+        if info.name.lower() == wanted or (wanted != "cpu" and info.name.lower().startswith(wanted)):
+            return dev, info
+        if wanted == "cpu" and info.kind == "cpu":
+            return dev, info
+    names = ", ".join(["auto"] + [info.name for _, info in devices])
+    raise KernelsUnavailableError(
+        f"no ggml device {device!r} in this llama-cpp-python build; available: {names}. "
+        "GPU devices need llama-cpp-python built with CMAKE_ARGS=-DGGML_CUDA=on (or -DGGML_METAL=on).")
+
+
+class Backend:
+    """An initialised ggml backend (one device) with its thread count.
+
+    Args:
+        device: "auto", "cpu", "cuda", "metal", or a ggml device name.
+        n_threads: CPU threads (CPU backend only).
+
+    Raises:
+        KernelsUnavailableError: no such device, or it failed to start.
+    """
+
+    def __init__(self, device: str = "auto", *, n_threads: int = 4) -> None:
+        self.g = ggml.lib()
+        dev, self.info = _pick(device)
+        self.ptr = self.g.ggml_backend_dev_init(dev, None)
+        if not self.ptr:
+            raise KernelsUnavailableError(f"ggml could not start device {self.info.name}")
+        self.is_cpu = bool(self.g.ggml_backend_is_cpu(self.ptr))
+        self.n_threads = n_threads
+        if self.is_cpu:
+            self.g.ggml_backend_cpu_set_n_threads(self.ptr, max(1, int(n_threads)))
+        self.buffer_type = self.g.ggml_backend_get_default_buffer_type(self.ptr)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.g.ggml_backend_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order
+        try:
+            self.close()
+        except Exception:
+            pass

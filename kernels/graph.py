@@ -1,0 +1,289 @@
+"""A small graph-building layer over ggml, and weights in backend buffers.
+
+Conventions follow ggml: a tensor's shape is ``ne`` (fastest dimension
+first), so a sequence of ``n`` vectors of width ``d`` is ``[d, n]`` and a
+PyTorch ``nn.Linear`` weight of numpy shape ``(out, in)`` is ``[in, out]``.
+
+:class:`Weights` holds named tensors in one backend buffer.
+:class:`GraphBuilder` creates input tensors and ops (linear, layer norm,
+multi-head attention, activations, MLPs, pre-/post-norm transformer layers).
+:class:`CompiledGraph` allocates the graph once on its backend and is then run
+any number of times: the allocation is reused across calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgevlm.errors import InvalidModelError, KernelsUnavailableError, RuntimeFailure
+
+from . import ggml
+from .backend import Backend
+
+_NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
+ACTIVATIONS = ("relu", "gelu", "gelu_erf", "gelu_quick")
+
+
+def _context(g: ggml.GgmlLibrary, n_tensors: int, *, graph_nodes: int = 0) -> int:
+    size = g.ggml_tensor_overhead() * n_tensors
+    if graph_nodes:
+        size += g.ggml_graph_overhead_custom(graph_nodes, False)
+    ctx = g.ggml_init(ggml.GgmlInitParams(size, None, True))
+    if not ctx:
+        raise KernelsUnavailableError("ggml_init failed (out of memory?)")
+    return ctx
+
+
+def shape(t: object) -> tuple[int, ...]:
+    """The ``ne`` of a tensor, trailing 1s dropped (at least one entry)."""
+    ne = list(t.contents.ne)
+    while len(ne) > 1 and ne[-1] == 1:
+        ne.pop()
+    return tuple(ne)
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """Tensor bytes in ggml layout: ``ggml_type`` and ``ne`` (fastest first)."""
+
+    ggml_type: int
+    ne: tuple[int, ...]
+    data: np.ndarray  # any dtype; its bytes are copied as they are
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> "RawTensor":
+        """A float32/float16 numpy array (C order) as a ggml tensor of reversed shape."""
+        array = np.ascontiguousarray(array)
+        if array.dtype not in _NUMPY_TYPES:
+            array = array.astype(np.float32)
+        return cls(_NUMPY_TYPES[array.dtype], tuple(reversed(array.shape)) or (1,), array)
+
+
+class Weights:
+    """Named tensors uploaded into one buffer of ``backend``.
+
+    Args:
+        backend: where the tensors live.
+        tensors: name -> :class:`RawTensor`.
+
+    Raises:
+        InvalidModelError: a tensor's byte size disagrees with its type and shape.
+    """
+
+    def __init__(self, backend: Backend, tensors: Mapping[str, RawTensor]) -> None:
+        g = self.g = backend.g
+        self.backend = backend
+        self.ctx = _context(g, len(tensors) + 1)
+        self._tensors: dict[str, object] = {}
+        self.buffer = None
+        for name, raw in tensors.items():
+            ne = list(raw.ne) + [1] * (4 - len(raw.ne))
+            t = g.ggml_new_tensor_4d(self.ctx, raw.ggml_type, *ne)
+            g.ggml_set_name(t, name.encode()[:63])
+            if g.ggml_nbytes(t) != raw.data.nbytes:
+                self.close()
+                raise InvalidModelError(f"tensor {name}: {raw.data.nbytes} bytes, but type "
+                                        f"{g.ggml_type_name(raw.ggml_type).decode()} {raw.ne} needs {g.ggml_nbytes(t)}")
+            self._tensors[name] = t
+        if tensors:
+            self.buffer = g.ggml_backend_alloc_ctx_tensors(self.ctx, backend.ptr)
+            if not self.buffer:
+                self.close()
+                raise KernelsUnavailableError(f"could not allocate {len(tensors)} weight tensors on {backend.name}")
+        for name, raw in tensors.items():
+            data = np.ascontiguousarray(raw.data)
+            g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def __getitem__(self, name: str) -> object:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise InvalidModelError(f"the projector file has no tensor {name!r}") from None
+
+    def get(self, name: str) -> object | None:
+        return self._tensors.get(name)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.g.ggml_backend_buffer_get_size(self.buffer)) if self.buffer else 0
+
+    def close(self) -> None:
+        if self.buffer:
+            self.g.ggml_backend_buffer_free(self.buffer)
+            self.buffer = None
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = None
+
+
+class GraphBuilder:
+    """Creates inputs and ops in a metadata-only ggml context.
+
+    Args:
+        max_nodes: upper bound on tensors + graph nodes.
+    """
+
+    def __init__(self, max_nodes: int = 16384) -> None:
+        self.g = ggml.lib()
+        self.max_nodes = max_nodes
+        self.ctx = _context(self.g, max_nodes, graph_nodes=max_nodes)
+        self.inputs: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- tensors
+    def input(self, name: str, ne: tuple[int, ...], ggml_type: int = ggml.GGML_TYPE_F32) -> object:
+        """A named input tensor of shape ``ne`` (fastest dimension first)."""
+        dims = list(ne) + [1] * (4 - len(ne))
+        t = self.g.ggml_new_tensor_4d(self.ctx, ggml_type, *dims)
+        self.g.ggml_set_name(t, name.encode())
+        self.g.ggml_set_input(t)
+        self.inputs[name] = t
+        return t
+
+    # ---------------------------------------------------------------- elementwise
+    def add(self, a: object, b: object | None) -> object:
+        return a if b is None else self.g.ggml_add(self.ctx, a, b)
+
+    def mul(self, a: object, b: object) -> object:
+        return self.g.ggml_mul(self.ctx, a, b)
+
+    def scale(self, a: object, s: float) -> object:
+        return self.g.ggml_scale(self.ctx, a, s)
+
+    def activation(self, x: object, kind: str) -> object:
+        """``relu``, ``gelu`` (tanh approximation), ``gelu_erf`` (exact) or ``gelu_quick``."""
+        fn = {"relu": self.g.ggml_relu, "gelu": self.g.ggml_gelu, "gelu_erf": self.g.ggml_gelu_erf,
+              "gelu_quick": self.g.ggml_gelu_quick}.get(kind)
+        if fn is None:
+            raise InvalidModelError(f"unknown activation {kind!r}; supported: {', '.join(ACTIVATIONS)}")
+        return fn(self.ctx, x)
+
+    # ---------------------------------------------------------------- layers
+    def linear(self, x: object, w: object, b: object | None = None) -> object:
+        """``x @ W.T + b`` for ``x`` [in, n] and ``w`` [in, out] -> [out, n]."""
+        return self.add(self.g.ggml_mul_mat(self.ctx, w, x), b)
+
+    def layer_norm(self, x: object, w: object | None, b: object | None, eps: float) -> object:
+        """LayerNorm over the fastest dimension, with optional affine weight/bias."""
+        y = self.g.ggml_norm(self.ctx, x, eps)
+        if w is not None:
+            y = self.mul(y, w)
+        return self.add(y, b)
+
+    def mlp(self, x: object, up: tuple[object, object | None], down: tuple[object, object | None],
+            act: str) -> object:
+        """``down(act(up(x)))``."""
+        return self.linear(self.activation(self.linear(x, *up), act), *down)
+
+    def attention(self, x: object, q: tuple, k: tuple, v: tuple, out: tuple, n_head: int) -> object:
+        """Multi-head self-attention without a mask over ``x`` [d, n] -> [d, n].
+
+        ``q``, ``k``, ``v``, ``out`` are (weight, bias) pairs of the projections.
+        """
+        g, ctx = self.g, self.ctx
+        d, n = shape(x)[0], shape(x)[1] if len(shape(x)) > 1 else 1
+        if d % n_head:
+            raise InvalidModelError(f"attention width {d} is not divisible by {n_head} heads")
+        dh = d // n_head
+        qh = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *q), dh, n_head, n), 0, 2, 1, 3)
+        kh = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *k), dh, n_head, n), 0, 2, 1, 3)
+        vh = g.ggml_cont(ctx, g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *v), dh, n_head, n),
+                                             1, 2, 0, 3))   # [n, dh, heads]
+        scores = g.ggml_soft_max_ext(ctx, g.ggml_mul_mat(ctx, kh, qh), None, 1.0 / math.sqrt(dh), 0.0)
+        ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads]
+        merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n]
+        return self.linear(g.ggml_reshape_2d(ctx, merged, d, n), *out)
+
+    def transformer_layer(self, x: object, p: Mapping[str, object], *, n_head: int, eps: float,
+                          act: str, norm_first: bool) -> object:
+        """A transformer encoder layer; ``p`` holds ``attn_{q,k,v,out}``, ``ln1``, ``ln2``,
+        ``ffn_up``, ``ffn_down`` as ``(weight, bias)`` pairs.
+
+        Pre-norm (CLIP/SigLIP): ``x + attn(ln1(x))`` then ``h + ffn(ln2(h))``.
+        Post-norm (PyTorch default): ``ln1(x + attn(x))`` then ``ln2(h + ffn(h))``.
+        """
+        attn = (p["attn_q"], p["attn_k"], p["attn_v"], p["attn_out"])
+        if norm_first:
+            h = self.add(x, self.attention(self.layer_norm(x, *p["ln1"], eps), *attn, n_head=n_head))
+            return self.add(h, self.mlp(self.layer_norm(h, *p["ln2"], eps), p["ffn_up"], p["ffn_down"], act))
+        h = self.layer_norm(self.add(x, self.attention(x, *attn, n_head=n_head)), *p["ln1"], eps)
+        return self.layer_norm(self.add(h, self.mlp(h, p["ffn_up"], p["ffn_down"], act)), *p["ln2"], eps)
+
+    # ---------------------------------------------------------------- shape ops
+    def concat(self, a: object, b: object, dim: int) -> object:
+        return self.g.ggml_concat(self.ctx, a, b, dim)
+
+    def rows(self, x: object, start: int, count: int) -> object:
+        """Columns ``start .. start+count`` of a 2-D ``x`` [d, n] (a contiguous copy)."""
+        t = x.contents
+        view = self.g.ggml_view_2d(self.ctx, x, t.ne[0], count, t.nb[1], start * t.nb[1])
+        return self.g.ggml_cont(self.ctx, view)
+
+    def reshape_2d(self, x: object, ne0: int, ne1: int) -> object:
+        return self.g.ggml_reshape_2d(self.ctx, x, ne0, ne1)
+
+    def close(self) -> None:
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = None
+
+
+class CompiledGraph:
+    """A graph with its compute buffer allocated on ``backend``; run it many times.
+
+    Args:
+        backend: where it runs (the weights must live there too).
+        builder: the builder holding the graph's tensors; owned from now on.
+        output: the tensor to compute.
+    """
+
+    def __init__(self, backend: Backend, builder: GraphBuilder, output: object) -> None:
+        g = self.g = backend.g
+        self.backend, self.builder, self.output = backend, builder, output
+        g.ggml_set_output(output)
+        self.graph = g.ggml_new_graph_custom(builder.ctx, builder.max_nodes, False)
+        g.ggml_build_forward_expand(self.graph, output)
+        self.allocator = g.ggml_gallocr_new(backend.buffer_type)
+        if not g.ggml_gallocr_alloc_graph(self.allocator, self.graph):
+            self.close()
+            raise KernelsUnavailableError(f"could not allocate the compute buffer on {backend.name}")
+        self.n_nodes = int(g.ggml_graph_n_nodes(self.graph))
+        dims = shape(output)
+        self.output_shape = dims if len(dims) >= 2 else dims + (1,)
+
+    @property
+    def compute_bytes(self) -> int:
+        return int(self.g.ggml_gallocr_get_buffer_size(self.allocator, 0))
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Set the inputs, compute, return the output as float32 numpy (C order, reversed ne)."""
+        g = self.g
+        for name, tensor in self.builder.inputs.items():
+            if name not in inputs:
+                raise RuntimeFailure(f"graph input {name!r} was not given")
+            data = np.ascontiguousarray(inputs[name])
+            if data.nbytes != g.ggml_nbytes(tensor):
+                raise RuntimeFailure(f"graph input {name!r}: {data.nbytes} bytes for a "
+                                     f"{shape(tensor)} tensor of {g.ggml_nbytes(tensor)} bytes")
+            g.ggml_backend_tensor_set(tensor, data.ctypes.data, 0, data.nbytes)
+        status = g.ggml_backend_graph_compute(self.backend.ptr, self.graph)
+        if status != ggml.GGML_STATUS_SUCCESS:
+            raise RuntimeFailure(f"ggml graph compute failed on {self.backend.name} (status {status})")
+        if self.output.contents.type != ggml.GGML_TYPE_F32:
+            raise RuntimeFailure("graph output is not float32")
+        out = np.empty(tuple(reversed(self.output_shape)), dtype=np.float32)
+        g.ggml_backend_tensor_get(self.output, out.ctypes.data_as(ctypes.c_void_p), 0, out.nbytes)
+        return out
+
+    def close(self) -> None:
+        if getattr(self, "allocator", None):
+            self.g.ggml_gallocr_free(self.allocator)
+            self.allocator = None
+        self.builder.close()

@@ -1,0 +1,288 @@
+"""Vision towers (CLIP / SigLIP ViT) and their projectors on ggml kernels.
+
+Reads the same projector GGUF that libmtmd reads (``clip.vision.*`` keys,
+``v.*`` / ``mm.*`` tensors; ours or third-party), plus edgevlm's own
+projector kinds (the OmniFusion adapter, ``adapter.*`` tensors).
+
+Unlike llama.cpp's LLaVA graph at the pinned version (which concatenates the
+class embedding *after* the patches while positions and patch selection
+assume it first, llama.cpp issue 25814), the class embedding goes first, as
+in CLIP: ``[CLS, p0, p1, ...] + position_embd``, and the CLS row is dropped
+after the feature layer when the select strategy says so.
+
+Which layers run: ``clip.vision.feature_layer`` (deepest entry, as libmtmd)
+when present, else ``block_count - 1`` (libmtmd's LLaVA default, i.e. HF
+``hidden_states[-2]``). ``v.post_ln`` is applied only when the last block runs
+(HF towers apply it to the last hidden state only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevlm import constants as C
+from edgevlm.errors import InvalidModelError, UnsupportedModelError
+
+from .backend import Backend
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+
+# HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
+HF_ACTIVATIONS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu",
+                  "gelu_new": "gelu", "gelu_fast": "gelu", "relu": "relu"}
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LLAVA_PROJECTORS = ("mlp",)
+
+
+def _positive(meta: Mapping[str, Any], key: str) -> int:
+    value = meta.get(key)
+    if not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise InvalidModelError(f"projector metadata {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """What the kernels need to run a projector file's tower and projector."""
+
+    image_size: int
+    patch_size: int
+    width: int
+    n_head: int
+    block_count: int
+    n_layers: int          # blocks to run
+    eps: float
+    activation: str       # ggml activation of the tower MLP
+    has_class: bool
+    drop_class: bool
+    pre_ln: bool
+    post_ln: bool
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    resize: str            # one of constants.IMAGE_RESIZE_MODES (+ "squash")
+    projector: str         # "mlp" | "omnifusion"
+    projector_activation: str
+    output_width: int
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def n_tokens(self) -> int:
+        """Embeddings per image handed to the LLM."""
+        return self.n_patches + (1 if self.has_class and not self.drop_class else 0)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise InvalidModelError(f"clip.vision.image_size {self.image_size} is not a multiple of "
+                                    f"clip.vision.patch_size {self.patch_size}")
+        if self.width % self.n_head:
+            raise InvalidModelError(f"clip.vision.embedding_length {self.width} is not divisible by "
+                                    f"clip.vision.attention.head_count {self.n_head}")
+        if not 0 <= self.n_layers <= self.block_count:
+            raise InvalidModelError(f"clip.vision.feature_layer asks for {self.n_layers} blocks but the "
+                                    f"file has {self.block_count}")
+
+
+def projector_kind(meta: Mapping[str, Any]) -> str:
+    """``"omnifusion"``, ``"mlp"`` or libmtmd's projector type name."""
+    kind = meta.get(C.KEY_PROJECTOR_KIND)
+    if kind:
+        return str(kind)
+    return str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
+
+
+def kernels_can_run(meta: Mapping[str, Any]) -> bool:
+    """Whether :class:`VisionTower` supports this projector file's kind."""
+    return projector_kind(meta) in LLAVA_PROJECTORS + C.PROJECTOR_KINDS and bool(
+        meta.get("clip.has_vision_encoder", True))
+
+
+def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
+    """Build a :class:`TowerConfig` from GGUF metadata and tensor names.
+
+    Raises:
+        UnsupportedModelError: a projector kind the kernels do not implement.
+        InvalidModelError: missing or inconsistent keys.
+    """
+    kind = projector_kind(meta)
+    if kind not in LLAVA_PROJECTORS + C.PROJECTOR_KINDS:
+        raise UnsupportedModelError(
+            f"the kernels vision engine runs LLaVA MLP and OmniFusion projectors, not {kind!r}; "
+            "use vision_engine='mtmd'")
+    p = "clip.vision."
+    block_count = _positive(meta, p + "block_count")
+    layers = meta.get(p + "feature_layer")
+    n_layers = max(int(x) for x in layers) if layers else block_count - 1
+    has_class = "v.class_embd" in names
+    strategy = meta.get(C.KEY_VISION_SELECT_STRATEGY, "default")
+    hf_act = meta.get(C.KEY_VISION_ACTIVATION)
+    act = HF_ACTIVATIONS.get(str(hf_act)) if hf_act else ("gelu" if meta.get("clip.use_gelu") else "gelu_quick")
+    if act is None:
+        raise UnsupportedModelError(f"vision activation {hf_act!r} is not supported by the kernels engine")
+    if kind == C.PROJECTOR_KIND_OMNIFUSION:
+        out_name, proj_act = "adapter.proj.weight", str(meta.get(C.KEY_ADAPTER_ACTIVATION, "relu"))
+    else:
+        out_name = "mm.2.weight"
+        proj_act = HF_ACTIVATIONS.get(str(meta.get(C.KEY_PROJECTOR_ACTIVATION, "gelu")), "gelu_erf")
+    if out_name not in names:
+        raise InvalidModelError(f"the projector file has no tensor {out_name!r}")
+    resize = meta.get(C.KEY_IMAGE_RESIZE) or ("shortest-edge-crop" if has_class else "squash")
+    return TowerConfig(
+        image_size=_positive(meta, p + "image_size"), patch_size=_positive(meta, p + "patch_size"),
+        width=_positive(meta, p + "embedding_length"), n_head=_positive(meta, p + "attention.head_count"),
+        block_count=block_count, n_layers=n_layers,
+        eps=float(meta.get(p + "attention.layer_norm_epsilon", 1e-5)), activation=act,
+        has_class=has_class, drop_class=has_class and strategy != "full",
+        pre_ln="v.pre_ln.weight" in names, post_ln="v.post_ln.weight" in names and n_layers == block_count,
+        image_mean=tuple(float(x) for x in meta.get(p + "image_mean", CLIP_MEAN)),
+        image_std=tuple(float(x) for x in meta.get(p + "image_std", CLIP_STD)),
+        resize=str(resize), projector=kind if kind in C.PROJECTOR_KINDS else "mlp",
+        projector_activation=proj_act, output_width=-1)
+
+
+def read_gguf_tensors(path: Path) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    """Metadata and tensors (memory-mapped) of a GGUF file.
+
+    Raises:
+        InvalidModelError: not a readable GGUF file.
+    """
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
+        raise InvalidModelError(f"{path} is not a readable GGUF file ({exc})") from exc
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: RawTensor(int(t.tensor_type), tuple(int(x) for x in t.shape), t.data)
+               for t in reader.tensors}
+    return meta, tensors
+
+
+class VisionTower:
+    """A projector GGUF on a ggml backend: pixels in, LLM-ready embeddings out.
+
+    Args:
+        path: the projector GGUF.
+        device: ggml device ("auto", "cpu", "cuda", "metal", or a device name).
+        n_threads: CPU threads.
+
+    Raises:
+        InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4) -> None:
+        self.path = Path(path)
+        self.meta, tensors = read_gguf_tensors(self.path)
+        cfg = read_tower_config(self.meta, set(tensors))
+        out_name = "adapter.proj.weight" if cfg.projector != "mlp" else "mm.2.weight"
+        self.config = dataclasses.replace(cfg, output_width=tensors[out_name].ne[1])
+        self.special = {name: np.asarray(t.data, dtype=np.float32).reshape(-1)
+                        for name, t in tensors.items() if name.startswith("special.")}
+        device_tensors = {n: t for n, t in tensors.items() if not n.startswith("special.")}
+        self.backend = Backend(device, n_threads=n_threads)
+        self.weights = Weights(self.backend, device_tensors)
+        self._graph: CompiledGraph | None = None
+
+    @property
+    def device(self) -> str:
+        return self.backend.name
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Run tower + projector on normalised pixels (3, S, S): (n_tokens, output_width) float32."""
+        cfg = self.config
+        if pixels.shape != (3, cfg.image_size, cfg.image_size):
+            raise InvalidModelError(f"pixels of shape {pixels.shape}; the tower takes "
+                                    f"(3, {cfg.image_size}, {cfg.image_size})")
+        if self._graph is None:
+            self._graph = self._build()
+        return self._graph.run({"patches": patchify(pixels.astype(np.float32), cfg.patch_size)})
+
+    def _build(self) -> CompiledGraph:
+        b = GraphBuilder()
+        try:
+            x = build_tower(b, self.weights, self.config)
+            if self.config.projector == "mlp":
+                x = b.mlp(x, _pair(self.weights, "mm.0"), _pair(self.weights, "mm.2"),
+                          self.config.projector_activation)
+            else:
+                x = build_omnifusion_adapter(b, self.weights, x, self.meta)
+            return CompiledGraph(self.backend, b, x)
+        except Exception:
+            b.close()
+            raise
+
+    def close(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+        if getattr(self, "weights", None) is not None:
+            self.weights.close()
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
+
+
+def _pair(w: Weights, prefix: str) -> tuple[object, object | None]:
+    return w[f"{prefix}.weight"], w.get(f"{prefix}.bias")
+
+
+def _layer_params(w: Weights, prefix: str) -> dict[str, tuple[object, object | None]]:
+    parts = ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
+    return {part: _pair(w, f"{prefix}.{part}") for part in parts}
+
+
+def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
+    """(3, S, S) -> (n_patches, 3*patch*patch), rows in raster order, columns (c, y, x).
+
+    That column order is the flattening of the conv kernel ``v.patch_embd.weight``
+    (ggml ne = [kw, kh, c, out]), so patch embedding is one matrix product.
+    """
+    c, h, w = pixels.shape
+    gy, gx = h // patch, w // patch
+    grid = pixels.reshape(c, gy, patch, gx, patch).transpose(1, 3, 0, 2, 4)
+    return np.ascontiguousarray(grid.reshape(gy * gx, c * patch * patch))
+
+
+def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig) -> object:
+    """Patch embedding, [CLS first], positions, pre-LN, ``n_layers`` blocks, [post-LN], CLS drop."""
+    k = 3 * cfg.patch_size ** 2
+    patches = b.input("patches", (k, cfg.n_patches))
+    x = b.linear(patches, b.reshape_2d(w["v.patch_embd.weight"], k, cfg.width), w.get("v.patch_embd.bias"))
+    if cfg.has_class:
+        x = b.concat(b.reshape_2d(w["v.class_embd"], cfg.width, 1), x, 1)
+    n_pos = cfg.n_patches + (1 if cfg.has_class else 0)
+    pos = w["v.position_embd.weight"]
+    if tuple(pos.contents.ne[:2]) != (cfg.width, n_pos):
+        raise InvalidModelError(f"v.position_embd.weight has {pos.contents.ne[1]} positions; "
+                                f"{cfg.image_size}px images need {n_pos}")
+    x = b.add(x, pos)
+    if cfg.pre_ln:
+        x = b.layer_norm(x, *_pair(w, "v.pre_ln"), cfg.eps)
+    for il in range(cfg.n_layers):
+        x = b.transformer_layer(x, _layer_params(w, f"v.blk.{il}"), n_head=cfg.n_head, eps=cfg.eps,
+                                act=cfg.activation, norm_first=True)
+    if cfg.post_ln:
+        x = b.layer_norm(x, *_pair(w, "v.post_ln"), cfg.eps)
+    if cfg.drop_class:
+        x = b.rows(x, 1, cfg.n_patches)
+    return x
+
+
+def build_omnifusion_adapter(b: GraphBuilder, w: Weights, x: object, meta: Mapping[str, Any]) -> object:
+    """OmniFusion's VisualToGPTMapping: one nn.TransformerEncoderLayer, then a linear map."""
+    heads = meta.get(C.KEY_ADAPTER_HEAD_COUNT)
+    if not isinstance(heads, (int, np.integer)) or heads <= 0:
+        raise InvalidModelError(f"{C.KEY_ADAPTER_HEAD_COUNT} must be a positive integer, got {heads!r}")
+    act = str(meta.get(C.KEY_ADAPTER_ACTIVATION, "relu"))
+    x = b.transformer_layer(x, _layer_params(w, "adapter"), n_head=int(heads),
+                            eps=float(meta.get(C.KEY_ADAPTER_LAYER_NORM_EPS, 1e-5)),
+                            act=HF_ACTIVATIONS.get(act, act),
+                            norm_first=bool(meta.get(C.KEY_ADAPTER_NORM_FIRST, False)))
+    return b.linear(x, *_pair(w, "adapter.proj"))

@@ -1,0 +1,132 @@
+"""Vision towers on the kernels engine against transformers and libmtmd.
+
+Tolerances (f32 GGUF, f32 KV): image embeddings per-token cosine >= 0.9999
+against transformers for CLIP (CLS first, as the reference) and SigLIP
+towers; kernels vs libmtmd on a SigLIP tower cosine >= 0.9999; multimodal
+next-token logits max-abs <= 1e-2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgevlm
+from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.vision.kernels_encoder import choose_engine
+from tests.cache_helpers import assert_cached_matches_full
+from tests.reference import cosine_rows, hf_image_embeddings, hf_logits, hf_pixel_values, reference_ids
+
+
+@pytest.fixture(scope="module")
+def clip_kernels(clip_f32):
+    vlm = edgevlm.load(clip_f32, n_ctx=1024, kv_type="f32", n_threads=2, cache=False)
+    yield vlm
+    vlm.close()
+
+
+def _image_token_id(checkpoint: Path) -> int:
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    return int(cfg.get("image_token_id", cfg.get("image_token_index")))
+
+
+def _ask(image: Path, text: str = "What is shown here?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": text}]}]
+
+
+def test_auto_picks_kernels_for_clip_towers(clip_kernels, siglip_vlm):
+    assert clip_kernels.vision_engine == "kernels"
+    assert siglip_vlm.vision_engine == "mtmd"
+
+
+@pytest.mark.parametrize("size", [(32, 32), (61, 45), (40, 96)])
+def test_clip_tower_embeddings_match_transformers(clip_kernels, llava_clip_checkpoint, tmp_path, size):
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(size))
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    ours = clip_kernels.embed_image(path)
+    ref = hf_image_embeddings(llava_clip_checkpoint, path)
+    assert ours.shape == ref.shape == (16, 256)
+    cos = cosine_rows(ours, ref)
+    assert cos.min() >= 0.9999, f"min per-token cosine {cos.min():.6f}"
+    # the preprocessing is CLIPImageProcessor's (resize shortest edge, centre crop)
+    pixels = clip_kernels.engine.encoder.pixels(edgevlm.vision.images.load_image(path))
+    np.testing.assert_allclose(pixels, hf_pixel_values(llava_clip_checkpoint, path)[0].numpy(), atol=1e-5)
+
+
+def test_clip_multimodal_logits_match_transformers(clip_kernels, llava_clip_checkpoint, square_image):
+    image = square_image(32, seed=3)
+    messages = _ask(image)
+    ids = reference_ids(clip_kernels.prompt_chunks(messages), _image_token_id(llava_clip_checkpoint))
+    ours = clip_kernels.next_token_logits(messages)
+    ref = hf_logits(llava_clip_checkpoint, ids, image)[-1]
+    assert float(np.abs(ref).max()) > 0.5
+    assert float(np.abs(ours - ref).max()) <= 1e-2
+
+
+def test_siglip_tower_kernels_mtmd_and_transformers_agree(siglip_f32, siglip_vlm, llava_siglip_checkpoint,
+                                                           square_image):
+    image = square_image(32, seed=11)
+    with edgevlm.load(siglip_f32, n_ctx=512, kv_type="f32", n_threads=2, vision_engine="kernels",
+                      cache=False) as vlm:
+        assert vlm.vision_engine == "kernels"
+        kernels = vlm.embed_image(image)
+    mtmd = siglip_vlm.embed_image(image)
+    ref = hf_image_embeddings(llava_siglip_checkpoint, image)
+    assert cosine_rows(kernels, ref).min() >= 0.9999
+    assert cosine_rows(kernels, mtmd).min() >= 0.9999
+
+
+def test_text_chunks_equal_libmtmd_tokenisation(clip_f32, clip_kernels, painting):
+    messages = _ask(painting, "Describe <this> painting, please.")
+    with edgevlm.load(clip_f32, n_ctx=512, n_threads=2, vision_engine="mtmd", cache=False) as mtmd:
+        theirs = mtmd.prompt_chunks(messages)
+    ours = clip_kernels.prompt_chunks(messages)
+    assert [type(c) for c in ours] == [type(c) for c in theirs]
+    assert [getattr(c, "tokens", c.n_pos) for c in ours] == [getattr(c, "tokens", c.n_pos) for c in theirs]
+
+
+def test_kernels_engine_prefix_reuse_and_cache(clip_kernels, painting, square_image):
+    second = square_image(32, seed=21)
+    first = _ask(painting)
+    follow = first + [{"role": "assistant", "content": "A painting."},
+                      {"role": "user", "content": "And the colours?"}]
+    assert_cached_matches_full(clip_kernels, first, follow)
+    two = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image", "image": str(painting)},
+                                        {"type": "text", "text": "with"}, {"type": "image", "image": str(second)}]}]
+    assert_cached_matches_full(clip_kernels, two, two + [{"role": "assistant", "content": "Same."},
+                                                         {"role": "user", "content": "Why?"}])
+    calls = clip_kernels.encoder_calls
+    clip_kernels.reset()
+    clip_kernels.next_token_logits(follow)  # KV gone, embeddings still in the RAM cache
+    assert clip_kernels.encoder_calls == calls
+    assert clip_kernels.engine.last_prefill.images_from_cache == 1
+
+
+def test_engine_choice_rules():
+    clip = {"clip.projector_type": "mlp", "clip.has_vision_encoder": True}
+    with_cls, without = frozenset({"v.class_embd"}), frozenset()
+    assert choose_engine("auto", clip, with_cls) == "kernels"
+    assert choose_engine("auto", clip, without) == "mtmd"
+    assert choose_engine("kernels", clip, without) == "kernels"
+    assert choose_engine("mtmd", clip, with_cls) == "mtmd"
+    qwen = {"clip.projector_type": "qwen2vl_merger"}
+    assert choose_engine("auto", qwen, without) == "mtmd"
+    with pytest.raises(UnsupportedModelError, match="does not implement"):
+        choose_engine("kernels", qwen, without)
+    omni = {"edgevlm.projector.kind": "omnifusion"}
+    assert choose_engine("auto", omni, with_cls) == "kernels"
+    with pytest.raises(UnsupportedModelError, match="libmtmd cannot run"):
+        choose_engine("mtmd", omni, with_cls)
+    with pytest.raises(InvalidRequestError, match="auto, kernels, mtmd"):
+        choose_engine("cuda", clip, with_cls)
+
+
+def test_unknown_engine_is_a_clear_error(clip_f32):
+    with pytest.raises(InvalidRequestError, match="unknown vision engine"):
+        edgevlm.load(clip_f32, n_threads=1, vision_engine="fast")
