@@ -40,6 +40,7 @@ GGML_TYPE_BF16 = 30
 DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
 
 GGML_STATUS_SUCCESS = 0
+GGML_PREC_F32 = 10  # enum ggml_prec
 
 
 class GgmlInitParams(ctypes.Structure):
@@ -102,6 +103,7 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_gelu_quick": ("base", T, [P, T]),
     "ggml_soft_max_ext": ("base", T, [P, T, T, c_float, c_float]),
     "ggml_flash_attn_ext": ("base", T, [P, T, T, T, T, c_float, c_float, c_float]),
+    "ggml_prec_set_acc": ("base", c_bool, [T, c_int]),
     "ggml_concat": ("base", T, [P, T, T, c_int]),
     "ggml_cont": ("base", T, [P, T]),
     "ggml_cast": ("base", T, [P, T, c_int]),

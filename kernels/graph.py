@@ -182,27 +182,37 @@ class GraphBuilder:
         """``down(act(up(x)))``."""
         return self.linear(self.activation(self.linear(x, *up), act), *down)
 
-    def attention(self, x: object, q: tuple, k: tuple, v: tuple, out: tuple, n_head: int) -> object:
+    def attention(self, x: object, q: tuple, k: tuple, v: tuple, out: tuple, n_head: int, *,
+                  flash: bool = False) -> object:
         """Multi-head self-attention without a mask over ``x`` [d, n] -> [d, n].
 
         ``q``, ``k``, ``v``, ``out`` are (weight, bias) pairs of the projections.
+        ``flash`` uses ggml's fused flash-attention kernel with f16 K/V and f32
+        accumulation (what libmtmd does by default); otherwise softmax(QK^T)V
+        in f32.
         """
         g, ctx = self.g, self.ctx
-        d, n = shape(x)[0], shape(x)[1] if len(shape(x)) > 1 else 1
+        dims = shape(x)
+        d, n = dims[0], dims[1] if len(dims) > 1 else 1
         if d % n_head:
             raise InvalidModelError(f"attention width {d} is not divisible by {n_head} heads")
         dh = d // n_head
-        qh = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *q), dh, n_head, n), 0, 2, 1, 3)
-        kh = g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *k), dh, n_head, n), 0, 2, 1, 3)
-        vh = g.ggml_cont(ctx, g.ggml_permute(ctx, g.ggml_reshape_3d(ctx, self.linear(x, *v), dh, n_head, n),
-                                             1, 2, 0, 3))   # [n, dh, heads]
+        heads = [g.ggml_reshape_3d(ctx, self.linear(x, *p), dh, n_head, n) for p in (q, k, v)]
+        qh, kh = (g.ggml_permute(ctx, t, 0, 2, 1, 3) for t in heads[:2])  # [dh, n, heads]
+        if flash:
+            vh = g.ggml_permute(ctx, heads[2], 0, 2, 1, 3)
+            kh, vh = g.ggml_cast(ctx, kh, ggml.GGML_TYPE_F16), g.ggml_cast(ctx, vh, ggml.GGML_TYPE_F16)
+            fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, None, 1.0 / math.sqrt(dh), 0.0, 0.0)
+            g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n]
+            return self.linear(g.ggml_reshape_2d(ctx, fused, d, n), *out)
+        vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads]
         scores = g.ggml_soft_max_ext(ctx, g.ggml_mul_mat(ctx, kh, qh), None, 1.0 / math.sqrt(dh), 0.0)
         ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads]
         merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n]
         return self.linear(g.ggml_reshape_2d(ctx, merged, d, n), *out)
 
     def transformer_layer(self, x: object, p: Mapping[str, object], *, n_head: int, eps: float,
-                          act: str, norm_first: bool) -> object:
+                          act: str, norm_first: bool, flash: bool = False) -> object:
         """A transformer encoder layer; ``p`` holds ``attn_{q,k,v,out}``, ``ln1``, ``ln2``,
         ``ffn_up``, ``ffn_down`` as ``(weight, bias)`` pairs.
 
@@ -211,9 +221,9 @@ class GraphBuilder:
         """
         attn = (p["attn_q"], p["attn_k"], p["attn_v"], p["attn_out"])
         if norm_first:
-            h = self.add(x, self.attention(self.layer_norm(x, *p["ln1"], eps), *attn, n_head=n_head))
+            h = self.add(x, self.attention(self.layer_norm(x, *p["ln1"], eps), *attn, n_head=n_head, flash=flash))
             return self.add(h, self.mlp(self.layer_norm(h, *p["ln2"], eps), p["ffn_up"], p["ffn_down"], act))
-        h = self.layer_norm(self.add(x, self.attention(x, *attn, n_head=n_head)), *p["ln1"], eps)
+        h = self.layer_norm(self.add(x, self.attention(x, *attn, n_head=n_head, flash=flash)), *p["ln1"], eps)
         return self.layer_norm(self.add(h, self.mlp(h, p["ffn_up"], p["ffn_down"], act)), *p["ln2"], eps)
 
     # ---------------------------------------------------------------- shape ops

@@ -173,13 +173,17 @@ class VisionTower:
         path: the projector GGUF.
         device: ggml device ("auto", "cpu", "cuda", "metal", or a device name).
         n_threads: CPU threads.
+        flash_attn: fused flash attention (f16 K/V, f32 accumulation) instead of
+            f32 softmax(QK^T)V.
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4) -> None:
+    def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
+                 flash_attn: bool = False) -> None:
         self.path = Path(path)
+        self.flash_attn = flash_attn
         self.meta, tensors = read_gguf_tensors(self.path)
         cfg = read_tower_config(self.meta, set(tensors))
         out_name = "adapter.proj.weight" if cfg.projector != "mlp" else "mm.2.weight"
@@ -208,12 +212,12 @@ class VisionTower:
     def _build(self) -> CompiledGraph:
         b = GraphBuilder()
         try:
-            x = build_tower(b, self.weights, self.config)
+            x = build_tower(b, self.weights, self.config, flash=self.flash_attn)
             if self.config.projector == "mlp":
                 x = b.mlp(x, _pair(self.weights, "mm.0"), _pair(self.weights, "mm.2"),
                           self.config.projector_activation)
             else:
-                x = build_omnifusion_adapter(b, self.weights, x, self.meta)
+                x = build_omnifusion_adapter(b, self.weights, x, self.meta, flash=self.flash_attn)
             return CompiledGraph(self.backend, b, x)
         except Exception:
             b.close()
@@ -250,7 +254,7 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     return np.ascontiguousarray(grid.reshape(gy * gx, c * patch * patch))
 
 
-def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig) -> object:
+def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig, *, flash: bool = False) -> object:
     """Patch embedding, [CLS first], positions, pre-LN, ``n_layers`` blocks, [post-LN], CLS drop."""
     k = 3 * cfg.patch_size ** 2
     patches = b.input("patches", (k, cfg.n_patches))
@@ -267,7 +271,7 @@ def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig) -> object:
         x = b.layer_norm(x, *_pair(w, "v.pre_ln"), cfg.eps)
     for il in range(cfg.n_layers):
         x = b.transformer_layer(x, _layer_params(w, f"v.blk.{il}"), n_head=cfg.n_head, eps=cfg.eps,
-                                act=cfg.activation, norm_first=True)
+                                act=cfg.activation, norm_first=True, flash=flash)
     if cfg.post_ln:
         x = b.layer_norm(x, *_pair(w, "v.post_ln"), cfg.eps)
     if cfg.drop_class:
@@ -275,7 +279,8 @@ def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig) -> object:
     return x
 
 
-def build_omnifusion_adapter(b: GraphBuilder, w: Weights, x: object, meta: Mapping[str, Any]) -> object:
+def build_omnifusion_adapter(b: GraphBuilder, w: Weights, x: object, meta: Mapping[str, Any], *,
+                             flash: bool = False) -> object:
     """OmniFusion's VisualToGPTMapping: one nn.TransformerEncoderLayer, then a linear map."""
     heads = meta.get(C.KEY_ADAPTER_HEAD_COUNT)
     if not isinstance(heads, (int, np.integer)) or heads <= 0:
@@ -284,5 +289,5 @@ def build_omnifusion_adapter(b: GraphBuilder, w: Weights, x: object, meta: Mappi
     x = b.transformer_layer(x, _layer_params(w, "adapter"), n_head=int(heads),
                             eps=float(meta.get(C.KEY_ADAPTER_LAYER_NORM_EPS, 1e-5)),
                             act=HF_ACTIVATIONS.get(act, act),
-                            norm_first=bool(meta.get(C.KEY_ADAPTER_NORM_FIRST, False)))
+                            norm_first=bool(meta.get(C.KEY_ADAPTER_NORM_FIRST, False)), flash=flash)
     return b.linear(x, *_pair(w, "adapter.proj"))
