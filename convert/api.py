@@ -70,24 +70,32 @@ def _atomic_outputs(*finals: Path) -> Iterator[tuple[Path, ...]]:
 
 def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
             vision_type: str = "f16", architecture: str | None = None, name: str | None = None,
+            vision_tower: str | Path | None = None, adapter_heads: int | None = None,
             progress: Callable[[str], None] | None = None) -> ConversionResult:
     """Convert a Hugging Face vision-language checkpoint into an LLM GGUF and an mmproj GGUF.
 
     Args:
-        source: Local checkpoint folder (``config.json`` + safetensors + tokenizer).
+        source: Local checkpoint folder (``config.json`` + safetensors + tokenizer),
+            or an OmniFusion release folder (``tuned-model/``, ``projection.pt``...).
         output_dir: Folder for the two files (created if needed).
         quant: LLM type: one of ``edgevlm.constants.LLM_QUANT_TYPES``.
         vision_type: Projector matrix type: one of ``VISION_QUANT_TYPES``.
-        architecture: Override ``config.json["architectures"][0]``.
+        architecture: Override the detected architecture (``config.json["architectures"][0]``).
         name: Base file name; defaults to the lower-cased source folder name.
+        vision_tower: Local CLIP folder of a family that ships without its tower
+            (OmniFusion: required).
+        adapter_heads: OmniFusion: attention heads of an adapter saved as a plain
+            state dict (read from the file otherwise).
         progress: Called with one human-readable line per step.
 
     Returns:
         Paths, sizes and notes of the written files.
 
     Raises:
-        ModelNotFoundError: ``source`` does not exist.
-        ConversionError: bad quant/vision type, missing config/tensors, shape mismatch.
+        ModelNotFoundError: ``source`` (or ``vision_tower``) does not exist.
+        ConversionError: bad quant/vision type, missing config/tensors, shape mismatch,
+            an option the family does not take or needs.
+        UnsafePickleError: a ``.pt`` file asks for code edgevlm refuses to run.
         UnsupportedModelError: unknown architecture or unsupported variant.
         RuntimeFailure: llama.cpp quantisation failed.
     """
@@ -96,7 +104,10 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
     vtype = check_vision_type(vision_type)
     folder = check_source_folder(Path(source))
     arch = architecture or detect_architecture(folder)
-    converter = converter_class(arch)(folder, log)
+    options = {key: value for key, value in (("vision_tower", vision_tower),
+                                              ("adapter_heads", adapter_heads))
+               if value is not None}
+    converter = converter_class(arch)(folder, log, **options)
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     base = name or folder.resolve().name.lower()

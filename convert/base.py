@@ -14,26 +14,38 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from edgevlm import constants
 from edgevlm.errors import ConversionError, ModelNotFoundError, UnsupportedModelError
 
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, TensorSource
 from .config import read_config_json
 from .tensors import TensorSpec
 
 ARCHITECTURES: dict[str, type[Converter]] = {}
-"""``config.json`` architecture name -> converter class."""
+"""Architecture name (``config.json``'s, or a family name such as ``"OmniFusion"`` for
+layouts a converter detects itself) -> converter class."""
 
-BUILTIN_MODULES: tuple[str, ...] = ("llava",)
+BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion")
 """Modules of this package that register converters (imported on first lookup)."""
 
 Log = Callable[[str], None]
+
+
+def edgevlm_version() -> str:
+    """Version of the installed edgevlm (``0+unknown`` without package metadata)."""
+    try:
+        from importlib.metadata import version
+        return version("edgevlm")
+    except Exception:  # noqa: BLE001 - metadata missing in odd installs
+        return "0+unknown"
 
 
 def register(*names: str) -> Callable[[type[Converter]], type[Converter]]:
     """Class decorator registering a converter for ``config.json`` architecture names.
 
     Args:
-        names: One or more ``architectures[0]`` values.
+        names: One or more ``architectures[0]`` values (the first is the family's
+            own name, used by :func:`detect_architecture`).
 
     Returns:
         The decorator; it returns the class unchanged.
@@ -78,7 +90,11 @@ def check_source_folder(folder: Path) -> Path:
 
 
 def detect_architecture(folder: Path) -> str:
-    """Return ``config.json["architectures"][0]`` of ``folder`` if it is supported.
+    """Name the converter for ``folder``: a layout hook first, then ``config.json``.
+
+    Converters that recognise their own folder layout (:meth:`Converter.detect`,
+    e.g. OmniFusion's release folder without a top-level ``config.json``) are
+    asked first; otherwise ``config.json["architectures"][0]`` is used.
 
     Args:
         folder: Checkpoint folder.
@@ -91,7 +107,12 @@ def detect_architecture(folder: Path) -> str:
         ConversionError: no or unreadable ``config.json``.
         UnsupportedModelError: unknown architecture; lists the supported names.
     """
-    data = read_config_json(check_source_folder(folder))
+    folder = check_source_folder(folder)
+    load_builtin_converters()
+    for name, cls in sorted(ARCHITECTURES.items()):
+        if name == cls.architectures[0] and cls.detect(folder):
+            return name
+    data = read_config_json(folder)
     archs = data.get("architectures") or []
     if not archs:
         raise ConversionError(f"{folder}/config.json has no 'architectures' entry; pass "
@@ -139,7 +160,9 @@ class Converter:
     """Base class: one instance converts one checkpoint folder.
 
     Subclasses set :attr:`text_prefixes`, :attr:`vision_prefixes`,
-    :attr:`projector_prefixes` and override the hooks below.
+    :attr:`projector_prefixes` and override the hooks below. Extra keyword
+    options of :func:`edgevlm.convert.convert` (``vision_tower``...) reach only
+    converters that list them in :attr:`option_names`.
     """
 
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -147,10 +170,42 @@ class Converter:
     text_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vision_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     projector_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
+    option_names: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, folder: Path, log: Log | None = None) -> None:
+    def __init__(self, folder: Path, log: Log | None = None, **options: Any) -> None:
+        """Open and validate the checkpoint in ``folder``.
+
+        Args:
+            folder: Checkpoint folder.
+            log: Progress callback.
+            options: Family-specific options named in :attr:`option_names`.
+
+        Raises:
+            ConversionError: an option this family does not take, or a bad checkpoint.
+        """
         self.folder = check_source_folder(folder)
         self.log: Log = log or (lambda _msg: None)
+        unknown = sorted(set(options) - set(self.option_names))
+        if unknown:
+            raise ConversionError(
+                f"option {unknown[0]}= (--{unknown[0].replace('_', '-')}) does not apply to "
+                f"{self.architectures[0]} checkpoints.")
+        self.options: dict[str, Any] = dict(options)
+        self.notes: list[str] = []
+        self.open()
+        self.validate()
+
+    # --- hooks -------------------------------------------------------------
+    @classmethod
+    def detect(cls, folder: Path) -> bool:
+        """Whether ``folder`` has this family's own layout (hook; default: no).
+
+        Consulted by :func:`detect_architecture` before ``config.json``.
+        """
+        return False
+
+    def open(self) -> None:
+        """Read ``config.json`` and index one safetensors checkpoint (hook)."""
         self.raw_config: dict[str, Any] = read_config_json(self.folder)
         self.config = self.load_config(self.raw_config)
         self.reader = CheckpointReader(self.folder)
@@ -158,10 +213,7 @@ class Converter:
         self.text_names = split_names(names, self.text_prefixes)
         self.vision_names = split_names(names, self.vision_prefixes)
         self.projector_names = split_names(names, self.projector_prefixes)
-        self.notes: list[str] = []
-        self.validate()
 
-    # --- hooks -------------------------------------------------------------
     def load_config(self, data: Mapping[str, Any]) -> Any:
         """Parse ``config.json`` into a typed config (hook)."""
         raise NotImplementedError
@@ -186,6 +238,17 @@ class Converter:
         raise NotImplementedError
 
     # --- helpers -----------------------------------------------------------
+    @property
+    def projector_reader(self) -> TensorSource:
+        """Where projector tensors are read from (default: the checkpoint reader)."""
+        return self.reader
+
+    def write_edgevlm_keys(self, writer: Any, source_architecture: str) -> None:
+        """Add ``edgevlm.version``, the source architecture and the prompt family."""
+        writer.add_string(constants.KEY_EDGEVLM_VERSION, edgevlm_version())
+        writer.add_string(constants.KEY_SOURCE_ARCHITECTURE, source_architecture)
+        writer.add_string(constants.KEY_PROMPT_FAMILY, self.prompt_family)
+
     def source(self, table: Mapping[str, str], local: str) -> str:
         """Return the checkpoint name of ``local`` in ``table`` or fail naming it.
 
@@ -196,6 +259,10 @@ class Converter:
             raise ConversionError(f"tensor {local!r} is missing from the checkpoint in "
                                   f"{self.folder}; the download may be incomplete.")
         return table[local]
+
+    def vocab_rows(self) -> int:
+        """Rows of the LLM's token embedding matrix."""
+        return self.reader.shape(self.source(self.text_names, "model.embed_tokens.weight"))[0]
 
     def note(self, message: str) -> None:
         """Record a note for :class:`ConversionResult` and log it."""

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -162,3 +163,102 @@ class CheckpointReader:
         if "F32" in tags or "F64" in tags or ("BF16" in tags and "F16" in tags):
             return "F32"
         return "BF16" if "BF16" in tags else "F16"
+
+
+class TensorSource(Protocol):
+    """What the GGUF writers read tensors from (a checkpoint, arrays, or both)."""
+
+    def names(self) -> list[str]:
+        """All tensor names."""
+
+    def __contains__(self, name: object) -> bool:
+        """Whether ``name`` is present."""
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of ``name`` without reading its data."""
+
+    def load(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Read ``name`` converted to ``dtype``."""
+
+
+class ArrayReader:
+    """A :class:`TensorSource` over in-memory arrays (tensors read from ``.pt`` files).
+
+    Args:
+        arrays: ``name -> array``; integer and bool arrays are refused on load.
+        origin: Where the arrays came from, for error messages.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], origin: str) -> None:
+        self._arrays = dict(arrays)
+        self.origin = origin
+
+    def names(self) -> list[str]:
+        """Return all tensor names, in insertion order."""
+        return list(self._arrays)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._arrays
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Return the shape of ``name``.
+
+        Raises:
+            ConversionError: the tensor is missing.
+        """
+        if name not in self._arrays:
+            raise ConversionError(f"tensor {name!r} is missing from {self.origin}.")
+        return tuple(self._arrays[name].shape)
+
+    def load(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Return a C-contiguous copy of ``name`` as ``dtype``.
+
+        Raises:
+            ConversionError: missing tensor, or not a float tensor.
+        """
+        self.shape(name)
+        array = self._arrays[name]
+        if array.dtype.kind != "f":
+            raise ConversionError(f"tensor {name!r} in {self.origin} has dtype {array.dtype}, "
+                                  "expected floating point.")
+        return np.array(array, dtype=dtype, order="C", copy=True)
+
+
+class ReaderChain:
+    """A :class:`TensorSource` joining several sources whose names do not overlap.
+
+    Args:
+        sources: The sources, looked up in order.
+
+    Raises:
+        ConversionError: two sources hold the same name.
+    """
+
+    def __init__(self, sources: Sequence[TensorSource]) -> None:
+        self._sources = list(sources)
+        self._owner: dict[str, TensorSource] = {}
+        for source in self._sources:
+            for name in source.names():
+                if name in self._owner:
+                    raise ConversionError(f"tensor name {name!r} occurs in two inputs.")
+                self._owner[name] = source
+
+    def _find(self, name: str) -> TensorSource:
+        if name not in self._owner:
+            raise ConversionError(f"tensor {name!r} is missing from the inputs.")
+        return self._owner[name]
+
+    def names(self) -> list[str]:
+        """Return all names, source by source."""
+        return list(self._owner)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._owner
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Return the shape of ``name`` from the source holding it."""
+        return self._find(name).shape(name)
+
+    def load(self, name: str, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Read ``name`` from the source holding it."""
+        return self._find(name).load(name, dtype)

@@ -17,6 +17,7 @@ Facts this follows (from llama.cpp's ``tools/mtmd``):
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from .base import Converter
 
 CLIP_ARCH = "clip"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _VISION_STATIC = {
     "embeddings.class_embedding": "v.class_embd",
     "embeddings.patch_embedding.weight": "v.patch_embd.weight",
@@ -45,7 +49,7 @@ _LAYER_PARTS = {
     "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
     "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
 }
-_IGNORED_RE = re.compile(r"^(post_layernorm|head)\.")
+_IGNORED_RE = re.compile(r"^(post_layernorm|head)\.|^embeddings\.position_ids$")
 GELU_ACTS = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast"}
 QUICK_GELU_ACTS = {"quick_gelu"}
 
@@ -142,8 +146,17 @@ def mlp_projector_specs(projector_names: Mapping[str, str], reader: Any,
 
 
 def write_clip_hparams(writer: Any, cfg: VisionConfig, *, n_layers: int, projection_dim: int,
-                       image_mean: list[float], image_std: list[float]) -> None:
-    """Add the ``clip.*`` keys llama.cpp needs for an MLP (llava) projector.
+                       image_mean: list[float], image_std: list[float],
+                       projector_type: str = "mlp") -> None:
+    """Add the ``clip.*`` keys llama.cpp needs for a projector (llava MLP by default).
+
+    Args:
+        writer: A ``gguf.GGUFWriter`` for arch ``clip``.
+        cfg: Vision tower config.
+        n_layers: Tower blocks written (``block_count`` and ``feature_layer``).
+        projection_dim: Width of the embeddings the projector outputs.
+        image_mean, image_std: Pixel normalisation.
+        projector_type: ``clip.projector_type``.
 
     Raises:
         UnsupportedModelError: unknown tower activation, or ffn == width (clip.cpp
@@ -156,7 +169,7 @@ def write_clip_hparams(writer: Any, cfg: VisionConfig, *, n_layers: int, project
         raise UnsupportedModelError("vision towers whose intermediate_size equals hidden_size "
                                     "cannot be loaded by llama.cpp's clip loader.")
     writer.add_bool("clip.has_vision_encoder", True)
-    writer.add_string("clip.projector_type", "mlp")
+    writer.add_string("clip.projector_type", projector_type)
     writer.add_bool("clip.use_gelu", cfg.hidden_act in GELU_ACTS)
     p = "clip.vision."
     writer.add_uint32(p + "image_size", cfg.image_size)
@@ -170,6 +183,73 @@ def write_clip_hparams(writer: Any, cfg: VisionConfig, *, n_layers: int, project
     writer.add_array(p + "image_mean", [float(x) for x in image_mean])
     writer.add_array(p + "image_std", [float(x) for x in image_std])
     writer.add_array(p + "feature_layer", [n_layers])
+
+
+def check_tower_shapes(specs: Mapping[str, TensorSpec], cfg: VisionConfig, n_layers: int,
+                       extra: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Compare the planned tower tensors (plus ``extra`` ones) with the config.
+
+    Args:
+        specs: GGUF name -> planned tensor.
+        cfg: Vision tower config.
+        n_layers: Blocks that were kept.
+        extra: More ``GGUF name -> expected shape`` pairs (projector tensors).
+
+    Raises:
+        ConversionError: a tensor is missing or its shape disagrees with config.json.
+    """
+    n_pos = cfg.n_patches + (1 if cfg.has_cls_token else 0)
+    expected = {
+        "v.patch_embd.weight": (cfg.hidden_size, cfg.num_channels, cfg.patch_size,
+                                cfg.patch_size),
+        "v.position_embd.weight": (n_pos, cfg.hidden_size),
+        **(extra or {}),
+    }
+    if cfg.has_cls_token:
+        expected["v.class_embd"] = (cfg.hidden_size,)
+    for i in range(n_layers):
+        expected[f"v.blk.{i}.attn_q.weight"] = (cfg.hidden_size, cfg.hidden_size)
+        expected[f"v.blk.{i}.ffn_up.weight"] = (cfg.intermediate_size, cfg.hidden_size)
+    for name, shape in expected.items():
+        if name not in specs:
+            raise ConversionError(f"vision tensor for {name!r} is missing from the "
+                                  "checkpoint; the download may be incomplete.")
+        if specs[name].shape != shape:
+            raise ConversionError(
+                f"tensor {specs[name].source!r} has shape {list(specs[name].shape)} but "
+                f"config.json implies {list(shape)}.")
+
+
+def image_processor_config(folder: Path) -> dict[str, Any]:
+    """Return the image processor settings saved in ``folder`` (empty if none).
+
+    Reads ``preprocessor_config.json``, else ``processor_config.json["image_processor"]``.
+
+    Raises:
+        ConversionError: the file is not valid JSON.
+    """
+    for file, key in (("preprocessor_config.json", None),
+                      ("processor_config.json", "image_processor")):
+        path = Path(folder) / file
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConversionError(f"{path} is not valid JSON ({exc}).") from exc
+            data = data.get(key, {}) if key else data
+            if isinstance(data, dict) and data:
+                return data
+    return {}
+
+
+def image_normalisation(folder: Path, cfg: VisionConfig) -> tuple[list[float], list[float]]:
+    """Return (mean, std) from the processor config in ``folder``, or the tower's defaults."""
+    data = image_processor_config(folder)
+    if "image_mean" in data and "image_std" in data:
+        return list(data["image_mean"]), list(data["image_std"])
+    if cfg.has_cls_token:
+        return list(CLIP_MEAN), list(CLIP_STD)
+    return list(SIGLIP_MEAN), list(SIGLIP_STD)
 
 
 def write_projector(converter: Converter, path: Path, vision_type: str) -> int:
@@ -191,5 +271,5 @@ def write_projector(converter: Converter, path: Path, vision_type: str) -> int:
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if vision_type == "f32" else
                              gguf.LlamaFileType.MOSTLY_F16 if vision_type == "f16" else
                              gguf.LlamaFileType.MOSTLY_Q8_0))
-    write_gguf(path, writer, converter.reader, specs, converter.log)
+    write_gguf(path, writer, converter.projector_reader, specs, converter.log)
     return path.stat().st_size

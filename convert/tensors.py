@@ -17,7 +17,7 @@ import numpy as np
 
 from edgevlm.errors import ConversionError
 
-from .checkpoint import CheckpointReader
+from .checkpoint import TensorSource
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -103,7 +103,7 @@ def encode(array: np.ndarray, ggml_type: str) -> np.ndarray:
     raise ConversionError(f"the converter cannot write {ggml_type} tensors directly.")
 
 
-def check_shape(reader: CheckpointReader, spec: TensorSpec,
+def check_shape(reader: TensorSource, spec: TensorSpec,
                 expected: tuple[int, ...] | None = None) -> None:
     """Fail clearly when a checkpoint tensor does not have the shape the config implies.
 
@@ -118,7 +118,7 @@ def check_shape(reader: CheckpointReader, spec: TensorSpec,
             f"{list(want)}; config.json and the weights do not match.")
 
 
-def write_gguf(path: Path, writer: object, reader: CheckpointReader,
+def write_gguf(path: Path, writer: object, reader: TensorSource,
                specs: Iterable[TensorSpec],
                progress: Callable[[str], None] | None = None) -> int:
     """Write ``writer``'s metadata plus all ``specs`` tensors to ``path``.

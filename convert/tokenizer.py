@@ -232,14 +232,17 @@ def find_chat_template(folder: Path) -> str | None:
 
 
 def write_vocab(writer: Any, folder: Path, n_rows: int,
-                log: Callable[[str], None] | None = None) -> Vocab:
+                log: Callable[[str], None] | None = None,
+                config_folder: Path | None = None) -> Vocab:
     """Add ``tokenizer.ggml.*`` keys (vocab, special ids, chat template) to ``writer``.
 
     Args:
         writer: A ``gguf.GGUFWriter``.
-        folder: Checkpoint folder.
+        folder: Checkpoint folder (or the folder holding only the tokenizer files).
         n_rows: Rows of the token embedding matrix.
         log: Optional progress callback.
+        config_folder: A folder whose ``config.json`` supplies the special token
+            ids (``bos_token_id``...) the tokenizer files in ``folder`` lack.
 
     Returns:
         The vocabulary that was written.
@@ -258,6 +261,12 @@ def write_vocab(writer: Any, folder: Path, n_rows: int,
         writer.add_token_scores(list(vocab.scores))
     writer.add_token_types(list(vocab.types))
     special = gguf.SpecialVocab(folder, load_merges=vocab.model == "gpt2", n_vocab=n_rows)
+    if config_folder is not None:
+        config = _read_json(Path(config_folder) / "config.json")
+        for typ in special.special_token_types:
+            tid = config.get(f"{typ}_token_id")
+            if isinstance(tid, int) and 0 <= tid < n_rows:
+                special.special_token_ids.setdefault(typ, tid)
     if vocab.model == "llama" and special.add_special_token.get("bos") is None:
         special.add_special_token["bos"] = True  # Llama's default
     if special.chat_template is None:

@@ -27,6 +27,11 @@ VISION_QUANT_TYPES = ("f32", "f16", "q8_0")
 # A projector libmtmd cannot run (OmniFusion) keeps the CLIP tower under the
 # usual clip.vision.* keys and v.* tensor names, and adds the following.
 KEY_PROJECTOR_KIND = "edgevlm.projector.kind"       # str: one of PROJECTOR_KINDS
+# clip.projector_type of such files: libmtmd rejects an unknown type at load
+# instead of running the tower with a projector it misreads ("mlp" would send
+# it looking for mm.0/mm.2), and edgevlm inspect lists "edgevlm-*" types as
+# loadable by edgevlm only.
+CLIP_PROJECTOR_TYPE_OMNIFUSION = "edgevlm-omnifusion"
 PROJECTOR_KIND_OMNIFUSION = "omnifusion"
 PROJECTOR_KINDS = (PROJECTOR_KIND_OMNIFUSION,)
 KEY_ADAPTER_HEAD_COUNT = "edgevlm.adapter.head_count"        # u32: attention heads of the adapter layer
@@ -37,6 +42,7 @@ KEY_PROMPT_LAYOUT = "edgevlm.prompt.layout"         # str: one of PROMPT_LAYOUTS
 PROMPT_LAYOUT_OMNIFUSION = "omnifusion-1.1"
 PROMPT_LAYOUTS = (PROMPT_LAYOUT_OMNIFUSION,)
 KEY_PROMPT_PREFIX = "edgevlm.prompt.prefix"         # str: text before the first image
+OMNIFUSION_PROMPT_PREFIX = "This is a dialog with AI assistant.\n"  # KEY_PROMPT_PREFIX of OmniFusion 1.1
 KEY_IMAGE_RESIZE = "edgevlm.image.resize"           # str: "shortest-edge-crop" (CLIPImageProcessor) | "pad-square"
 IMAGE_RESIZE_MODES = ("shortest-edge-crop", "pad-square")
 # Adapter tensors (source: torch.nn.TransformerEncoderLayer + nn.Linear of
@@ -47,6 +53,9 @@ IMAGE_RESIZE_MODES = ("shortest-edge-crop", "pad-square")
 #   adapter.ffn_down.{weight,bias}          linear2
 #   adapter.ln2.{weight,bias}               norm2
 #   adapter.proj.{weight,bias}              VisualToGPTMapping.linear
+# (in_proj rows [0,d) -> q, [d,2d) -> k, [2d,3d) -> v; head h owns rows
+# [h*d/H, (h+1)*d/H) of each, as in torch. 2-D weights are F32, or F16 in an
+# f16 projector; biases, norms and special.* are always F32.)
 # Learned embeddings injected into the LLM (1-D, LLM width):
 SPECIAL_EMBEDDING_TENSORS = {"SOI": "special.soi", "EOI": "special.eoi",
                              "USER": "special.user", "BOT": "special.bot"}

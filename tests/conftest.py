@@ -126,3 +126,23 @@ def clip_narrow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted model whose LLM is 128 wide (projector width mismatch tests)."""
     src = _build(tmp_path_factory, "llava_narrow", tower="clip", text_hidden=128, text_ffn=256)
     return _convert(tmp_path_factory, src, "clip_narrow", quant="f16")
+
+
+@pytest.fixture(scope="session")
+def omnifusion_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny OmniFusion 1.1 release and its CLIP tower: ``(release_dir, tower_dir)``.
+
+    See tests/fixtures/omnifusion.py for the sizes and the torch reference.
+    """
+    from tests.fixtures.omnifusion import build_omnifusion_checkpoint
+
+    return build_omnifusion_checkpoint(tmp_path_factory.mktemp("omnifusion"))
+
+
+@pytest.fixture(scope="session")
+def omnifusion_f32(tmp_path_factory: pytest.TempPathFactory,
+                   omnifusion_checkpoint: tuple[Path, Path]) -> Path:
+    """Folder with the f32 LLM GGUF and f32 projector GGUF of the OmniFusion checkpoint."""
+    release, tower = omnifusion_checkpoint
+    return _convert(tmp_path_factory, release, "omnifusion_f32", quant="f32", vision_type="f32",
+                    vision_tower=tower)

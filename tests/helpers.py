@@ -51,3 +51,39 @@ def assert_gguf_roundtrip(gguf_path: Path, expected: Mapping[str, np.ndarray], *
             data = np.asarray(tensor.data, dtype=np.float32).reshape(ref.shape)
             np.testing.assert_allclose(data, ref.astype(np.float32), rtol=rtol, atol=atol,
                                        err_msg=name)
+
+
+_TOWER_STATIC = {"embeddings.class_embedding": "v.class_embd",
+                 "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+                 "embeddings.patch_embedding.bias": "v.patch_embd.bias",
+                 "embeddings.position_embedding.weight": "v.position_embd.weight",
+                 "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
+_TOWER_PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_out",
+                "layer_norm1": "ln1", "layer_norm2": "ln2", "mlp.fc1": "ffn_up",
+                "mlp.fc2": "ffn_down"}
+
+
+def expected_tower(state: Mapping[str, np.ndarray], prefix: str,
+                   n_keep: int) -> dict[str, np.ndarray]:
+    """Reference ``v.*`` tensors of a CLIP/SigLIP tower: first ``n_keep`` blocks, no post-LN.
+
+    Args:
+        state: Checkpoint tensors.
+        prefix: Prefix of the tower's names in ``state`` (``""`` for a bare tower);
+            names without it are ignored.
+        n_keep: Blocks the converter keeps.
+    """
+    out = {}
+    for name, value in state.items():
+        if not name.startswith(prefix):
+            continue
+        local = name[len(prefix):]
+        if local in _TOWER_STATIC:
+            out[_TOWER_STATIC[local]] = value
+        elif local.startswith("encoder.layers."):
+            _, _, idx, rest = local.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            if int(idx) < n_keep:
+                out[f"v.blk.{idx}.{_TOWER_PARTS[part]}.{kind}"] = value
+    return out

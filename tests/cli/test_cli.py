@@ -90,6 +90,25 @@ def test_convert_command(llava_siglip_checkpoint, tmp_path):
     assert len(list((tmp_path / "out").glob("*.gguf"))) == 2
 
 
+def test_convert_omnifusion_command(omnifusion_checkpoint, tmp_path):
+    release, tower = omnifusion_checkpoint
+    res = _run("convert", str(release), str(tmp_path / "out"), "--vision-tower", str(tower),
+               "--quant", "f16", "--vision-type", "f32")
+    assert res.exit_code == 0, res.output
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.gguf"))
+    assert names == ["mmproj-omnimistral-v1_1-f32.gguf", "omnimistral-v1_1-F16.gguf"]
+
+
+def test_convert_omnifusion_error_is_one_line(omnifusion_checkpoint, tmp_path):
+    release, _ = omnifusion_checkpoint
+    res = CliRunner().invoke(cli, ["convert", str(release), str(tmp_path / "out")])
+    assert res.exit_code != 0 and "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("edgevlm: error:"), res.output
+    assert "--vision-tower" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["chat", "--model", "/nonexistent/model", "-p", "hi"], "model not found"),
     (["inspect", "/nonexistent.gguf"], "not found"),

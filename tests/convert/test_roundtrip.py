@@ -7,18 +7,13 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from tests.helpers import assert_gguf_roundtrip
+from tests.helpers import assert_gguf_roundtrip, expected_tower
 
 _LLAMA_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
-}
-_CLIP_PARTS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
-    "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
 }
 
 
@@ -67,26 +62,14 @@ def expected_llm(folder: Path, n_head: int = 4, n_kv: int = 2) -> dict[str, np.n
 def expected_mmproj(folder: Path, n_keep: int) -> dict[str, np.ndarray]:
     """Reference projector tensors: first ``n_keep`` tower blocks, no post-LN, no head."""
     out = {}
-    static = {"embeddings.class_embedding": "v.class_embd",
-              "embeddings.patch_embedding.weight": "v.patch_embd.weight",
-              "embeddings.patch_embedding.bias": "v.patch_embd.bias",
-              "embeddings.position_embedding.weight": "v.position_embd.weight",
-              "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
+    tower = {}
     for name, value in _state(folder).items():
         if "multi_modal_projector." in name:
             local = name.split("multi_modal_projector.")[1]
             out[local.replace("linear_1", "mm.0").replace("linear_2", "mm.2")] = value
-            continue
-        if "vision_tower." not in name:
-            continue
-        local = name.split("vision_tower.")[1].replace("vision_model.", "")
-        if local in static:
-            out[static[local]] = value
-        elif local.startswith("encoder.layers."):
-            _, _, idx, rest = local.split(".", 3)
-            part, kind = rest.rsplit(".", 1)
-            if int(idx) < n_keep:
-                out[f"v.blk.{idx}.{_CLIP_PARTS[part]}.{kind}"] = value
+        elif "vision_tower." in name:
+            tower[name.split("vision_tower.")[1].replace("vision_model.", "")] = value
+    out.update(expected_tower(tower, "", n_keep))
     return out
 
 
