@@ -27,7 +27,7 @@ from edgevlm.errors import InvalidModelError, UnsupportedModelError
 from edgevlm.prompt import ImagePart, Message
 from edgevlm.vision.images import LoadedImage
 
-OMNIFUSION_PREFIX = "This is a dialog with AI assistant.\n"
+OMNIFUSION_PREFIX = C.OMNIFUSION_PROMPT_PREFIX
 
 
 class OmniFusionLayout:

@@ -53,6 +53,7 @@ def test_clip_tower_embeddings_match_transformers(clip_kernels, llava_clip_check
     ref = hf_image_embeddings(llava_clip_checkpoint, path)
     assert ours.shape == ref.shape == (16, 256)
     cos = cosine_rows(ours, ref)
+    print(f"CLIP tower (kernels) {size}: cosine min {cos.min():.7f}")
     assert cos.min() >= 0.9999, f"min per-token cosine {cos.min():.6f}"
     # the preprocessing is CLIPImageProcessor's (resize shortest edge, centre crop)
     pixels = clip_kernels.engine.encoder.pixels(edgevlm.vision.images.load_image(path))
@@ -65,6 +66,7 @@ def test_clip_multimodal_logits_match_transformers(clip_kernels, llava_clip_chec
     ids = reference_ids(clip_kernels.prompt_chunks(messages), _image_token_id(llava_clip_checkpoint))
     ours = clip_kernels.next_token_logits(messages)
     ref = hf_logits(llava_clip_checkpoint, ids, image)[-1]
+    print(f"CLIP LLaVA (kernels) multimodal logits max-abs {np.abs(ours - ref).max():.2e}")
     assert float(np.abs(ref).max()) > 0.5
     assert float(np.abs(ours - ref).max()) <= 1e-2
 
@@ -78,6 +80,8 @@ def test_siglip_tower_kernels_mtmd_and_transformers_agree(siglip_f32, siglip_vlm
         kernels = vlm.embed_image(image)
     mtmd = siglip_vlm.embed_image(image)
     ref = hf_image_embeddings(llava_siglip_checkpoint, image)
+    print(f"SigLIP kernels vs HF {cosine_rows(kernels, ref).min():.7f}, vs libmtmd "
+          f"{cosine_rows(kernels, mtmd).min():.7f}, libmtmd vs HF {cosine_rows(mtmd, ref).min():.7f}")
     assert cosine_rows(kernels, ref).min() >= 0.9999
     assert cosine_rows(kernels, mtmd).min() >= 0.9999
 

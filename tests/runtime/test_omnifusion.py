@@ -55,6 +55,8 @@ def test_adapter_embeddings_match_pytorch(omni, omnifusion_checkpoint, wide_imag
     ours = omni.embed_image(wide_image)
     assert ours.shape == expected.shape
     cos = cosine_rows(ours, expected)
+    print(f"OmniFusion adapter embeddings vs PyTorch: cosine min {cos.min():.7f}, "
+          f"max-abs {np.abs(ours - expected).max():.2e}")
     assert cos.min() >= 0.9999, f"min per-token cosine {cos.min():.6f}"
 
 
@@ -79,6 +81,7 @@ def test_prompt_logits_match_pytorch(omni, omnifusion_checkpoint, wide_image):
     expected = ref.reference_prompt_logits(release, tower, pixels, QUESTION)
     ours = omni.next_token_logits(_ask(wide_image))
     assert float(np.abs(expected).max()) > 0.5, "degenerate reference logits"
+    print(f"OmniFusion prompt logits vs PyTorch: max-abs {np.abs(ours - expected).max():.2e}")
     assert float(np.abs(ours - expected).max()) <= 5e-3
 
 
