@@ -1,7 +1,8 @@
 """Converter base class and the architecture registry.
 
 A model family is one small module defining a :class:`Converter` subclass
-decorated with :func:`register`; it overrides the hooks it needs
+decorated with :func:`register`; it sets ``config_class`` (and ``llm_arch``
+when the LLM is not a ``llama``) and overrides the hooks it needs
 (``load_config``, ``validate``, ``llm_tensors``, ``projector_tensors``,
 ``write_llm_metadata``, ``write_projector_metadata``). The writers in
 ``llm_writer`` / ``projector_writer`` drive those hooks.
@@ -10,10 +11,12 @@ decorated with :func:`register`; it overrides the hooks it needs
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from edgevlm import constants
 from edgevlm.errors import ConversionError, ModelNotFoundError, UnsupportedModelError
 
 from .checkpoint import CheckpointReader
@@ -23,7 +26,7 @@ from .tensors import TensorSpec
 ARCHITECTURES: dict[str, type[Converter]] = {}
 """``config.json`` architecture name -> converter class."""
 
-BUILTIN_MODULES: tuple[str, ...] = ("llava",)
+BUILTIN_MODULES: tuple[str, ...] = ("llava", "qwen2vl")
 """Modules of this package that register converters (imported on first lookup)."""
 
 Log = Callable[[str], None]
@@ -115,6 +118,14 @@ def converter_class(architecture: str) -> type[Converter]:
             f"{', '.join(sorted(ARCHITECTURES))}.") from None
 
 
+def _edgevlm_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("edgevlm")
+    except Exception:  # noqa: BLE001 - metadata missing in odd installs
+        return "0+unknown"
+
+
 def split_names(names: Sequence[str],
                 prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
     """Map checkpoint names to local names using the first matching prefix rewrite.
@@ -144,6 +155,10 @@ class Converter:
 
     architectures: ClassVar[tuple[str, ...]] = ()
     prompt_family: ClassVar[str] = ""
+    llm_arch: ClassVar[str] = "llama"
+    """``general.architecture`` of the LLM file (a llama.cpp architecture name)."""
+    config_class: ClassVar[Any] = None
+    """Frozen config dataclass with a ``from_dict(config_json)`` constructor."""
     text_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vision_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     projector_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -163,8 +178,10 @@ class Converter:
 
     # --- hooks -------------------------------------------------------------
     def load_config(self, data: Mapping[str, Any]) -> Any:
-        """Parse ``config.json`` into a typed config (hook)."""
-        raise NotImplementedError
+        """Parse ``config.json`` into a typed config (hook; default: ``config_class.from_dict``)."""
+        if self.config_class is None:
+            raise NotImplementedError
+        return self.config_class.from_dict(data)
 
     def validate(self) -> None:
         """Reject checkpoints this converter cannot handle (hook; default: accept)."""
@@ -196,6 +213,28 @@ class Converter:
             raise ConversionError(f"tensor {local!r} is missing from the checkpoint in "
                                   f"{self.folder}; the download may be incomplete.")
         return table[local]
+
+    def vocab_rows(self) -> int:
+        """Rows of the token embedding matrix (``model.embed_tokens.weight``)."""
+        return self.reader.shape(self.source(self.text_names, "model.embed_tokens.weight"))[0]
+
+    def write_edgevlm_keys(self, writer: Any) -> None:
+        """Add the ``edgevlm.*`` provenance keys every output file carries."""
+        writer.add_string(constants.KEY_EDGEVLM_VERSION, _edgevlm_version())
+        writer.add_string(constants.KEY_SOURCE_ARCHITECTURE, self.config.architecture)
+        writer.add_string(constants.KEY_PROMPT_FAMILY, self.prompt_family)
+
+    def processor_normalisation(self) -> tuple[list[float], list[float]] | None:
+        """Return (mean, std) of the image processor config, if the folder has one."""
+        for file, key in (("preprocessor_config.json", None),
+                          ("processor_config.json", "image_processor")):
+            path = self.folder / file
+            if path.is_file():
+                data = json.loads(path.read_text(encoding="utf-8"))
+                data = data.get(key, {}) if key else data
+                if "image_mean" in data and "image_std" in data:
+                    return list(data["image_mean"]), list(data["image_std"])
+        return None
 
     def note(self, message: str) -> None:
         """Record a note for :class:`ConversionResult` and log it."""

@@ -9,33 +9,22 @@ names are accepted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from edgevlm import constants
-from edgevlm.errors import ConversionError, UnsupportedModelError
+from edgevlm.errors import UnsupportedModelError
 
 from .base import Converter, register
 from .config import LlavaConfig
 from .llm_writer import llama_tensor_specs, write_llama_hparams
-from .projector_writer import (feature_layer_count, mlp_projector_specs, vision_tower_specs,
-                               write_clip_hparams)
+from .projector_writer import (CLIP_MEAN, CLIP_STD, check_projector_shapes, feature_layer_count,
+                               mlp_projector_specs, vision_tower_specs, write_clip_hparams)
 from .tensors import TensorSpec
 from .tokenizer import write_vocab
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _SUPPORTED_TEXT = ("llama", "mistral")
-
-
-def _edgevlm_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("edgevlm")
-    except Exception:  # noqa: BLE001 - metadata missing in odd installs
-        return "0+unknown"
 
 
 @register("LlavaForConditionalGeneration")
@@ -48,11 +37,8 @@ class LlavaConverter(Converter):
     vision_prefixes = (("model.vision_tower.vision_model.", ""), ("model.vision_tower.", ""),
                        ("vision_tower.vision_model.", ""), ("vision_tower.", ""))
     projector_prefixes = (("model.multi_modal_projector.", ""), ("multi_modal_projector.", ""))
+    config_class = LlavaConfig
     config: LlavaConfig
-
-    def load_config(self, data: Mapping[str, Any]) -> LlavaConfig:
-        """Parse ``config.json`` as a :class:`LlavaConfig`."""
-        return LlavaConfig.from_dict(data)
 
     def validate(self) -> None:
         """Reject variants the llava MLP graph of llama.cpp cannot run.
@@ -84,10 +70,6 @@ class LlavaConverter(Converter):
                                         "is not supported (llama.cpp's mlp projector uses gelu).")
 
     # --- LLM ---------------------------------------------------------------
-    def vocab_rows(self) -> int:
-        """Rows of the token embedding matrix."""
-        return self.reader.shape(self.source(self.text_names, "model.embed_tokens.weight"))[0]
-
     def llm_tensors(self, ggml_type: str) -> list[TensorSpec]:
         """Plan the llama tensors (tied embeddings: no ``output.weight``)."""
         return llama_tensor_specs(self.text_names, self.reader, self.config.text, ggml_type)
@@ -98,12 +80,7 @@ class LlavaConverter(Converter):
         writer.add_name(name)
         write_llama_hparams(writer, self.config.text, self.vocab_rows())
         write_vocab(writer, self.folder, self.vocab_rows(), self.log)
-        self._write_edgevlm_keys(writer)
-
-    def _write_edgevlm_keys(self, writer: Any) -> None:
-        writer.add_string(constants.KEY_EDGEVLM_VERSION, _edgevlm_version())
-        writer.add_string(constants.KEY_SOURCE_ARCHITECTURE, self.config.architecture)
-        writer.add_string(constants.KEY_PROMPT_FAMILY, self.prompt_family)
+        self.write_edgevlm_keys(writer)
 
     # --- projector -----------------------------------------------------------
     def projector_tensors(self, vision_type: str) -> list[TensorSpec]:
@@ -128,25 +105,13 @@ class LlavaConverter(Converter):
         for i in range(self.n_vision_layers):
             expected[f"v.blk.{i}.attn_q.weight"] = (v.hidden_size, v.hidden_size)
             expected[f"v.blk.{i}.ffn_up.weight"] = (v.intermediate_size, v.hidden_size)
-        for name, shape in expected.items():
-            if name not in specs:
-                raise ConversionError(f"vision tensor for {name!r} is missing from the "
-                                      "checkpoint; the download may be incomplete.")
-            if specs[name].shape != shape:
-                raise ConversionError(
-                    f"tensor {specs[name].source!r} has shape {list(specs[name].shape)} but "
-                    f"config.json implies {list(shape)}.")
+        check_projector_shapes(specs, expected)
 
     def image_normalisation(self) -> tuple[list[float], list[float]]:
         """Return (mean, std) from the processor config, or the tower's defaults."""
-        for file, key in (("preprocessor_config.json", None),
-                          ("processor_config.json", "image_processor")):
-            path = self.folder / file
-            if path.is_file():
-                data = json.loads(path.read_text(encoding="utf-8"))
-                data = data.get(key, {}) if key else data
-                if "image_mean" in data and "image_std" in data:
-                    return list(data["image_mean"]), list(data["image_std"])
+        found = self.processor_normalisation()
+        if found is not None:
+            return found
         if self.config.vision.has_cls_token:
             return list(CLIP_MEAN), list(CLIP_STD)
         return list(SIGLIP_MEAN), list(SIGLIP_STD)
@@ -158,7 +123,7 @@ class LlavaConverter(Converter):
         writer.add_name(f"mmproj-{self.folder.name}")
         write_clip_hparams(writer, cfg.vision, n_layers=self.n_vision_layers,
                            projection_dim=cfg.text.hidden_size, image_mean=mean, image_std=std)
-        self._write_edgevlm_keys(writer)
+        self.write_edgevlm_keys(writer)
         writer.add_int32(constants.KEY_VISION_FEATURE_LAYER, int(cfg.vision_feature_layer))
         writer.add_string(constants.KEY_VISION_SELECT_STRATEGY,
                           cfg.vision_feature_select_strategy)

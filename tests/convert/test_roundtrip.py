@@ -5,63 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
-from tests.helpers import assert_gguf_roundtrip
+from tests.helpers import (as_f16_matrices, assert_gguf_roundtrip, checkpoint_state,
+                           expected_llm_tensors as expected_llm)
 
-_LLAMA_PARTS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 _CLIP_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
     "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down",
 }
-
-
-def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's interleaved layout: rows (head, pair, half) -> (head, half, pair)."""
-    out = np.empty_like(w)
-    head_dim = w.shape[0] // n_head
-    half = head_dim // 2
-    for h in range(n_head):
-        for i in range(half):
-            out[h * head_dim + 2 * i] = w[h * head_dim + i]
-            out[h * head_dim + 2 * i + 1] = w[h * head_dim + half + i]
-    return out
-
-
-def _state(folder: Path) -> dict[str, np.ndarray]:
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(path))
-    return state
-
-
-def expected_llm(folder: Path, n_head: int = 4, n_kv: int = 2) -> dict[str, np.ndarray]:
-    """Reference llama GGUF tensors computed from the checkpoint."""
-    out = {}
-    for name, value in _state(folder).items():
-        local = name.replace("model.language_model.", "").replace("language_model.model.", "")
-        local = local.replace("language_model.", "")
-        if local == "embed_tokens.weight":
-            out["token_embd.weight"] = value
-        elif local == "norm.weight":
-            out["output_norm.weight"] = value
-        elif local == "lm_head.weight":
-            out["output.weight"] = value
-        elif local.startswith("layers."):
-            _, idx, rest = local.split(".", 2)
-            part, kind = rest.rsplit(".", 1)
-            if part == "self_attn.q_proj":
-                value = _rope_permute(value, n_head)
-            elif part == "self_attn.k_proj":
-                value = _rope_permute(value, n_kv)
-            out[f"blk.{idx}.{_LLAMA_PARTS[part]}.{kind}"] = value
-    return out
 
 
 def expected_mmproj(folder: Path, n_keep: int) -> dict[str, np.ndarray]:
@@ -72,7 +24,7 @@ def expected_mmproj(folder: Path, n_keep: int) -> dict[str, np.ndarray]:
               "embeddings.patch_embedding.bias": "v.patch_embd.bias",
               "embeddings.position_embedding.weight": "v.position_embd.weight",
               "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
-    for name, value in _state(folder).items():
+    for name, value in checkpoint_state(folder).items():
         if "multi_modal_projector." in name:
             local = name.split("multi_modal_projector.")[1]
             out[local.replace("linear_1", "mm.0").replace("linear_2", "mm.2")] = value
@@ -112,9 +64,7 @@ def test_f16_roundtrip_shapes_and_close_values(llava_clip_checkpoint, tmp_path):
 
     result = convert(llava_clip_checkpoint, tmp_path, quant="f16", vision_type="f16")
     # matrices are stored as F16, 1-D tensors (norms) stay F32
-    expected = {k: v.astype(np.float16).astype(np.float32) if v.ndim > 1 else v
-                for k, v in expected_llm(llava_clip_checkpoint).items()}
-    assert_gguf_roundtrip(result.llm_path, expected)
+    assert_gguf_roundtrip(result.llm_path, as_f16_matrices(expected_llm(llava_clip_checkpoint)))
 
 
 def test_bf16_checkpoint_converts_exactly(tmp_path):
