@@ -1,7 +1,8 @@
 """Converter base class and the architecture registry.
 
 A model family is one small module defining a :class:`Converter` subclass
-decorated with :func:`register`; it overrides the hooks it needs
+decorated with :func:`register`; it sets ``config_class`` (and ``llm_arch``
+when the LLM is not a ``llama``) and overrides the hooks it needs
 (``load_config``, ``validate``, ``llm_tensors``, ``projector_tensors``,
 ``write_llm_metadata``, ``write_projector_metadata``). The writers in
 ``llm_writer`` / ``projector_writer`` drive those hooks.
@@ -10,6 +11,7 @@ decorated with :func:`register`; it overrides the hooks it needs
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,7 +27,7 @@ ARCHITECTURES: dict[str, type[Converter]] = {}
 """Architecture name (``config.json``'s, or a family name such as ``"OmniFusion"`` for
 layouts a converter detects itself) -> converter class."""
 
-BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion")
+BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion", "qwen2vl")
 """Modules of this package that register converters (imported on first lookup)."""
 
 Log = Callable[[str], None]
@@ -136,6 +138,14 @@ def converter_class(architecture: str) -> type[Converter]:
             f"{', '.join(sorted(ARCHITECTURES))}.") from None
 
 
+def _edgevlm_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("edgevlm")
+    except Exception:  # noqa: BLE001 - metadata missing in odd installs
+        return "0+unknown"
+
+
 def split_names(names: Sequence[str],
                 prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
     """Map checkpoint names to local names using the first matching prefix rewrite.
@@ -167,6 +177,10 @@ class Converter:
 
     architectures: ClassVar[tuple[str, ...]] = ()
     prompt_family: ClassVar[str] = ""
+    llm_arch: ClassVar[str] = "llama"
+    """``general.architecture`` of the LLM file (a llama.cpp architecture name)."""
+    config_class: ClassVar[Any] = None
+    """Frozen config dataclass with a ``from_dict(config_json)`` constructor."""
     text_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vision_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     projector_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -215,8 +229,10 @@ class Converter:
         self.projector_names = split_names(names, self.projector_prefixes)
 
     def load_config(self, data: Mapping[str, Any]) -> Any:
-        """Parse ``config.json`` into a typed config (hook)."""
-        raise NotImplementedError
+        """Parse ``config.json`` into a typed config (hook; default: ``config_class.from_dict``)."""
+        if self.config_class is None:
+            raise NotImplementedError
+        return self.config_class.from_dict(data)
 
     def validate(self) -> None:
         """Reject checkpoints this converter cannot handle (hook; default: accept)."""

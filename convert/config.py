@@ -1,9 +1,10 @@
-"""Typed, validated views of a llava-style ``config.json``.
+"""Typed, validated views of a model's ``config.json`` (llava, Qwen2-VL).
 
 Both transformers 4.x and 5.x layouts are read: nested ``text_config`` /
-``vision_config``, ``rope_theta`` or ``rope_parameters``, ``rope_scaling``.
-Fields missing from ``config.json`` take the defaults transformers uses
-(llava-hf's 7B config omits most LlamaConfig fields, for instance).
+``vision_config`` (or Qwen2-VL's flat 4.x layout), ``rope_theta`` or
+``rope_parameters``, ``rope_scaling``. Fields missing from ``config.json``
+take the defaults transformers uses (llava-hf's 7B config omits most
+LlamaConfig fields, for instance).
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def _positive(value: int, key: str) -> int:
     return value
 
 
+def _multiple(config: Any, section: str, key: str, divisor_key: str) -> None:
+    """Require ``config.key`` to be a multiple of ``config.divisor_key``."""
+    value, divisor = getattr(config, key), getattr(config, divisor_key)
+    if value % divisor:
+        raise ConversionError(f"config.json: {section}.{key} ({value}) is not a multiple of "
+                              f"{divisor_key} ({divisor}).")
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """Hyper-parameters of the Llama-family text model."""
@@ -95,22 +104,23 @@ class TextConfig:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "num_key_value_heads", "head_dim"):
             _positive(getattr(self, key), f"text_config.{key}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConversionError(
-                "config.json: text_config.num_attention_heads "
-                f"({self.num_attention_heads}) is not a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads}).")
+        _multiple(self, "text_config", "num_attention_heads", "num_key_value_heads")
         if self.head_dim % 2:
             raise ConversionError(f"config.json: text_config.head_dim ({self.head_dim}) "
                                   "must be even for rotary embeddings.")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], tie_default: bool = False) -> TextConfig:
-        """Parse a ``text_config`` mapping (LlamaConfig defaults for missing keys).
+    def from_dict(cls, data: Mapping[str, Any], tie_default: bool = False,
+                  defaults: Mapping[str, Any] = _LLAMA_DEFAULTS,
+                  model_type: str = "llama") -> TextConfig:
+        """Parse a ``text_config`` mapping (``defaults`` for missing keys).
 
         Args:
             data: The ``text_config`` dict of ``config.json``.
             tie_default: ``tie_word_embeddings`` of the outer config.
+            defaults: transformers' defaults of the text model's config class
+                (LlamaConfig's unless told).
+            model_type: ``model_type`` when ``data`` names none.
 
         Returns:
             The validated config.
@@ -119,7 +129,7 @@ class TextConfig:
             ConversionError: a field has the wrong type or an impossible value.
         """
         w = "text_config."
-        d = {**_LLAMA_DEFAULTS, "tie_word_embeddings": tie_default}
+        d = {**defaults, "tie_word_embeddings": tie_default}
         heads = _get(data, "num_attention_heads", d, w, int)
         hidden = _get(data, "hidden_size", d, w, int)
         rope = data.get("rope_parameters") or {}
@@ -127,7 +137,7 @@ class TextConfig:
                                                not in ("default", None) else None)
         theta = rope.get("rope_theta", data.get("rope_theta", d["rope_theta"]))
         return cls(
-            model_type=str(data.get("model_type", "llama")),
+            model_type=str(data.get("model_type", model_type)),
             vocab_size=_get(data, "vocab_size", d, w, int),
             hidden_size=hidden,
             intermediate_size=_get(data, "intermediate_size", d, w, int),
@@ -164,14 +174,8 @@ class VisionConfig:
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "image_size", "patch_size"):
             _positive(getattr(self, key), f"vision_config.{key}")
-        if self.image_size % self.patch_size:
-            raise ConversionError(
-                f"config.json: vision_config.image_size ({self.image_size}) is not a multiple "
-                f"of vision_config.patch_size ({self.patch_size}).")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConversionError(
-                f"config.json: vision_config.hidden_size ({self.hidden_size}) is not a "
-                f"multiple of num_attention_heads ({self.num_attention_heads}).")
+        _multiple(self, "vision_config", "image_size", "patch_size")
+        _multiple(self, "vision_config", "hidden_size", "num_attention_heads")
 
     @property
     def has_cls_token(self) -> bool:
@@ -267,6 +271,169 @@ class LlavaConfig:
             projector_bias=_get(data, "multimodal_projector_bias", d, "", bool),
             raw=data,
         )
+
+
+# transformers' Qwen2VLTextConfig / Qwen2VLVisionConfig defaults (Qwen2-VL-72B sizes).
+_QWEN2VL_TEXT_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+    "hidden_act": "silu", "tie_word_embeddings": False,
+}
+_QWEN2VL_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "embed_dim": 1280, "hidden_size": 3584, "hidden_act": "quick_gelu",
+    "mlp_ratio": 4.0, "num_heads": 16, "in_channels": 3, "patch_size": 14,
+    "spatial_merge_size": 2, "temporal_patch_size": 2,
+}
+_QWEN2VL_DEFAULTS: dict[str, Any] = {
+    "image_token_id": 151655, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+}
+QWEN2VL_MROPE_DEFAULT = (16, 24, 24)
+"""transformers' M-RoPE (t, h, w) sections when the config names none."""
+
+
+@dataclass(frozen=True)
+class Qwen2VLVisionConfig:
+    """Hyper-parameters of the Qwen2-VL vision tower and its patch merger.
+
+    Attributes:
+        hidden_size: Output width of the merger (the LLM's width).
+        embed_dim: Width of the tower itself.
+        mlp_ratio: Tower MLP width over ``embed_dim``.
+    """
+
+    depth: int
+    embed_dim: int
+    hidden_size: int
+    num_heads: int
+    mlp_ratio: float
+    in_channels: int
+    patch_size: int
+    spatial_merge_size: int
+    temporal_patch_size: int
+    hidden_act: str
+
+    def __post_init__(self) -> None:
+        for key in ("depth", "embed_dim", "hidden_size", "num_heads", "in_channels",
+                    "patch_size", "spatial_merge_size", "temporal_patch_size"):
+            _positive(getattr(self, key), f"vision_config.{key}")
+        _multiple(self, "vision_config", "embed_dim", "num_heads")
+        if self.mlp_ratio <= 0:
+            raise ConversionError(f"config.json: vision_config.mlp_ratio must be positive, "
+                                  f"got {self.mlp_ratio}.")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head of the tower."""
+        return self.embed_dim // self.num_heads
+
+    @property
+    def intermediate_size(self) -> int:
+        """Width of the tower MLP (``int(embed_dim * mlp_ratio)``, as transformers)."""
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def merged_size(self) -> int:
+        """Width of one merged token before the merger MLP."""
+        return self.embed_dim * self.spatial_merge_size ** 2
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Qwen2VLVisionConfig:
+        """Parse a Qwen2-VL ``vision_config`` mapping.
+
+        Raises:
+            ConversionError: a field has the wrong type or an impossible value.
+        """
+        w, d = "vision_config.", _QWEN2VL_VISION_DEFAULTS
+        if "in_channels" not in data and "in_chans" in data:  # transformers 4 spelling
+            data = {**data, "in_channels": data["in_chans"]}
+        return cls(**{k: _get(data, k, d, w, type(d[k])) for k in d})
+
+
+@dataclass(frozen=True)
+class Qwen2VLConfig:
+    """The whole Qwen2-VL ``config.json``: text model, M-RoPE sections, vision tower."""
+
+    architecture: str
+    model_type: str
+    text: TextConfig
+    vision: Qwen2VLVisionConfig
+    mrope_section: tuple[int, ...]
+    use_sliding_window: bool
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.mrope_section) != 3 or min(self.mrope_section) < 0:
+            raise ConversionError("config.json: mrope_section must be three non-negative "
+                                  f"(t, h, w) counts, got {list(self.mrope_section)}.")
+        if 2 * sum(self.mrope_section) != self.text.head_dim:
+            raise ConversionError(
+                f"config.json: mrope_section {list(self.mrope_section)} covers "
+                f"{2 * sum(self.mrope_section)} rotary dims but the text head_dim is "
+                f"{self.text.head_dim}.")
+        if self.vision.hidden_size != self.text.hidden_size:
+            raise ConversionError(
+                f"config.json: vision_config.hidden_size ({self.vision.hidden_size}, the "
+                f"merger output) differs from the text hidden_size ({self.text.hidden_size}).")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Qwen2VLConfig:
+        """Parse a Qwen2-VL ``config.json`` (nested 5.x or flat 4.x layout).
+
+        Raises:
+            ConversionError: a section or field is missing or malformed.
+        """
+        for section in ("text_config", "vision_config"):
+            if not isinstance(data.get(section, {}), Mapping):
+                raise ConversionError(f"config.json: {section} must be an object.")
+        text = data.get("text_config") or {k: v for k, v in data.items() if k != "vision_config"}
+        text, section = _split_mrope(text, data)
+        archs = data.get("architectures") or ["?"]
+        d = _QWEN2VL_DEFAULTS
+        return cls(
+            architecture=str(archs[0]),
+            model_type=str(data.get("model_type", "qwen2_vl")),
+            text=TextConfig.from_dict(text, bool(data.get("tie_word_embeddings", False)),
+                                      _QWEN2VL_TEXT_DEFAULTS, "qwen2_vl_text"),
+            vision=Qwen2VLVisionConfig.from_dict(data.get("vision_config", {})),
+            mrope_section=section,
+            use_sliding_window=bool(text.get("use_sliding_window", False)),
+            **{k: _get(data, k, d, "", int) for k in d},
+            raw=data,
+        )
+
+
+def _split_mrope(text: Mapping[str, Any],
+                 outer: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """Take the M-RoPE sections out of the rope settings.
+
+    Qwen2-VL spells them ``rope_scaling = {"type": "mrope", "mrope_section": ...}``
+    (transformers 4, possibly at the top level) or
+    ``rope_parameters = {"rope_type": "default", "mrope_section": ...}``
+    (transformers 5). What is left is plain RoPE for :class:`TextConfig`.
+
+    Returns:
+        The text mapping with plain rope settings, and the (t, h, w) sections.
+    """
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling")
+                or outer.get("rope_scaling") or {})
+    section = rope.pop("mrope_section", QWEN2VL_MROPE_DEFAULT)
+    if not isinstance(section, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in section):
+        raise ConversionError(f"config.json: mrope_section must be a list of ints, got "
+                              f"{section!r}.")
+    section = tuple(section)
+    if len(section) == 4 and section[3] == 0:
+        section = section[:3]
+    kind = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", text.get("rope_theta", outer.get("rope_theta")))
+    plain = {"rope_type": "default" if kind in ("mrope", None) else kind, **rope}
+    if theta is not None:
+        plain["rope_theta"] = theta
+    return {**text, "rope_parameters": plain, "rope_scaling": None}, section
 
 
 def read_config_json(folder: Path) -> dict[str, Any]:

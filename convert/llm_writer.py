@@ -1,4 +1,4 @@
-"""Write the language model as a llama-architecture GGUF.
+"""Write the language model GGUF (llama architecture, or the converter's ``llm_arch``).
 
 Float types (f32/f16/bf16) are written directly; integer quantisations write
 a lossless float GGUF next to the output first and run llama.cpp's quantiser
@@ -27,14 +27,19 @@ _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
 
 
 def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConfig,
-                       ggml_type: str) -> list[TensorSpec]:
-    """Plan llama-arch GGUF tensors for HF Llama weights.
+                       ggml_type: str, *, arch: str = LLAMA_ARCH,
+                       interleaved_rope: bool = True) -> list[TensorSpec]:
+    """Plan GGUF tensors for HF Llama-style weights (Llama, Mistral, Qwen2...).
 
     Args:
         text_names: ``model.layers.0...`` / ``lm_head.weight`` -> checkpoint name.
         reader: The :class:`CheckpointReader` (for shapes).
         cfg: Text config (heads for the Q/K permutation, block count for names).
         ggml_type: Type of matrices; 1-D tensors are always F32.
+        arch: llama.cpp architecture name whose tensor names to use.
+        interleaved_rope: Permute Q/K rows from HF's rotate-half layout to the
+            interleaved pairs of llama.cpp's normal RoPE. Architectures whose
+            RoPE is NEOX-style (Qwen2, M-RoPE) take the HF layout as is.
 
     Returns:
         Tensor specs in checkpoint order.
@@ -44,7 +49,8 @@ def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConf
     """
     import gguf
 
-    name_map = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    name_map = gguf.TensorNameMap(model_arch, cfg.num_hidden_layers)
     specs = []
     for local, source in text_names.items():
         if local.endswith(_SKIP_SUFFIXES):
@@ -55,9 +61,9 @@ def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConf
                                   "text model variant is not supported.")
         shape = tuple(reader.shape(source))
         transform = None
-        if local.endswith("self_attn.q_proj.weight"):
+        if interleaved_rope and local.endswith("self_attn.q_proj.weight"):
             transform = _rotary(cfg.num_attention_heads)
-        elif local.endswith("self_attn.k_proj.weight"):
+        elif interleaved_rope and local.endswith("self_attn.k_proj.weight"):
             transform = _rotary(cfg.num_key_value_heads)
         specs.append(TensorSpec(gguf_name, source, shape,
                                 "F32" if len(shape) == 1 else ggml_type, transform))
@@ -95,10 +101,10 @@ def _check_llama_shapes(specs: list[TensorSpec], reader: Any, cfg: TextConfig) -
 
 
 def write_llama_hparams(writer: Any, cfg: TextConfig, n_vocab: int) -> None:
-    """Add the ``llama.*`` hyper-parameters.
+    """Add the ``<arch>.*`` hyper-parameters of a Llama-style text model.
 
     Args:
-        writer: A ``gguf.GGUFWriter`` for arch ``llama``.
+        writer: A ``gguf.GGUFWriter`` (its architecture prefixes the keys).
         cfg: Text config.
         n_vocab: Rows of the token embedding.
     """
@@ -182,7 +188,7 @@ def write_llm(converter: Converter, path: Path, quant: QuantType) -> int:
     if note:
         converter.note(note)
     target = path if quant.direct else path.with_name(f"{path.name}.f-{os.getpid()}")
-    writer = gguf.GGUFWriter(None, LLAMA_ARCH)
+    writer = gguf.GGUFWriter(None, converter.llm_arch)
     converter.write_llm_metadata(writer)
     writer.add_file_type(file_type(float_type))
     try:

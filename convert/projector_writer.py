@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 CLIP_ARCH = "clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+"""OpenAI CLIP's image normalisation (CLIPImageProcessor's and Qwen2-VL's default)."""
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _VISION_STATIC = {
     "embeddings.class_embedding": "v.class_embd",
@@ -81,6 +82,20 @@ def _matrix_type(shape: tuple[int, ...], vision_type: str) -> str:
     return vision_type.upper()
 
 
+def vision_tensor_type(name: str, shape: tuple[int, ...], vision_type: str) -> str:
+    """GGUF type of projector tensor ``name`` for ``--vision-type`` ``vision_type``.
+
+    Patch-embedding kernels are F16 (F32 for ``f32``): ggml's conv path takes no
+    quantised kernels. Other matrices follow ``vision_type`` (Q8_0 rows must be
+    multiples of 32, else F16); position embeddings, norms and biases stay F32.
+    """
+    if name.startswith("v.patch_embd.weight"):
+        return "F32" if vision_type == "f32" else "F16"
+    if len(shape) == 2 and "position_embd" not in name:
+        return _matrix_type(shape, vision_type)
+    return "F32"
+
+
 def vision_tower_specs(vision_names: Mapping[str, str], reader: Any, n_layers: int,
                        vision_type: str) -> list[TensorSpec]:
     """Plan ``v.*`` tensors of a CLIP/SigLIP tower, keeping the first ``n_layers`` blocks.
@@ -112,14 +127,25 @@ def vision_tower_specs(vision_names: Mapping[str, str], reader: Any, n_layers: i
         else:
             raise ConversionError(f"vision tensor {source!r} is not understood; this vision "
                                   "tower variant is not supported.")
-        if name == "v.patch_embd.weight":
-            kind = "F32" if vision_type == "f32" else "F16"
-        elif len(shape) == 2 and "position_embd" not in name:
-            kind = _matrix_type(shape, vision_type)
-        else:
-            kind = "F32"
-        specs.append(TensorSpec(name, source, shape, kind))
+        specs.append(TensorSpec(name, source, shape, vision_tensor_type(name, shape, vision_type)))
     return specs
+
+
+def check_projector_shapes(specs: Mapping[str, TensorSpec],
+                           expected: Mapping[str, tuple[int, ...]]) -> None:
+    """Require every ``expected`` GGUF tensor, with the shape config.json implies.
+
+    Raises:
+        ConversionError: naming the missing tensor, or the source tensor and both shapes.
+    """
+    for name, shape in expected.items():
+        if name not in specs:
+            raise ConversionError(f"vision tensor for {name!r} is missing from the "
+                                  "checkpoint; the download may be incomplete.")
+        if specs[name].shape != shape:
+            raise ConversionError(
+                f"tensor {specs[name].source!r} gives {name} shape {list(specs[name].shape)} "
+                f"but config.json implies {list(shape)}.")
 
 
 def mlp_projector_specs(projector_names: Mapping[str, str], reader: Any,
@@ -159,30 +185,55 @@ def write_clip_hparams(writer: Any, cfg: VisionConfig, *, n_layers: int, project
         projector_type: ``clip.projector_type``.
 
     Raises:
+        UnsupportedModelError: see :func:`write_vision_hparams`.
+    """
+    write_vision_hparams(
+        writer, projector_type=projector_type, hidden_act=cfg.hidden_act, image_size=cfg.image_size,
+        patch_size=cfg.patch_size, width=cfg.hidden_size, ffn=cfg.intermediate_size,
+        n_layers=n_layers, n_heads=cfg.num_attention_heads, eps=cfg.layer_norm_eps,
+        projection_dim=projection_dim, image_mean=image_mean, image_std=image_std)
+    writer.add_array("clip.vision.feature_layer", [n_layers])
+
+
+def write_vision_hparams(writer: Any, *, projector_type: str, hidden_act: str, image_size: int,
+                         patch_size: int, width: int, ffn: int, n_layers: int, n_heads: int,
+                         eps: float, projection_dim: int, image_mean: list[float],
+                         image_std: list[float]) -> None:
+    """Add the ``clip.*`` keys every libmtmd vision projector has.
+
+    Args:
+        writer: A ``gguf.GGUFWriter`` for arch ``clip``.
+        projector_type: ``clip.projector_type`` (``"mlp"``, ``"qwen2vl_merger"``...).
+        hidden_act: HF activation of the tower MLP.
+        image_size, patch_size: Input side and patch side in pixels.
+        width, ffn, n_layers, n_heads, eps: Tower sizes and LayerNorm epsilon.
+        projection_dim: Width of the embeddings the projector outputs (the LLM's).
+        image_mean, image_std: Per-channel normalisation.
+
+    Raises:
         UnsupportedModelError: unknown tower activation, or ffn == width (clip.cpp
             would mistake fc1/fc2 for swapped legacy tensors).
     """
-    if cfg.hidden_act not in GELU_ACTS | QUICK_GELU_ACTS:
-        raise UnsupportedModelError(f"vision_config.hidden_act {cfg.hidden_act!r} is not "
+    if hidden_act not in GELU_ACTS | QUICK_GELU_ACTS:
+        raise UnsupportedModelError(f"vision_config.hidden_act {hidden_act!r} is not "
                                     "supported (gelu*, quick_gelu are).")
-    if cfg.intermediate_size == cfg.hidden_size:
+    if ffn == width:
         raise UnsupportedModelError("vision towers whose intermediate_size equals hidden_size "
                                     "cannot be loaded by llama.cpp's clip loader.")
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", projector_type)
-    writer.add_bool("clip.use_gelu", cfg.hidden_act in GELU_ACTS)
+    writer.add_bool("clip.use_gelu", hidden_act in GELU_ACTS)
     p = "clip.vision."
-    writer.add_uint32(p + "image_size", cfg.image_size)
-    writer.add_uint32(p + "patch_size", cfg.patch_size)
-    writer.add_uint32(p + "embedding_length", cfg.hidden_size)
-    writer.add_uint32(p + "feed_forward_length", cfg.intermediate_size)
+    writer.add_uint32(p + "image_size", image_size)
+    writer.add_uint32(p + "patch_size", patch_size)
+    writer.add_uint32(p + "embedding_length", width)
+    writer.add_uint32(p + "feed_forward_length", ffn)
     writer.add_uint32(p + "projection_dim", projection_dim)
     writer.add_uint32(p + "block_count", n_layers)
-    writer.add_uint32(p + "attention.head_count", cfg.num_attention_heads)
-    writer.add_float32(p + "attention.layer_norm_epsilon", cfg.layer_norm_eps)
+    writer.add_uint32(p + "attention.head_count", n_heads)
+    writer.add_float32(p + "attention.layer_norm_epsilon", eps)
     writer.add_array(p + "image_mean", [float(x) for x in image_mean])
     writer.add_array(p + "image_std", [float(x) for x in image_std])
-    writer.add_array(p + "feature_layer", [n_layers])
 
 
 def check_tower_shapes(specs: Mapping[str, TensorSpec], cfg: VisionConfig, n_layers: int,

@@ -5,6 +5,11 @@ share a prefix of identities share the KV cache for that prefix. Text tokens
 are their own identity; an image chunk is identified by the image's pixel
 hash, the projector's identity and the chunk's index within the image's
 chunks (tiling can turn one image into several).
+
+A chunk advances the position by ``n_pos`` and fills ``n_cells`` KV cells.
+The two differ for M-RoPE models (Qwen2-VL): an image of w x h merged tokens
+takes w * h cells but only max(w, h) positions. The context size bounds
+cells, so capacity checks count cells.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ class TextChunk:
 
     @property
     def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_cells(self) -> int:
         return len(self.tokens)
 
     def units(self) -> list[tuple[str, Any]]:
@@ -45,6 +54,10 @@ class ImageChunk:
     n_pos: int
     handle: Any = field(repr=False, default=None)
 
+    @property
+    def n_cells(self) -> int:
+        return self.n_tokens
+
     def units(self) -> list[tuple[str, Any]]:
         return [("i", self.key)]
 
@@ -61,11 +74,20 @@ class EmbeddingChunk:
     def n_pos(self) -> int:
         return int(self.embeddings.shape[0])
 
+    @property
+    def n_cells(self) -> int:
+        return int(self.embeddings.shape[0])
+
     def units(self) -> list[tuple[str, Any]]:
         return [("e", self.key)]
 
 
 Chunk = Union[TextChunk, ImageChunk, EmbeddingChunk]
+
+
+def kv_cells(chunks: list[Chunk]) -> int:
+    """KV cells the chunks fill (at least their positions; more with M-RoPE images)."""
+    return sum(chunk.n_cells for chunk in chunks)
 
 
 def unit_positions(chunks: list[Chunk]) -> tuple[list[tuple[str, Any]], list[int], list[Chunk]]:

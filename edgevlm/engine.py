@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgevlm.chunks import Chunk, EmbeddingChunk, ImageChunk, TextChunk, unit_positions
+from edgevlm.chunks import Chunk, EmbeddingChunk, ImageChunk, TextChunk, kv_cells, unit_positions
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prompt import Message, build_prompt
@@ -57,6 +57,7 @@ class PrefillStats:
     """What one prefill did (for --verbose, bench and tests)."""
 
     prompt_positions: int = 0
+    kv_cells: int = 0  # KV cells the prompt fills (> prompt_positions with M-RoPE images)
     reused_positions: int = 0
     evaluated_positions: int = 0
     images_encoded: int = 0
@@ -189,8 +190,8 @@ class Engine:
             units, starts, owners = unit_positions(chunks)
             if not units:
                 raise InvalidRequestError("the prompt is empty")
-            total = starts[-1]
-            self.ctx.check_fits(total)
+            total, cells = starts[-1], kv_cells(chunks)
+            self.ctx.check_fits(max(total, cells))
             keep = _common_prefix(self._units, units)
             if keep == len(units):
                 keep -= 1  # re-evaluate the last unit to get fresh logits
@@ -202,7 +203,8 @@ class Engine:
                 keep = min(keep, len(self._units))  # a refused restore leaves the KV empty
                 self.ctx.truncate(starts[keep])
                 self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
-            stats = PrefillStats(prompt_positions=total, reused_positions=starts[keep],
+            stats = PrefillStats(prompt_positions=total, kv_cells=cells,
+                                 reused_positions=starts[keep],
                                  evaluated_positions=total - starts[keep], snapshot_restored=restored)
             t0 = time.perf_counter()
             save_at = boundary if boundary > keep else 0
@@ -305,7 +307,8 @@ class Engine:
                 break
             n_generated += 1
             pos = self.cached_positions
-            if pos + 1 > self.ctx.n_ctx:
+            # cells in use once this token is in: the prompt's plus every generated token
+            if max(pos + 1, stats.kv_cells + n_generated) > self.ctx.n_ctx:
                 finish = "length"
                 break
             self.ctx.decode_tokens([token], pos, logits_last=True)

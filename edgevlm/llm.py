@@ -226,10 +226,12 @@ class LlamaContext:
         self._lib.llama_memory_clear(self.memory, True)
         self._has_logits = False
 
-    def check_fits(self, n_pos: int, what: str = "the prompt") -> None:
-        if n_pos > self.n_ctx:
+    def check_fits(self, n_cells: int, what: str = "the prompt") -> None:
+        """Refuse ``n_cells`` KV cells (text tokens + image embeddings) beyond the context."""
+        if n_cells > self.n_ctx:
             raise ContextOverflowError(
-                f"{what} needs {n_pos} positions but the context holds {self.n_ctx}; "
+                f"{what} needs {n_cells} tokens of context (image embeddings included) but the "
+                f"context holds {self.n_ctx}; "
                 f"raise it with --ctx / n_ctx= (the model was trained with {self.model.n_ctx_train})"
             )
 

@@ -77,10 +77,15 @@ def siglip_q4km(tmp_path_factory: pytest.TempPathFactory, llava_siglip_checkpoin
 
 @pytest.fixture(scope="session")
 def siglip_vlm(siglip_f32: Path):
-    """A loaded f32 model with an f32 KV cache (for numerics), shared by tests."""
+    """A loaded f32 model with an f32 KV cache (for numerics), shared by tests.
+
+    Without the disk cache: a session fixture is set up before the per-test
+    ``isolated_dirs``, so its store would be the real user cache, and a KV
+    snapshot restored from it would make "evaluated from scratch" untrue.
+    """
     import edgevlm
 
-    vlm = edgevlm.load(siglip_f32, n_ctx=1024, kv_type="f32", n_threads=2)
+    vlm = edgevlm.load(siglip_f32, n_ctx=1024, kv_type="f32", n_threads=2, cache=False)
     yield vlm
     vlm.close()
 
@@ -105,17 +110,21 @@ def painting(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def square_image(tmp_path_factory: pytest.TempPathFactory):
-    """Factory: a random RGB PNG of exactly size x size pixels (no resize ambiguity)."""
+    """Factory: a random RGB PNG of exactly size x size pixels (no resize ambiguity).
+
+    ``height`` makes it a size (wide) x height rectangle instead.
+    """
     import numpy as np
     from PIL import Image
 
     folder = tmp_path_factory.mktemp("square")
 
-    def make(size: int, seed: int = 0) -> Path:
+    def make(size: int, seed: int = 0, height: int | None = None) -> Path:
         rng = np.random.default_rng(seed)
-        path = folder / f"sq{size}_{seed}.png"
+        rows = size if height is None else height
+        path = folder / f"sq{size}x{rows}_{seed}.png"
         if not path.exists():
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+            Image.fromarray(rng.integers(0, 256, (rows, size, 3), dtype=np.uint8)).save(path)
         return path
 
     return make
@@ -146,3 +155,32 @@ def omnifusion_f32(tmp_path_factory: pytest.TempPathFactory,
     release, tower = omnifusion_checkpoint
     return _convert(tmp_path_factory, release, "omnifusion_f32", quant="f32", vision_type="f32",
                     vision_tower=tower)
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen2-VL checkpoint: Qwen2 LLM of width 128 (M-RoPE 4/6/6), 2-block ViT of width 48."""
+    from tests.fixtures.qwen2vl import build_qwen2vl_checkpoint
+
+    return build_qwen2vl_checkpoint(tmp_path_factory.mktemp("qwen2vl") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_f32_result(tmp_path_factory: pytest.TempPathFactory, qwen2vl_checkpoint: Path):
+    """f32/f32 conversion of the Qwen2-VL checkpoint (a ConversionResult)."""
+    from edgevlm.convert import convert
+
+    return convert(qwen2vl_checkpoint, tmp_path_factory.mktemp("qwen2vl_f32"), quant="f32",
+                   vision_type="f32")
+
+
+@pytest.fixture(scope="session")
+def qwen2vl_vlm(qwen2vl_f32_result):
+    """The f32 Qwen2-VL pair loaded with an f32 KV cache, shared by tests (no disk cache,
+    like ``siglip_vlm``)."""
+    import edgevlm
+
+    vlm = edgevlm.load(qwen2vl_f32_result.llm_path.parent, n_ctx=1024, kv_type="f32",
+                       n_threads=2, cache=False)
+    yield vlm
+    vlm.close()

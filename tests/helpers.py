@@ -2,11 +2,100 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+LLAMA_PARTS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+"""HF Llama/Qwen2 decoder-layer module -> llama.cpp tensor name part."""
+
+
+def checkpoint_state(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder's safetensors files, as numpy arrays."""
+    from safetensors.numpy import load_file
+
+    state = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(path))
+    return state
+
+
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.", "model.")
+_NOT_TEXT = ("visual.", "model.visual.", "vision_tower.", "model.vision_tower.",
+             "multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's interleaved layout: rows (head, pair, half) -> (head, half, pair)."""
+    out = np.empty_like(w)
+    head_dim = w.shape[0] // n_head
+    half = head_dim // 2
+    for h in range(n_head):
+        for i in range(half):
+            out[h * head_dim + 2 * i] = w[h * head_dim + i]
+            out[h * head_dim + 2 * i + 1] = w[h * head_dim + half + i]
+    return out
+
+
+def expected_llm_tensors(folder: Path, n_head: int = 4, n_kv: int = 2, *,
+                         interleaved: bool = True) -> dict[str, np.ndarray]:
+    """Reference LLM GGUF tensors computed from a checkpoint's text model.
+
+    ``interleaved``: Q/K rows permuted for llama.cpp's normal RoPE (llama);
+    NEOX-style architectures (qwen2vl) keep the HF layout.
+    """
+    out = {}
+    for name, value in checkpoint_state(folder).items():
+        if name.startswith(_NOT_TEXT):
+            continue
+        local = next((name[len(p):] for p in _TEXT_PREFIXES if name.startswith(p)), name)
+        if local == "embed_tokens.weight":
+            out["token_embd.weight"] = value
+        elif local == "norm.weight":
+            out["output_norm.weight"] = value
+        elif local == "lm_head.weight":
+            out["output.weight"] = value
+        elif local.startswith("layers."):
+            _, idx, rest = local.split(".", 2)
+            part, kind = rest.rsplit(".", 1)
+            heads = {"self_attn.q_proj": n_head, "self_attn.k_proj": n_kv}.get(part)
+            if interleaved and heads and kind == "weight":
+                value = rope_permute(value, heads)
+            out[f"blk.{idx}.{LLAMA_PARTS[part]}.{kind}"] = value
+    return out
+
+
+def as_f16_matrices(expected: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reference tensors as an F16 file stores them: matrices rounded to f16, 1-D kept F32."""
+    return {k: v.astype(np.float16).astype(np.float32) if v.ndim > 1 else v
+            for k, v in expected.items()}
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """Copy a checkpoint folder (to edit it) and return the copy."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config(folder: Path, **changes: Any) -> None:
+    """Change top-level ``config.json`` keys; a dict value is merged into that section."""
+    path = folder / "config.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            value = {**data[key], **value}
+        data[key] = value
+    path.write_text(json.dumps(data))
 
 
 def gguf_tensors(gguf_path: Path) -> dict[str, Any]:

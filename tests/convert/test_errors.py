@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 
 import pytest
 
 from edgevlm.errors import (ConversionError, ModelNotFoundError, UnsupportedModelError)
-
-
-def _copy(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _edit_config(folder, **changes):
-    path = folder / "config.json"
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
+from tests.helpers import copy_checkpoint as _copy, edit_config as _edit_config
 
 
 def test_import_is_light():
