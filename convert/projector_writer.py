@@ -86,7 +86,7 @@ def vision_tensor_type(name: str, shape: tuple[int, ...], vision_type: str) -> s
     """GGUF type of projector tensor ``name`` for ``--vision-type`` ``vision_type``.
 
     Patch-embedding kernels are F16 (F32 for ``f32``): ggml's conv path takes no
-    quantised kernels. Other matrices follow ``vision_type`` (Q8_0 rows must be
+    quantised (or bf16) kernels. Other matrices follow ``vision_type`` (Q8_0 rows must be
     multiples of 32, else F16); position embeddings, norms and biases stay F32.
     """
     if name.startswith("v.patch_embd.weight"):
@@ -319,8 +319,8 @@ def write_projector(converter: Converter, path: Path, vision_type: str) -> int:
     specs = converter.projector_tensors(vision_type)
     writer = gguf.GGUFWriter(None, CLIP_ARCH)
     converter.write_projector_metadata(writer)
-    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if vision_type == "f32" else
-                             gguf.LlamaFileType.MOSTLY_F16 if vision_type == "f16" else
-                             gguf.LlamaFileType.MOSTLY_Q8_0))
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    writer.add_file_type(int(file_types[vision_type]))
     write_gguf(path, writer, converter.projector_reader, specs, converter.log)
     return path.stat().st_size

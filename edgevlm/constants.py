@@ -21,7 +21,7 @@ GGUF_SUFFIX = ".gguf"
 
 # --- quantisation names accepted by `edgevlm convert` -----------------------
 LLM_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
-VISION_QUANT_TYPES = ("f32", "f16", "q8_0")
+VISION_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 # --- edgevlm projector files (general.architecture = "clip", read by edgevlm.kernels) ---
 # A projector libmtmd cannot run (OmniFusion) keeps the CLIP tower under the

@@ -134,3 +134,20 @@ def test_engine_choice_rules():
 def test_unknown_engine_is_a_clear_error(clip_f32):
     with pytest.raises(InvalidRequestError, match="unknown vision engine"):
         edgevlm.load(clip_f32, n_threads=1, vision_engine="fast")
+
+
+@pytest.mark.parametrize("vision_type", ["f16", "bf16", "q8_0"])
+def test_every_projector_type_runs_on_both_engines(vision_type, llava_siglip_checkpoint, siglip_vlm,
+                                                   square_image, tmp_path):
+    """Reduced-precision towers track the f32 one (cosine >= 0.99) on both engines."""
+    from edgevlm.convert import convert
+    from tests.helpers import gguf_tensors
+
+    result = convert(llava_siglip_checkpoint, tmp_path, quant="f16", vision_type=vision_type)
+    assert gguf_tensors(result.mmproj_path)["v.blk.0.attn_q.weight"].tensor_type.name == vision_type.upper()
+    image = square_image(32, seed=2)
+    f32 = siglip_vlm.embed_image(image)
+    for engine in ("kernels", "mtmd"):
+        with edgevlm.load(tmp_path, n_ctx=256, n_threads=2, vision_engine=engine, cache=False) as vlm:
+            cos = cosine_rows(vlm.embed_image(image), f32)
+        assert cos.min() >= 0.99, f"{engine} {vision_type}: cosine {cos.min():.5f}"
