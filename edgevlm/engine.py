@@ -32,9 +32,9 @@ from edgevlm.chunks import Chunk, ImageChunk, TextChunk, unit_positions
 from edgevlm.errors import EdgeVLMError, InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
-from edgevlm.prompt import ImagePart, Message, build_prompt
+from edgevlm.prompt import ImagePart, Message, build_prompt, precompile
 from edgevlm.snapshots import snapshot_boundaries
-from edgevlm.vision.images import LoadedImage
+from edgevlm.vision.images import LoadedImage, preload_decoders
 
 LOG = logging.getLogger("edgevlm")
 
@@ -145,6 +145,11 @@ class Engine:
         self.last_prefill = PrefillStats()
         self._bos = model.token_text(model.bos) if model.add_bos and model.bos >= 0 else ""
         self._eos = model.token_text(model.eos) if model.eos >= 0 else ""
+        # one-time work belongs to load, not to the first request's time to first token
+        if template:
+            precompile(template)
+        if encoder is not None:
+            preload_decoders()
 
     # ------------------------------------------------------------------ prompt
     def prompt_text(self, messages: list[Message], *, gen: bool = True) -> tuple[str, list[LoadedImage]]:
