@@ -246,7 +246,8 @@ class VLM:
             raise UnsupportedModelError("this model has no vision projector")
         loaded = load_image(image)
         chunks = encoder.tokenize(encoder.marker, [loaded], add_special=False)
-        parts = [self.engine.image_embeddings(c) for c in chunks if isinstance(c, ImageChunk)]
+        with self.engine.lock:  # the embedding caches are shared with running requests
+            parts = [self.engine.image_embeddings(c) for c in chunks if isinstance(c, ImageChunk)]
         if not parts:
             raise InvalidRequestError("the projector produced no image chunk for this image")
         return np.concatenate(parts, axis=0)

@@ -170,9 +170,15 @@ class Engine:
     def text_prefix(self, messages: list[Message]) -> tuple[int, ...]:
         """Tokens of a text-only prompt before its last user message (for snapshots).
 
-        Returns () when there is nothing to snapshot: images in the prompt
-        (their boundaries come from the chunks), no earlier message, no
-        snapshot store, or a template that cannot render the partial chat.
+        Args:
+            messages: the normalised conversation.
+
+        Returns:
+            The tokens of the messages before the last user message, rendered
+            without a generation prompt; () when there is nothing to snapshot:
+            images in the prompt (their boundaries come from the chunks), no
+            earlier message, no snapshot store, or a template that cannot
+            render the partial chat.
         """
         users = [i for i, m in enumerate(messages) if m.role == "user"]
         if (self.snapshots is None or not users or users[-1] == 0

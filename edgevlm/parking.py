@@ -113,6 +113,7 @@ class ParkedStates:
         return entry
 
     def clear(self) -> None:
+        """Drop every parked state."""
         self._items.clear()
         self._bytes = 0
 

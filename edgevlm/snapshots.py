@@ -93,9 +93,6 @@ class SnapshotStore:
         key = prefix_key(self.identity, units)
         return self.root / key[:2] / f"{key}.kv"
 
-    def exists(self, units: list[tuple[str, Any]]) -> bool:
-        return self.path(units).exists()
-
     def save_once(self, units: list[tuple[str, Any]], n_pos: int,
                   state: Callable[[], bytes]) -> bool:
         """Save the snapshot of ``units`` unless some process already has.
