@@ -71,7 +71,8 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
 
 def probe_spec(params: dict[str, Any]) -> dict[str, Any]:
     """What a probe process needs to load the same model the same way."""
-    return {"model": params["model"], **{k: params[k] for k in LOAD_KEYS}}
+    options = dict(params, cache=not params["no_cache"])
+    return {"model": params["model"], **{k: options[k] for k in LOAD_KEYS}}
 
 
 @contextmanager

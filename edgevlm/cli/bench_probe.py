@@ -21,7 +21,7 @@ from typing import Any
 from edgevlm.errors import RuntimeFailure
 
 #: The load() arguments a probe passes on.
-LOAD_KEYS = ("mmproj", "n_ctx", "n_threads", "n_gpu_layers", "kv_type")
+LOAD_KEYS = ("mmproj", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "cache")
 
 
 def timed_turn(vlm: Any, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
