@@ -143,7 +143,9 @@ class VLM:
 
     Every call takes the whole conversation (OpenAI style); the engine keeps
     the KV cache of the longest common prefix, so a follow-up only evaluates
-    the new turn and never re-encodes an image already in the context.
+    the new turn and never re-encodes an image already in the context. Other
+    conversations' states are parked in RAM (``engine.parked``, 1 GiB LRU), so
+    alternating between conversations evaluates only each one's new turn.
     """
 
     def __init__(self, engine: Engine, files: ModelFiles, *, load_ms: float = 0.0) -> None:
@@ -240,8 +242,13 @@ class VLM:
                   stop: str | Sequence[str] | None, **sampling: Any) -> Iterator[str]:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         options = SamplingOptions(stop=stops, **sampling)
-        chunks = self.prompt_chunks(messages)
-        return self.engine.generate(chunks, options, stats)
+        chunks, prefix = self._prompt(messages)
+        return self.engine.generate(chunks, options, stats, text_prefix=prefix)
+
+    def _prompt(self, messages: Messages, gen: bool = True) -> tuple[list[Chunk], tuple[int, ...]]:
+        """The chunks and the text-prefix hint for snapshots (see Engine.text_prefix)."""
+        msgs = normalize_messages(messages)
+        return self.engine.chunks(msgs, gen=gen), self.engine.text_prefix(msgs)
 
     # ----------------------------------------------------------------- analysis
     def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True) -> list[Chunk]:
@@ -254,9 +261,9 @@ class VLM:
 
     def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True) -> np.ndarray:
         """Logits (n_vocab,) of the token after the prompt (generation prompt added)."""
-        chunks = self.prompt_chunks(messages, add_generation_prompt=add_generation_prompt)
+        chunks, prefix = self._prompt(messages, add_generation_prompt)
         with self.engine.lock:
-            self.engine.prefill(chunks)
+            self.engine.prefill(chunks, text_prefix=prefix)
             return self.engine.logits()
 
     def embed_image(self, image: Any) -> np.ndarray:
@@ -269,11 +276,12 @@ class VLM:
             raise UnsupportedModelError("this model has no vision projector")
         loaded = load_image(image)
         chunks = encoder.tokenize(encoder.marker, [loaded], add_special=False)
-        parts = [self.engine.image_embeddings(c) for c in chunks if isinstance(c, ImageChunk)]
+        with self.engine.lock:  # the embedding caches are shared with running requests
+            parts = [self.engine.image_embeddings(c) for c in chunks if isinstance(c, ImageChunk)]
         if not parts:
             raise InvalidRequestError("the projector produced no image chunk for this image")
         return np.concatenate(parts, axis=0)
 
     def reset(self) -> None:
-        """Forget the cached conversation (the next call evaluates from scratch)."""
+        """Forget the cached conversations (the next call evaluates from scratch)."""
         self.engine.reset()

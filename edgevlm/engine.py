@@ -7,6 +7,13 @@ a chat therefore evaluates only the new turn, and an image already in the
 prefix is neither encoded nor decoded again. Image embeddings are also kept in
 a small in-memory LRU so that an image reappearing after a divergence is not
 re-encoded.
+
+Several conversations in one process: when a request diverges from the live
+sequence inside its prompt, the live state is parked in RAM
+(``edgevlm.parking``) and the parked state sharing the longest prefix with a
+later request is restored when it beats the live one. Persistent snapshots
+(``edgevlm.snapshots``) cover image prefixes and long text prefixes across
+processes.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgevlm.chunks import Chunk, EmbeddingChunk, ImageChunk, TextChunk, kv_cells, unit_positions
-from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk, kv_cells, unit_positions
+from edgevlm.errors import EdgeVLMError, InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
-from edgevlm.prompt import Message, build_prompt
-from edgevlm.vision.images import LoadedImage
+from edgevlm.parking import ParkedState, ParkedStates, common_prefix
+from edgevlm.prompt import ImagePart, Message, build_prompt, precompile
+from edgevlm.snapshots import snapshot_boundaries
+from edgevlm.vision.images import LoadedImage, preload_decoders
 
 LOG = logging.getLogger("edgevlm")
 
@@ -65,6 +74,11 @@ class PrefillStats:
     encode_ms: float = 0.0
     decode_ms: float = 0.0
     snapshot_restored: bool = False
+    parked_restored: bool = False
+    restore_ms: float = 0.0
+    snapshots_saved: int = 0
+    images_reused: int = 0  # images in the reused prefix: neither encoded nor decoded
+    saved_ms: float = 0.0  # estimated encode + prefill time avoided (this process's rates)
 
 
 @dataclass
@@ -125,11 +139,19 @@ class Engine:
         self.embeddings = EmbeddingLRU()
         self.store = store  # disk tier (edgevlm.cache.EmbeddingStore) or None
         self.snapshots = snapshots  # edgevlm.snapshots.SnapshotStore or None
+        self.parked = ParkedStates()  # other conversations' KV states (RAM)
         self._units: list[tuple[str, Any]] = []
         self._starts: list[int] = [0]
+        self._prompt_end = 0  # units of the last prompt (generated tokens follow)
+        self._rates = {"position_ms": 0.0, "image_ms": 0.0}  # last measured prefill costs
         self.last_prefill = PrefillStats()
         self._bos = model.token_text(model.bos) if model.add_bos and model.bos >= 0 else ""
         self._eos = model.token_text(model.eos) if model.eos >= 0 else ""
+        # one-time work belongs to load, not to the first request's time to first token
+        if template:
+            precompile(template)
+        if encoder is not None:
+            preload_decoders()
 
     # ------------------------------------------------------------------ prompt
     def prompt_text(self, messages: list[Message], *, gen: bool = True) -> tuple[str, list[LoadedImage]]:
@@ -151,120 +173,212 @@ class Engine:
             return self.encoder.tokenize(text, images, add_special=True)
         return [TextChunk(tuple(self.model.tokenize(text, add_special=True)))]
 
+    def text_prefix(self, messages: list[Message]) -> tuple[int, ...]:
+        """Tokens of a text-only prompt before its last user message (for snapshots).
+
+        Args:
+            messages: the normalised conversation.
+
+        Returns:
+            The tokens of the messages before the last user message, rendered
+            without a generation prompt; () when there is nothing to snapshot:
+            images in the prompt (their boundaries come from the chunks), no
+            earlier message, no snapshot store, or a template that cannot
+            render the partial chat.
+        """
+        users = [i for i, m in enumerate(messages) if m.role == "user"]
+        if (self.snapshots is None or not users or users[-1] == 0
+                or any(isinstance(p, ImagePart) for m in messages for p in m.parts)):
+            return ()
+        try:
+            text, _ = self.prompt_text(messages[:users[-1]], gen=False)
+        except InvalidRequestError:
+            return ()
+        return tuple(self.model.tokenize(text, add_special=True))
+
     # ------------------------------------------------------------------ KV
     def reset(self) -> None:
+        """Forget the live sequence and every parked conversation."""
         with self.lock:
             self.ctx.clear()
-            self._units, self._starts = [], [0]
+            self.parked.clear()
+            self._units, self._starts, self._prompt_end = [], [0], 0
 
     @property
     def cached_positions(self) -> int:
         return self._starts[len(self._units)] if self._units else 0
 
     def image_embeddings(self, chunk: ImageChunk, stats: PrefillStats | None = None) -> np.ndarray:
-        """Embeddings of an image chunk: RAM cache, then disk cache, then the encoder."""
+        """Embeddings of an image chunk: RAM cache, then disk cache, then the encoder.
+
+        With a disk cache, a missing entry is computed under its inter-process
+        lock, so processes asking for the same image at once encode it once.
+        """
         cached = self.embeddings.get(chunk.key)
+        computed = cached is None
         if cached is None and self.store is not None:
-            cached = self.store.get(chunk.key)
-            if cached is not None and cached.shape != (chunk.n_tokens, self.model.n_embd_inp):
-                cached = None  # a stale entry of another shape: recompute
-            if cached is not None:
-                self.embeddings.put(chunk.key, cached)
-        if cached is not None:
-            if stats:
-                stats.images_from_cache += 1
-            return cached
+            cached, computed = self.store.get_or_compute(
+                chunk.key, lambda: self._encode(chunk, stats),
+                shape=(chunk.n_tokens, self.model.n_embd_inp))
+        elif cached is None:
+            cached = self._encode(chunk, stats)
+        if stats and not computed:
+            stats.images_from_cache += 1
+        self.embeddings.put(chunk.key, cached)
+        return cached
+
+    def _encode(self, chunk: ImageChunk, stats: PrefillStats | None) -> np.ndarray:
         t0 = time.perf_counter()
         embd = self.encoder.encode(chunk)
         if stats:
             stats.encode_ms += (time.perf_counter() - t0) * 1e3
             stats.images_encoded += 1
-        self.embeddings.put(chunk.key, embd)
-        if self.store is not None:
-            self.store.put(chunk.key, embd)
         return embd
 
-    def prefill(self, chunks: list[Chunk]) -> PrefillStats:
-        """Make the context hold ``chunks`` with logits for the last position."""
+    def prefill(self, chunks: list[Chunk], *, text_prefix: tuple[int, ...] = ()) -> PrefillStats:
+        """Make the context hold ``chunks`` with logits for the last position.
+
+        Args:
+            chunks: the prompt.
+            text_prefix: tokens of a text-only prompt before its last user
+                message (:meth:`text_prefix`): a prefix worth a KV snapshot.
+
+        Returns:
+            What was reused, restored, encoded and evaluated.
+        """
         with self.lock:
             units, starts, owners = unit_positions(chunks)
             if not units:
                 raise InvalidRequestError("the prompt is empty")
             total, cells = starts[-1], kv_cells(chunks)
             self.ctx.check_fits(max(total, cells))
-            keep = _common_prefix(self._units, units)
-            if keep == len(units):
-                keep -= 1  # re-evaluate the last unit to get fresh logits
-            boundary = _snapshot_boundary(units) if self.snapshots is not None else 0
-            restored = boundary > keep and self._restore_snapshot(units, starts, boundary)
-            if restored:
-                keep = boundary
-            else:
-                keep = min(keep, len(self._units))  # a refused restore leaves the KV empty
-                self.ctx.truncate(starts[keep])
-                self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
-            stats = PrefillStats(prompt_positions=total, kv_cells=cells,
-                                 reused_positions=starts[keep],
-                                 evaluated_positions=total - starts[keep], snapshot_restored=restored)
+            stats = PrefillStats(prompt_positions=total, kv_cells=cells)
+            boundaries = self._boundaries(units, text_prefix)
+            keep = self._reuse(units, starts, boundaries, stats)
+            self._prompt_end = len(units)
+            stats.reused_positions, stats.evaluated_positions = starts[keep], total - starts[keep]
             t0 = time.perf_counter()
-            save_at = boundary if boundary > keep else 0
+            save_at = {b for b, least in boundaries if b - keep >= least}
             self._evaluate(units, starts, owners, keep, stats, save_at)
             stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
+            stats.images_reused = sum(u[0] == "i" for u in units[:keep])
+            self._estimate_saved(stats)
             self.last_prefill = stats
-            LOG.info("prefill: %d positions, %d reused from the KV cache, %d evaluated; images: "
-                     "%d encoded (%.0f ms), %d from the embedding cache",
-                     stats.prompt_positions, stats.reused_positions, stats.evaluated_positions,
-                     stats.images_encoded, stats.encode_ms, stats.images_from_cache)
+            _log_prefill(stats)
             return stats
 
-    def _restore_snapshot(self, units: list, starts: list[int], boundary: int) -> bool:
-        found = self.snapshots.load(units[:boundary])
-        if found is None or found[0] != starts[boundary]:
-            return False
-        if not self.ctx.restore_state(found[1]):
-            LOG.warning("llama.cpp refused a KV snapshot; evaluating instead")
-            self._units, self._starts = [], [0]
-            return False
-        self._units, self._starts = list(units[:boundary]), list(starts[:boundary + 1])
-        LOG.info("restored a KV snapshot of %d positions", starts[boundary])
-        return True
+    def _estimate_saved(self, stats: PrefillStats) -> None:
+        """Fill ``stats.saved_ms`` at the rates last measured here (this prefill's if none yet)."""
+        rates = self._rates
+        if stats.evaluated_positions >= 32 or not rates["position_ms"]:
+            rates["position_ms"] = stats.decode_ms / max(stats.evaluated_positions, 1)
+        if stats.images_encoded:
+            rates["image_ms"] = stats.encode_ms / stats.images_encoded
+        stats.saved_ms = (stats.reused_positions * rates["position_ms"]
+                          + (stats.images_reused + stats.images_from_cache) * rates["image_ms"])
 
-    def _save_snapshot(self) -> None:
+    def _boundaries(self, units: list, text_prefix: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Snapshot candidates: (prefix length, least gain over what the KV cache holds)."""
+        if self.snapshots is None:
+            return []
+        n_text = common_prefix([("t", t) for t in text_prefix], units) if text_prefix else 0
+        return snapshot_boundaries(units, n_text)
+
+    def _reuse(self, units: list, starts: list[int], boundaries: list[tuple[int, int]],
+               stats: PrefillStats) -> int:
+        """Put the longest prefix of ``units`` at hand into the KV cache: live, parked or snapshot.
+
+        Returns:
+            How many units the KV cache now holds (the last unit is always left out).
+        """
+        limit = len(units) - 1  # the last unit is always evaluated, for its logits
+        live = common_prefix(self._units, units)
+        keep = min(live, limit)
+        parked_key, parked = self.parked.best(units, limit)
+        snapshot = self._find_snapshot(units, starts, boundaries, max(keep, parked))
+        entry = self.parked.take(parked_key) if snapshot is None and parked > keep else None
+        if live < self._prompt_end:
+            self._park()  # the request leaves this conversation: keep it for later
+        if snapshot is not None or entry is not None:
+            t0 = time.perf_counter()
+            if snapshot is not None:
+                keep = self._restore(snapshot[1], units[:snapshot[0]], starts[:snapshot[0] + 1])
+                stats.snapshot_restored = keep > 0
+            else:
+                keep = min(self._restore(entry.state, entry.units, entry.starts), parked)
+                stats.parked_restored = keep > 0
+            stats.restore_ms = (time.perf_counter() - t0) * 1e3
+        self.ctx.truncate(self._starts[keep])
+        self._units, self._starts = self._units[:keep], self._starts[:keep + 1]
+        return keep
+
+    def _find_snapshot(self, units: list, starts: list[int], boundaries: list[tuple[int, int]],
+                       have: int) -> tuple[int, bytes] | None:
+        """(boundary, state) of the longest stored snapshot worth restoring over ``have`` units."""
+        for boundary, least in boundaries:
+            if boundary - have < least:
+                continue
+            found = self.snapshots.load(units[:boundary])
+            if found is not None and found[0] == starts[boundary]:
+                return boundary, found[1]
+        return None
+
+    def _restore(self, state: bytes, units: Any, starts: Any) -> int:
+        """Replace the KV cache with ``state`` holding ``units``; returns len(units), 0 if refused."""
+        if not self.ctx.restore_state(state):
+            LOG.warning("llama.cpp refused a saved KV state; evaluating instead")
+            self._units, self._starts = [], [0]
+            return 0
+        self._units, self._starts = list(units), list(starts)
+        LOG.info("restored a KV state of %d positions", self._starts[-1])
+        return len(self._units)
+
+    def _park(self) -> None:
+        """Keep the live sequence's state in the parked LRU before it is dropped."""
+        if not self._units or self.parked.max_bytes <= 0:
+            return
         try:
-            self.snapshots.save(list(self._units), self.cached_positions, self.ctx.save_state())
+            state = self.ctx.save_state()
+        except EdgeVLMError as exc:
+            LOG.warning("could not park the conversation's KV state: %s", exc)
+            return
+        if self.parked.park(ParkedState(tuple(self._units), tuple(self._starts), state)):
+            LOG.info("parked a conversation of %d positions (%d parked, %.1f MiB)",
+                     self.cached_positions, len(self.parked), self.parked.nbytes / 2**20)
+
+    def _save_snapshot(self, stats: PrefillStats) -> None:
+        try:
+            if self.snapshots.save_once(list(self._units), self.cached_positions, self.ctx.save_state):
+                stats.snapshots_saved += 1
         except Exception as exc:  # noqa: BLE001 - a cache must never break a request
             LOG.warning("could not save a KV snapshot: %s", exc)
 
     def _evaluate(self, units: list, starts: list[int], owners: list[Chunk], first: int,
-                  stats: PrefillStats, save_at: int = 0) -> None:
-        run: list[int] = []
-        run_start = starts[first]
+                  stats: PrefillStats, save_at: set[int]) -> None:
+        """Decode ``units[first:]``: text runs in batches, images and embeddings one by one.
+
+        A snapshot is saved when the KV cache reaches a length in ``save_at``.
+        """
         i = first
         while i < len(units):
             owner = owners[i]
             if isinstance(owner, TextChunk):
-                if not run:
-                    run_start = starts[i]
-                run.append(units[i][1])
-                i += 1
-                continue
-            if run:
-                self.ctx.decode_tokens(run, run_start, logits_last=False)
-                self._commit(units[i - len(run):i], starts[i - len(run):i + 1])
-                run = []
-            if isinstance(owner, ImageChunk):
-                embd = self.image_embeddings(owner, stats)
-                self.encoder.decode(self.ctx, owner, embd, starts[i])
+                j = i + 1
+                while j < len(units) and isinstance(owners[j], TextChunk) and j not in save_at:
+                    j += 1
+                self.ctx.decode_tokens([u[1] for u in units[i:j]], starts[i],
+                                       logits_last=j == len(units))
             else:
-                self.ctx.decode_embeddings(owner.embeddings, starts[i], causal=owner.causal,
-                                           logits_last=i == len(units) - 1)
-            self._commit(units[i:i + 1], starts[i:i + 2])
-            i += 1
-            if i == save_at:
-                self._save_snapshot()
-        if run:
-            self.ctx.decode_tokens(run, run_start, logits_last=True)
-            self._commit(units[len(units) - len(run):], starts[len(units) - len(run):])
+                j = i + 1
+                if isinstance(owner, ImageChunk):
+                    self.encoder.decode(self.ctx, owner, self.image_embeddings(owner, stats), starts[i])
+                else:
+                    self.ctx.decode_embeddings(owner.embeddings, starts[i], causal=owner.causal,
+                                               logits_last=j == len(units))
+            self._commit(units[i:j], starts[i:j + 1])
+            i = j
+            if i in save_at:
+                self._save_snapshot(stats)
 
     def _commit(self, units: list, starts: list[int]) -> None:
         """Record units now in the KV cache; ``starts`` has one more entry (the end)."""
@@ -276,11 +390,12 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, chunks: list[Chunk], options: SamplingOptions,
-                 stats_out: dict[str, Any] | None = None) -> Iterator[str]:
+                 stats_out: dict[str, Any] | None = None, *,
+                 text_prefix: tuple[int, ...] = ()) -> Iterator[str]:
         """Prefill ``chunks`` and stream the reply as text pieces."""
         with self.lock:
             t0 = time.perf_counter()
-            stats = self.prefill(chunks)
+            stats = self.prefill(chunks, text_prefix=text_prefix)
             sampler = Sampler(self.model, temperature=options.temperature, top_k=options.top_k,
                               top_p=options.top_p, min_p=options.min_p,
                               repeat_penalty=options.repeat_penalty,
@@ -363,19 +478,12 @@ class StopMatcher:
         return out
 
 
-def _snapshot_boundary(units: list) -> int:
-    """Units up to and including the last image chunk (0 if none).
-
-    That prefix is what "same image, new question" shares; a prompt that ends
-    with it has nothing after it to ask, so it is not snapshotted.
-    """
-    last = max((i for i, u in enumerate(units) if u[0] == "i"), default=-1)
-    return last + 1 if 0 <= last < len(units) - 1 else 0
-
-
-def _common_prefix(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _log_prefill(stats: PrefillStats) -> None:
+    source = ("a KV snapshot" if stats.snapshot_restored else
+              "a parked conversation" if stats.parked_restored else "the KV cache")
+    LOG.info("prefill: %d positions, %d reused from %s%s, %d evaluated; images: %d reused, "
+             "%d encoded (%.0f ms), %d from the embedding cache; %d snapshot(s) saved; "
+             "about %.0f ms saved", stats.prompt_positions, stats.reused_positions, source,
+             f" ({stats.restore_ms:.0f} ms)" if stats.restore_ms else "",
+             stats.evaluated_positions, stats.images_reused, stats.images_encoded, stats.encode_ms,
+             stats.images_from_cache, stats.snapshots_saved, stats.saved_ms)

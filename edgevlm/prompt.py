@@ -155,6 +155,14 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
+def precompile(template: str) -> None:
+    """Compile a chat template now (load time); errors surface when it is rendered."""
+    try:
+        _compile(template)
+    except Exception:  # noqa: BLE001 - reported by render_template on first use
+        pass
+
+
 def render_template(template: str, messages: list[Message], marker: str, *, gen: bool,
                     bos: str = "", eos: str = "") -> str | None:
     """Render a GGUF chat template; None if it does not carry every part faithfully.

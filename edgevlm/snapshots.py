@@ -1,8 +1,24 @@
 """Persistent KV snapshots: a prompt prefix's KV state saved to disk.
 
-When a prompt contains images, the engine saves the KV state of the prefix
-that ends with the last image chunk; a later process asking a new question
-about the same image(s) restores it instead of encoding and decoding again.
+The engine saves the KV state of two kinds of prefix (see
+:func:`snapshot_boundaries`), and a later process whose prompt starts with
+the same prefix restores it instead of evaluating it again:
+
+* when a prompt contains images, the prefix that ends with the last image
+  chunk: a new question about the same image(s) neither encodes nor decodes
+  them;
+* a long text prefix (at least :data:`MIN_TEXT_SNAPSHOT_TOKENS` tokens more
+  than the KV cache already holds for the request): the text before the
+  first image, or, for a text-only prompt, the prompt before the last user
+  message (system prompt, instructions, few-shot examples). A batch of
+  requests sharing a long instruction prefix reads it once per process
+  start, not once per request.
+
+Snapshots are keyed by the model identity, the context parameters and the
+chunk identities of the prefix, so a prompt with another prefix never
+restores them. Writing one happens under an inter-process lock
+(``edgevlm.cache.entry_lock``); a process that finds the snapshot already
+written by another skips the write.
 
 A snapshot is valid only for the exact model file, llama.cpp build and
 context parameters that made it. Those are stored in the header and checked
@@ -18,17 +34,24 @@ import hashlib
 import json
 import logging
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgevlm.cache import atomic_write, cache_dir, evict_lru, remove_file
+from edgevlm.cache import LOCK_TIMEOUT_S, atomic_write, cache_dir, entry_lock, evict_lru, remove_file
 from edgevlm.errors import EdgeVLMError
 
 LOG = logging.getLogger("edgevlm.cache")
 
 MAGIC = b"EVLMKV\x00\x01"
 FORMAT_VERSION = 1
+
+#: A text prefix is snapshotted (and restored) only when it holds at least this
+#: many tokens beyond what the KV cache already has for the request: shorter
+#: ones evaluate about as fast as a snapshot loads, and a chat that is going on
+#: in this process does not write its history to disk at every turn.
+MIN_TEXT_SNAPSHOT_TOKENS = 128
 
 
 class SnapshotMismatchError(EdgeVLMError, ValueError):
@@ -60,14 +83,36 @@ class SnapshotStore:
     """Snapshots under ``<cache>/kv/``, keyed by identity + prefix units."""
 
     def __init__(self, identity: SnapshotIdentity, root: Path | None = None,
-                 *, max_bytes: int = 4 << 30) -> None:
+                 *, max_bytes: int = 4 << 30, lock_timeout: float = LOCK_TIMEOUT_S) -> None:
         self.identity = identity
         self.root = (root or cache_dir()) / "kv"
         self.max_bytes = max_bytes
+        self.lock_timeout = lock_timeout
 
     def path(self, units: list[tuple[str, Any]]) -> Path:
         key = prefix_key(self.identity, units)
         return self.root / key[:2] / f"{key}.kv"
+
+    def save_once(self, units: list[tuple[str, Any]], n_pos: int,
+                  state: Callable[[], bytes]) -> bool:
+        """Save the snapshot of ``units`` unless some process already has.
+
+        Args:
+            units: the prefix's identity units.
+            n_pos: positions the prefix occupies.
+            state: returns the KV state bytes (called only when writing).
+
+        Returns:
+            True if this call wrote the file.
+        """
+        path = self.path(units)
+        if path.exists():
+            return False
+        with entry_lock(self.root.parent, "kv", path.stem, self.lock_timeout) as held:
+            if not held or path.exists():
+                return False
+            self.save(units, n_pos, state())
+            return True
 
     def save(self, units: list[tuple[str, Any]], n_pos: int, state: bytes) -> Path:
         header = json.dumps({"version": FORMAT_VERSION, "identity": asdict(self.identity),
@@ -124,3 +169,32 @@ def read_snapshot(path: Path, identity: SnapshotIdentity) -> tuple[int, bytes]:
     if hashlib.sha256(state).digest() != digest:
         raise ValueError("state checksum mismatch")
     return int(header["n_pos"]), state
+
+
+def snapshot_boundaries(units: list[tuple[str, Any]], text_prefix: int = 0) -> list[tuple[int, int]]:
+    """Prefixes worth a snapshot, longest first, as (length in units, least gain).
+
+    A snapshot is saved, or restored, only when its prefix is at least ``least
+    gain`` units longer than what the KV cache already holds for the request.
+
+    Args:
+        units: the request's identity units.
+        text_prefix: for a text-only prompt, the units before its last user
+            message (0 = none).
+
+    Returns:
+        The end of the last image chunk when something follows it
+        (least gain 1); the start of the first image, or ``text_prefix``
+        without images (least gain :data:`MIN_TEXT_SNAPSHOT_TOKENS`). A
+        prompt that ends at a boundary has nothing after it to ask, so that
+        boundary is left out.
+    """
+    media = [i for i, u in enumerate(units) if u[0] != "t"]
+    images = [i for i in media if units[i][0] == "i"]
+    out = []
+    if images and images[-1] + 1 < len(units):
+        out.append((images[-1] + 1, 1))
+    text = media[0] if media else text_prefix
+    if 0 < text < len(units):
+        out.append((text, MIN_TEXT_SNAPSHOT_TOKENS))
+    return out

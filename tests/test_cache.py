@@ -110,3 +110,47 @@ def test_cache_command(siglip_f32, painting):
     assert clear.exit_code == 0
     after = runner.invoke(cli, ["cache", "info"]).output
     assert "embeddings: 0 entries" in after and "kv snapshots: 0 entries" in after
+
+
+def test_lock_timeout_computes_without_caching(tmp_path, caplog):
+    from edgevlm.cache import entry_lock
+
+    store = EmbeddingStore(tmp_path, lock_timeout=0.2)
+    digest = store._path("k").stem
+    with entry_lock(tmp_path, "emb", digest, timeout=1) as held:  # another holder, e.g. a stuck process
+        assert held
+        array, computed = store.get_or_compute("k", lambda: _array(3))
+    assert computed and np.array_equal(array, _array(3))
+    assert store.get("k") is None, "an entry was written without holding its lock"
+    assert "could not lock" in caplog.text
+    array, computed = store.get_or_compute("k", lambda: _array(4))  # the lock is free again
+    assert computed and np.array_equal(store.get("k"), _array(4))
+    assert store.get_or_compute("k", lambda: _array(5))[1] is False
+
+
+def _embed_after_barrier(folder: str, image: str, barrier, results) -> None:
+    with edgevlm.load(folder, n_ctx=256, n_threads=1) as vlm:
+        barrier.wait(120)
+        emb = vlm.embed_image(image)
+        results.put((vlm.encoder_calls, emb.shape))
+
+
+def test_two_processes_asking_together_encode_once(siglip_f32, painting):
+    """Both processes start encoding at the same moment; the lock lets one encoder run in total."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_embed_after_barrier, args=(str(siglip_f32), str(painting), barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(calls for calls, _ in got) == [0, 1], got
+    assert got[0][1] == got[1][1]
+    entries = EmbeddingStore().entries()
+    assert len(entries) == 1 and not list(cache_dir().rglob("*.tmp"))
+    with edgevlm.load(siglip_f32, n_ctx=256, n_threads=1) as vlm:
+        vlm.embed_image(painting)
+        assert vlm.encoder_calls == 0  # the entry is valid

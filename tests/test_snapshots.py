@@ -101,8 +101,77 @@ def test_refused_restore_falls_back_to_full_evaluation(siglip_f32, painting, mon
         full = fresh.next_token_logits(follow)
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_messages(painting, "Genre?"))  # snapshot saved, prefix cached
+        vlm.engine.parked.max_bytes = 0  # no parked state to fall back on: the snapshot is the way
         vlm.next_token_logits([{"role": "user", "content": "USER text only"}])  # diverge early
         monkeypatch.setattr(vlm.engine.ctx, "restore_state", lambda data: (vlm.engine.ctx.clear(), False)[1])
         logits = vlm.next_token_logits(follow)
         assert not vlm.engine.last_prefill.snapshot_restored
     np.testing.assert_allclose(logits, full, rtol=0, atol=1e-4)
+
+
+LONG_SYSTEM = " ".join(["You are a careful assistant that describes pictures in plain words."] * 4)
+
+_PROCESS = """
+import json, sys
+import numpy as np
+import edgevlm
+vlm = edgevlm.load(sys.argv[1], n_ctx=512, kv_type="f32", n_threads=2)
+np.save(sys.argv[3], vlm.next_token_logits(json.loads(sys.argv[2])))
+p = vlm.engine.last_prefill
+print(json.dumps({"restored": p.snapshot_restored, "reused": p.reused_positions,
+                  "saved": p.snapshots_saved}))
+"""
+
+
+def _in_new_process(folder, messages, out):
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", _PROCESS, str(folder), json.dumps(messages), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _text_chat(system, question):
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def test_long_text_prefix_snapshot_restored_in_new_process(siglip_f32, tmp_path):
+    from edgevlm.snapshots import MIN_TEXT_SNAPSHOT_TOKENS
+
+    first = _in_new_process(siglip_f32, _text_chat(LONG_SYSTEM, "What is a cat?"), tmp_path / "a.npy")
+    assert first == {"restored": False, "reused": 0, "saved": 1}
+    follow = _text_chat(LONG_SYSTEM, "Name three colours.")
+    second = _in_new_process(siglip_f32, follow, tmp_path / "b.npy")
+    assert second["restored"] and second["reused"] >= MIN_TEXT_SNAPSHOT_TOKENS and second["saved"] == 0
+    with _load(siglip_f32, cache=False) as fresh:
+        full = fresh.next_token_logits(follow)
+        assert second["reused"] < fresh.engine.last_prefill.prompt_positions - 5  # the question was evaluated
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), full, rtol=0, atol=1e-4)
+    other = _text_chat(LONG_SYSTEM.replace("careful", "cheerful"), "Name three colours.")
+    third = _in_new_process(siglip_f32, other, tmp_path / "c.npy")
+    assert not third["restored"] and third["saved"] == 1
+
+
+def test_short_text_prefix_is_not_snapshotted(siglip_f32):
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(_text_chat("Be brief.", "What is a cat?"))
+        assert vlm.engine.last_prefill.snapshots_saved == 0
+        assert not list(vlm.engine.snapshots.root.rglob("*.kv"))
+
+
+def test_text_before_first_image_is_shared_across_images(siglip_f32, painting, square_image):
+    def ask(image):
+        return [{"role": "system", "content": LONG_SYSTEM}] + _messages(image, "Describe it.")
+
+    other = square_image(40, seed=11)
+    with _load(siglip_f32) as vlm:
+        vlm.next_token_logits(ask(painting))
+        assert vlm.engine.last_prefill.snapshots_saved == 2  # text prefix + image prefix
+    with _load(siglip_f32) as vlm:
+        restored = vlm.next_token_logits(ask(other))
+        pre = vlm.engine.last_prefill
+        assert pre.snapshot_restored and pre.images_encoded == 1 and pre.reused_positions >= 128
+    with _load(siglip_f32, cache=False) as fresh:
+        full = fresh.next_token_logits(ask(other))
+    np.testing.assert_allclose(restored, full, rtol=0, atol=1e-4)

@@ -44,6 +44,13 @@ class LoadedImage:
     source: str
 
 
+def preload_decoders() -> None:
+    """Import PIL and its common format plugins now (load time), not in the first request."""
+    from PIL import Image, ImageOps  # noqa: F401
+
+    Image.preinit()
+
+
 def load_image(image: Any, *, max_side: int = MAX_SIDE) -> LoadedImage:
     """Decode ``image`` (path, bytes, data URL, file:// URL or PIL image).
 

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgevlm
+import edgevlm.cache
 from edgevlm.cli.chat import ChatSession
 from edgevlm.cli.main import cli
 
@@ -81,6 +82,35 @@ def test_bench_json(siglip_f32, painting):
         assert key in report, key
     assert report["follow_up_images_encoded"] == 0
     assert report["follow_up_evaluated_tokens"] < report["follow_up_prompt_tokens"]
+    assert report["follow_up_reused_positions"] == (report["follow_up_prompt_tokens"]
+                                                    - report["follow_up_evaluated_tokens"])
+    assert report["follow_up_saved_ms_estimate"] > 0
+    # a fresh process asking the follow-up about the same image restores the image prefix
+    assert report["restart_snapshot_restored"] and report["restart_images_encoded"] == 0
+    assert report["restart_reused_positions"] > report["image_tokens"]
+    assert not list((edgevlm.cache.cache_dir()).rglob("*.kv")), "bench wrote into the user's cache"
+
+
+def test_bench_compare_smoke(siglip_f32, painting):
+    # one thread: ggml's spinning thread barriers crawl on a busy 2-core machine
+    res = _run("bench", "--model", str(siglip_f32), "--image", str(painting), "--json", "--max-tokens", "2",
+               "--threads", "1", "--compare", "llama-cpp-python", "--batch-size", "2", "--prefix-tokens", "40",
+               "--restart-rounds", "1")
+    assert res.exit_code == 0, res.output
+    cmp = json.loads(res.output)["compare"]
+    assert cmp["peer"].startswith("llama-cpp-python") and cmp["max_tokens"] == 2
+    conv = cmp["conversation"]
+    for turn in ("turn1_ttft_ms", "turn2_ttft_ms"):
+        assert conv[turn]["edgevlm"] > 0 and conv[turn]["peer"] > 0 and conv[turn]["ratio"] > 0
+    assert conv["edgevlm_turn2_images_encoded"] == 0 and conv["edgevlm_turn2_reused_positions"] > 16
+    after = conv["turn1_positions_after"]  # both engines saw the same prompt (within template spacing)
+    assert abs(after["edgevlm"] - after["peer"]) <= 4, after
+    batch = cmp["batch"]
+    assert batch["images"] == 2 and batch["prefix_tokens"] >= 40 and batch["peer_total_ms"] > 0
+    assert batch["edgevlm_reused_positions"] >= batch["prefix_tokens"]  # the second image reused the prefix
+    restart = cmp["restart"]
+    assert restart["restart_snapshot_restored"] and restart["restart_images_encoded"] == 0
+    assert restart["restart_evaluated_positions"] < batch["prompt_positions"]
 
 
 def test_convert_command(llava_siglip_checkpoint, tmp_path):

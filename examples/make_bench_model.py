@@ -1,0 +1,71 @@
+"""Build a realistically sized random LLaVA GGUF pair for `edgevlm bench` (nothing downloaded).
+
+Usage (from a source checkout, with the test extras installed):
+    python examples/make_bench_model.py OUT_DIR [--keep-checkpoint]
+
+The llava-hf checkpoint has random weights in the shapes that decide speed:
+a CLIP ViT-B/16 tower (hidden 768, 12 layers, 12 heads, 224 px, 196 image
+tokens) and a 0.5B-shaped Llama (hidden 896, 24 layers, 14 heads, 2 KV
+heads, FFN 4864, 32000-piece sentencepiece vocabulary). It is converted with
+edgevlm's converter: Q8_0 LLM, f16 projector. The answers are gibberish; the
+timings are those of a real model of that shape. (llama.cpp's CLIP graph
+mis-orders the class token; that changes numbers, not speed.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Shapes of the bench model (keyword arguments of build_llava_checkpoint).
+BENCH_SHAPE: dict[str, Any] = dict(
+    tower="clip", vision_hidden=768, vision_layers=12, vision_heads=12, vision_ffn=3072,
+    image_size=224, patch_size=16, text_hidden=896, text_layers=24, text_heads=14,
+    text_kv_heads=2, text_ffn=4864, vocab_size=32000, torch_dtype="float16")
+
+
+def make_bench_model(out_dir: Path, *, shape: dict[str, Any] | None = None, quant: str = "q8_0",
+                     vision_type: str = "f16", keep_checkpoint: bool = False) -> Path:
+    """Build the random checkpoint and convert it into ``out_dir``.
+
+    Args:
+        out_dir: Folder for the GGUF pair (created).
+        shape: Keyword arguments for ``build_llava_checkpoint`` (default :data:`BENCH_SHAPE`).
+        quant: LLM quantisation.
+        vision_type: Projector matrix type.
+        keep_checkpoint: Keep the Hugging Face folder in ``out_dir/hf``.
+
+    Returns:
+        ``out_dir``, holding one LLM GGUF and one ``mmproj-*.gguf``.
+    """
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from edgevlm.convert import convert
+    from tests.fixtures.checkpoints import build_llava_checkpoint
+
+    out_dir = Path(out_dir)
+    checkpoint = build_llava_checkpoint(out_dir / "hf", **(shape or BENCH_SHAPE))
+    convert(checkpoint, out_dir, quant=quant, vision_type=vision_type, name="bench-llava")
+    if not keep_checkpoint:
+        shutil.rmtree(checkpoint)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--keep-checkpoint", action="store_true")
+    args = parser.parse_args(argv)
+    out = make_bench_model(args.out_dir, keep_checkpoint=args.keep_checkpoint)
+    for path in sorted(out.glob("*.gguf")):
+        print(f"{path}  {path.stat().st_size / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
