@@ -173,15 +173,17 @@ class VisionTower:
         path: the projector GGUF.
         device: ggml device ("auto", "cpu", "cuda", "metal", or a device name).
         n_threads: CPU threads.
-        flash_attn: fused flash attention (f16 K/V, f32 accumulation) instead of
-            f32 softmax(QK^T)V.
+        flash_attn: fused flash attention (f16 K/V, f32 accumulation; libmtmd's
+            default too) instead of f32 softmax(QK^T)V. Measured on a 2-core
+            AVX-512 CPU, ViT-L/14-336: 8-25 % faster, per-token cosine against
+            transformers unchanged (0.9999999 on the test towers).
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
-                 flash_attn: bool = False) -> None:
+                 flash_attn: bool = True) -> None:
         self.path = Path(path)
         self.flash_attn = flash_attn
         self.meta, tensors = read_gguf_tensors(self.path)

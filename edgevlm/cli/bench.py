@@ -47,15 +47,25 @@ def peak_rss_mb() -> float:
               help="With --compare: length of the batch's fixed instruction prefix.")
 @click.option("--restart-rounds", type=click.IntRange(min=1), default=2, show_default=True,
               help="With --compare: cold/restart process pairs (the best of each is reported).")
+@click.option("--encode-repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed image encodes after the first (image_encode_ms is their median).")
+@click.option("--reference", type=click.Choice(["torch"]), default=None,
+              help="Also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compare: str | None,
-          batch_size: int, prefix_tokens: int, restart_rounds: int, as_json: bool,
-          **params: Any) -> None:
+          batch_size: int, prefix_tokens: int, restart_rounds: int, encode_repeats: int,
+          reference: str | None, as_json: bool, **params: Any) -> None:
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     vlm = load_from_options(params)
     spec = probe_spec(params)
-    report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec)
+    report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
+                       encode_repeats=encode_repeats)
     report["threads"] = params["n_threads"]
+    if reference and image is not None:
+        from edgevlm.cli.bench_vision import reference_pixels, torch_reference_times
+
+        report.update(torch_reference_times(vlm.mmproj_path, reference_pixels(vlm.mmproj_path, image),
+                                            vlm.engine.ctx.options.threads()[1], encode_repeats))
     if compare:
         from edgevlm.cli.bench_compare import run_compare
 
@@ -101,7 +111,7 @@ def cold_caches(vlm: Any) -> Iterator[Path]:
 
 
 def run_bench(vlm: Any, image: str | None, prompt: str, follow_up: str, max_tokens: int,
-              load_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+              load_spec: dict[str, Any] | None = None, encode_repeats: int = 3) -> dict[str, Any]:
     """Run the benchmark conversation on a loaded VLM; returns the report dict.
 
     Args:
@@ -118,10 +128,14 @@ def run_bench(vlm: Any, image: str | None, prompt: str, follow_up: str, max_toke
                               "machine": platform.machine(), "model_load_ms": round(vlm.load_ms, 1)}
     if image is not None:
         with cold_caches(vlm):
+            from edgevlm.cli.bench_vision import time_encoder
+
             t0 = time.perf_counter()
             emb = vlm.embed_image(image)
-            report["image_encode_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+            report["image_encode_first_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
             report["image_tokens"] = int(emb.shape[0])
+            report["vision_engine"] = vlm.vision_engine
+            report["image_encode_ms"] = time_encoder(vlm, image, encode_repeats)
     with cold_caches(vlm) as root:
         first, second = conversation(vlm, image, prompt, follow_up, max_tokens)
         report.update(_conversation_report(first, second))

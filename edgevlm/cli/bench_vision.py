@@ -24,19 +24,32 @@ _PARTS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
           "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 
 
-def time_encoder(vlm: Any, image: Any, repeats: int) -> dict[str, float]:
-    """First and median encode time of ``image`` with the loaded engine (no caches)."""
+def time_encoder(vlm: Any, image: Any, repeats: int) -> float:
+    """Median time (ms) of ``repeats`` encodes of ``image`` with the loaded engine (no caches)."""
     encoder = vlm.engine.encoder
     chunks = [c for c in encoder.tokenize(encoder.marker, [_load(image)], add_special=False)
               if hasattr(c, "key")]
     times = []
-    for _ in range(max(1, repeats) + 1):
+    for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         for chunk in chunks:
             encoder.encode(chunk)
         times.append((time.perf_counter() - t0) * 1e3)
-    return {"image_encode_first_ms": round(times[0], 1),
-            "image_encode_ms": round(statistics.median(times[1:]), 1)}
+    return round(statistics.median(times), 1)
+
+
+def reference_pixels(mmproj: Path, image: Any) -> np.ndarray:
+    """The image preprocessed as the projector's image processor does: (3, S, S) float32."""
+    from PIL import Image
+
+    from edgevlm.kernels.vision import read_gguf_tensors, read_tower_config
+    from edgevlm.vision.preprocess import preprocess
+
+    meta, raw = read_gguf_tensors(mmproj)
+    cfg = read_tower_config(meta, set(raw))
+    loaded = _load(image)
+    pil = Image.frombytes("RGB", (loaded.width, loaded.height), loaded.rgb)
+    return preprocess(pil, size=cfg.image_size, mode=cfg.resize, mean=cfg.image_mean, std=cfg.image_std)
 
 
 def _load(image: Any) -> Any:

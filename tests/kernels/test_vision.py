@@ -151,3 +151,33 @@ def test_every_projector_type_runs_on_both_engines(vision_type, llava_siglip_che
         with edgevlm.load(tmp_path, n_ctx=256, n_threads=2, vision_engine=engine, cache=False) as vlm:
             cos = cosine_rows(vlm.embed_image(image), f32)
         assert cos.min() >= 0.99, f"{engine} {vision_type}: cosine {cos.min():.5f}"
+
+
+def test_torch_reference_of_the_bench_is_the_same_model(clip_f32, llava_clip_checkpoint, square_image):
+    """``bench --reference torch`` rebuilds the tower from the GGUF: it must equal transformers."""
+    import torch
+
+    from edgevlm.cli.bench_vision import reference_pixels, torch_tower
+
+    image = square_image(32, seed=13)
+    mmproj = next(clip_f32.glob("mmproj-*.gguf"))
+    with torch.no_grad():
+        ours = torch_tower(mmproj)(torch.from_numpy(reference_pixels(mmproj, image))[None])[0].numpy()
+    assert cosine_rows(ours, hf_image_embeddings(llava_clip_checkpoint, image)).min() >= 0.9999
+
+
+def test_bench_reports_both_engines_and_the_torch_reference(clip_f32, square_image):
+    from click.testing import CliRunner
+
+    from edgevlm.cli.main import cli
+
+    image = square_image(32, seed=14)
+    for engine in ("kernels", "mtmd"):
+        result = CliRunner().invoke(cli, ["bench", "-m", str(clip_f32), "--image", str(image), "--json",
+                                          "--max-tokens", "2", "--threads", "1", "--vision-engine", engine,
+                                          "--reference", "torch", "--encode-repeats", "1"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        assert report["vision_engine"] == engine
+        for key in ("image_encode_ms", "image_encode_first_ms", "torch_f32_encode_ms", "torch_bf16_encode_ms"):
+            assert report[key] > 0, key
