@@ -29,6 +29,17 @@ BENCH_SHAPE: dict[str, Any] = dict(
     text_kv_heads=2, text_ffn=4864, vocab_size=32000, torch_dtype="float16")
 
 
+#: Tower variants (``--tower``): the default ViT-B/16, and ViT-L/14 at 336 px as in
+#: LLaVA-1.5 (576 image tokens); ``siglip-l14-336`` times vision engines on a SigLIP tower.
+TOWERS: dict[str, dict[str, Any]] = {
+    "clip-b16-224": {},
+    "clip-l14-336": dict(tower="clip", vision_hidden=1024, vision_layers=24, vision_heads=16,
+                         vision_ffn=4096, image_size=336, patch_size=14),
+    "siglip-l14-336": dict(tower="siglip", vision_hidden=1024, vision_layers=24, vision_heads=16,
+                           vision_ffn=4096, image_size=336, patch_size=14),
+}
+
+
 def make_bench_model(out_dir: Path, *, shape: dict[str, Any] | None = None, quant: str = "q8_0",
                      vision_type: str = "f16", keep_checkpoint: bool = False) -> Path:
     """Build the random checkpoint and convert it into ``out_dir``.
@@ -60,8 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--keep-checkpoint", action="store_true")
+    parser.add_argument("--tower", choices=sorted(TOWERS), default="clip-b16-224")
+    parser.add_argument("--vision-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16")
     args = parser.parse_args(argv)
-    out = make_bench_model(args.out_dir, keep_checkpoint=args.keep_checkpoint)
+    out = make_bench_model(args.out_dir, shape={**BENCH_SHAPE, **TOWERS[args.tower]},
+                           vision_type=args.vision_type, keep_checkpoint=args.keep_checkpoint)
     for path in sorted(out.glob("*.gguf")):
         print(f"{path}  {path.stat().st_size / 2**20:.0f} MiB")
     return 0
