@@ -1,8 +1,8 @@
 """edgevlm.kernels: compute graphs on ggml's CPU/CUDA/Metal kernels.
 
-Role (see kernels/README.md): vision towers and adapters that llama.cpp's
-multimodal library lacks (the OmniFusion adapter) or computes wrongly (CLIP
-towers in its LLaVA graph), run through ctypes bindings to the ggml libraries
-that llama-cpp-python ships. Nothing is implemented yet: the runtime uses
-libmtmd for every projector until this package lands.
+Vision towers and adapters that llama.cpp's multimodal library lacks (the
+OmniFusion adapter) or computes wrongly (CLIP towers in its LLaVA graph), run
+through ctypes bindings to the ggml libraries that llama-cpp-python ships.
+See kernels/README.md. Nothing is loaded at import time: the libraries are
+opened (and their struct layouts checked) on first use.
 """
