@@ -91,11 +91,11 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     template = chat_template if chat_template is not None else llm.chat_template()
     family = family or llm.meta(KEY_PROMPT_FAMILY) or _guess_family(files)
     store = snapshots = None
-    if cache and encoder is not None:
+    if cache:
         from edgevlm.cache import EmbeddingStore
         from edgevlm.snapshots import SnapshotStore
 
-        store = EmbeddingStore()
+        store = EmbeddingStore() if encoder is not None else None
         snapshots = SnapshotStore(_snapshot_identity(files, ctx, encoder))
     engine = Engine(llm, ctx, encoder, template=template, family=family, store=store,
                     snapshots=snapshots, layout=layout_for(llm, encoder) if encoder else None)
@@ -123,7 +123,8 @@ def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> An
     from edgevlm.cache import file_identity
     from edgevlm.snapshots import SnapshotIdentity
 
-    return SnapshotIdentity(model=file_identity(files.llm), projector=encoder.identity,
+    return SnapshotIdentity(model=file_identity(files.llm),
+                            projector=encoder.identity if encoder is not None else "none",
                             build=f"{llama_cpp.__version__} {native.system_info()}",
                             n_ctx=ctx.n_ctx, kv_type=ctx.options.kv_type,
                             flash_attn=ctx.flash_attn_type)

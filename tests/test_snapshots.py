@@ -175,3 +175,21 @@ def test_text_before_first_image_is_shared_across_images(siglip_f32, painting, s
     with _load(siglip_f32, cache=False) as fresh:
         full = fresh.next_token_logits(ask(other))
     np.testing.assert_allclose(restored, full, rtol=0, atol=1e-4)
+
+
+def test_text_only_model_snapshots_its_long_prefix(siglip_f32, tmp_path):
+    """An LLM loaded without a projector still snapshots long instruction prefixes."""
+    import shutil
+
+    llm = shutil.copy(next(p for p in siglip_f32.glob("*.gguf") if not p.name.startswith("mmproj-")),
+                      tmp_path / "text-only.gguf")
+    with edgevlm.load(llm, n_ctx=512, kv_type="f32", n_threads=2) as vlm:
+        assert vlm.engine.encoder is None
+        vlm.next_token_logits(_text_chat(LONG_SYSTEM, "What is a cat?"))
+        assert vlm.engine.last_prefill.snapshots_saved == 1
+    follow = _text_chat(LONG_SYSTEM, "Name three colours.")
+    with edgevlm.load(llm, n_ctx=512, kv_type="f32", n_threads=2) as vlm:
+        restored = vlm.next_token_logits(follow)
+        assert vlm.engine.last_prefill.snapshot_restored
+    with edgevlm.load(llm, n_ctx=512, kv_type="f32", n_threads=2, cache=False) as vlm:
+        np.testing.assert_allclose(restored, vlm.next_token_logits(follow), rtol=0, atol=1e-4)
