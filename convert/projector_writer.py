@@ -261,14 +261,7 @@ def check_tower_shapes(specs: Mapping[str, TensorSpec], cfg: VisionConfig, n_lay
     for i in range(n_layers):
         expected[f"v.blk.{i}.attn_q.weight"] = (cfg.hidden_size, cfg.hidden_size)
         expected[f"v.blk.{i}.ffn_up.weight"] = (cfg.intermediate_size, cfg.hidden_size)
-    for name, shape in expected.items():
-        if name not in specs:
-            raise ConversionError(f"vision tensor for {name!r} is missing from the "
-                                  "checkpoint; the download may be incomplete.")
-        if specs[name].shape != shape:
-            raise ConversionError(
-                f"tensor {specs[name].source!r} has shape {list(specs[name].shape)} but "
-                f"config.json implies {list(shape)}.")
+    check_projector_shapes(specs, expected)
 
 
 def image_processor_config(folder: Path) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from tests.helpers import assert_gguf_roundtrip, expected_tower
+from tests.helpers import checkpoint_state as _state
+from tests.helpers import rope_permute as _rope_permute
 
 _LLAMA_PARTS = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -15,25 +17,6 @@ _LLAMA_PARTS = {
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-
-
-def _rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's interleaved layout: rows (head, pair, half) -> (head, half, pair)."""
-    out = np.empty_like(w)
-    head_dim = w.shape[0] // n_head
-    half = head_dim // 2
-    for h in range(n_head):
-        for i in range(half):
-            out[h * head_dim + 2 * i] = w[h * head_dim + i]
-            out[h * head_dim + 2 * i + 1] = w[h * head_dim + half + i]
-    return out
-
-
-def _state(folder: Path) -> dict[str, np.ndarray]:
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(path))
-    return state
 
 
 def expected_llm(folder: Path, n_head: int = 4, n_kv: int = 2) -> dict[str, np.ndarray]:
