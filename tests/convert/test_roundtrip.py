@@ -5,42 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 from tests.helpers import assert_gguf_roundtrip, expected_tower
 from tests.helpers import checkpoint_state as _state
-from tests.helpers import rope_permute as _rope_permute
-
-_LLAMA_PARTS = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def expected_llm(folder: Path, n_head: int = 4, n_kv: int = 2) -> dict[str, np.ndarray]:
-    """Reference llama GGUF tensors computed from the checkpoint."""
-    out = {}
-    for name, value in _state(folder).items():
-        local = name.replace("model.language_model.", "").replace("language_model.model.", "")
-        local = local.replace("language_model.", "")
-        if local == "embed_tokens.weight":
-            out["token_embd.weight"] = value
-        elif local == "norm.weight":
-            out["output_norm.weight"] = value
-        elif local == "lm_head.weight":
-            out["output.weight"] = value
-        elif local.startswith("layers."):
-            _, idx, rest = local.split(".", 2)
-            part, kind = rest.rsplit(".", 1)
-            if part == "self_attn.q_proj":
-                value = _rope_permute(value, n_head)
-            elif part == "self_attn.k_proj":
-                value = _rope_permute(value, n_kv)
-            out[f"blk.{idx}.{_LLAMA_PARTS[part]}.{kind}"] = value
-    return out
-
+from tests.helpers import expected_llm_tensors as expected_llm
 
 def expected_mmproj(folder: Path, n_keep: int) -> dict[str, np.ndarray]:
     """Reference projector tensors: first ``n_keep`` tower blocks, no post-LN, no head."""
