@@ -8,18 +8,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["ARCHITECTURES", "ConversionResult", "Converter", "convert", "detect_architecture",
-           "register", "supported_architectures"]
+__all__ = ["ARCHITECTURES", "ConversionResult", "Converter", "ConverterOption", "convert",
+           "detect_architecture", "family_options", "register", "supported_architectures"]
 
 _LAZY = {
     "ConversionResult": "api", "convert": "api", "ARCHITECTURES": "base", "Converter": "base",
     "detect_architecture": "base", "register": "base", "supported_architectures": "base",
+    "ConverterOption": "base", "family_options": "base",
 }
 
 if TYPE_CHECKING:
     from .api import ConversionResult, convert
-    from .base import (ARCHITECTURES, Converter, detect_architecture, register,
-                       supported_architectures)
+    from .base import (ARCHITECTURES, Converter, ConverterOption, detect_architecture,
+                       family_options, register, supported_architectures)
 
 
 def __getattr__(name: str) -> Any:

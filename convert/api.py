@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgevlm.constants import GGUF_SUFFIX, MMPROJ_PREFIX
 
@@ -70,8 +71,7 @@ def _atomic_outputs(*finals: Path) -> Iterator[tuple[Path, ...]]:
 
 def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
             vision_type: str = "f16", architecture: str | None = None, name: str | None = None,
-            vision_tower: str | Path | None = None, adapter_heads: int | None = None,
-            progress: Callable[[str], None] | None = None) -> ConversionResult:
+            progress: Callable[[str], None] | None = None, **options: Any) -> ConversionResult:
     """Convert a Hugging Face vision-language checkpoint into an LLM GGUF and an mmproj GGUF.
 
     Args:
@@ -82,11 +82,11 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
         vision_type: Projector matrix type: one of ``VISION_QUANT_TYPES``.
         architecture: Override the detected architecture (``config.json["architectures"][0]``).
         name: Base file name; defaults to the lower-cased source folder name.
-        vision_tower: Local CLIP folder of a family that ships without its tower
-            (OmniFusion: required).
-        adapter_heads: OmniFusion: attention heads of an adapter saved as a plain
-            state dict (read from the file otherwise).
         progress: Called with one human-readable line per step.
+        options: Family-specific options (``Converter.options`` of the family;
+            ``edgevlm.convert.family_options()`` lists them): e.g. OmniFusion's
+            ``vision_tower`` (local CLIP folder, required) and ``adapter_heads``.
+            ``None`` values are ignored.
 
     Returns:
         Paths, sizes and notes of the written files.
@@ -104,10 +104,8 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
     vtype = check_vision_type(vision_type)
     folder = check_source_folder(Path(source))
     arch = architecture or detect_architecture(folder)
-    options = {key: value for key, value in (("vision_tower", vision_tower),
-                                              ("adapter_heads", adapter_heads))
-               if value is not None}
-    converter = converter_class(arch)(folder, log, **options)
+    given = {key: value for key, value in options.items() if value is not None}
+    converter = converter_class(arch)(folder, log, **given)
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     base = name or folder.resolve().name.lower()

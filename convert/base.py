@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,6 +32,35 @@ BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion", "qwen2vl")
 """Modules of this package that register converters (imported on first lookup)."""
 
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ConverterOption:
+    """A family-specific option of :func:`edgevlm.convert.convert` (and ``edgevlm convert``).
+
+    Attributes:
+        name: keyword name (``vision_tower``); the CLI flag is ``--vision-tower``.
+        kind: ``"path"``, ``"int"`` (a positive integer) or ``"str"``.
+        help: one line for ``--help``.
+    """
+
+    name: str
+    kind: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def family_options() -> list[tuple[ConverterOption, tuple[str, ...]]]:
+    """Every family-specific option with the architectures that take it (for the CLI)."""
+    load_builtin_converters()
+    found: dict[str, tuple[ConverterOption, list[str]]] = {}
+    for cls in sorted(set(ARCHITECTURES.values()), key=lambda c: c.architectures[0]):
+        for option in cls.options:
+            found.setdefault(option.name, (option, []))[1].append(cls.architectures[0])
+    return [(option, tuple(users)) for option, users in found.values()]
 
 
 def edgevlm_version() -> str:
@@ -138,14 +168,6 @@ def converter_class(architecture: str) -> type[Converter]:
             f"{', '.join(sorted(ARCHITECTURES))}.") from None
 
 
-def _edgevlm_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("edgevlm")
-    except Exception:  # noqa: BLE001 - metadata missing in odd installs
-        return "0+unknown"
-
-
 def split_names(names: Sequence[str],
                 prefixes: Sequence[tuple[str, str]]) -> dict[str, str]:
     """Map checkpoint names to local names using the first matching prefix rewrite.
@@ -172,7 +194,7 @@ class Converter:
     Subclasses set :attr:`text_prefixes`, :attr:`vision_prefixes`,
     :attr:`projector_prefixes` and override the hooks below. Extra keyword
     options of :func:`edgevlm.convert.convert` (``vision_tower``...) reach only
-    converters that list them in :attr:`option_names`.
+    converters that declare them in :attr:`options`.
     """
 
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -184,7 +206,12 @@ class Converter:
     text_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     vision_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     projector_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
-    option_names: ClassVar[tuple[str, ...]] = ()
+    options: ClassVar[tuple[ConverterOption, ...]] = ()
+    """Family-specific options this converter takes (shown by ``edgevlm convert --help``)."""
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(option.name for option in cls.options)
 
     def __init__(self, folder: Path, log: Log | None = None, **options: Any) -> None:
         """Open and validate the checkpoint in ``folder``.
@@ -192,19 +219,19 @@ class Converter:
         Args:
             folder: Checkpoint folder.
             log: Progress callback.
-            options: Family-specific options named in :attr:`option_names`.
+            options: Family-specific options declared in :attr:`options`.
 
         Raises:
             ConversionError: an option this family does not take, or a bad checkpoint.
         """
         self.folder = check_source_folder(folder)
         self.log: Log = log or (lambda _msg: None)
-        unknown = sorted(set(options) - set(self.option_names))
+        unknown = sorted(set(options) - set(self.option_names()))
         if unknown:
             raise ConversionError(
                 f"option {unknown[0]}= (--{unknown[0].replace('_', '-')}) does not apply to "
                 f"{self.architectures[0]} checkpoints.")
-        self.options: dict[str, Any] = dict(options)
+        self.settings: dict[str, Any] = dict(options)
         self.notes: list[str] = []
         self.open()
         self.validate()

@@ -39,7 +39,7 @@ import numpy as np
 from edgevlm import constants
 from edgevlm.errors import ConversionError, ModelNotFoundError, UnsupportedModelError
 
-from .base import Converter, register, split_names
+from .base import Converter, ConverterOption, register, split_names
 from .checkpoint import ArrayReader, CheckpointReader, ReaderChain, TensorSource
 from .config import TextConfig, VisionConfig, read_config_json
 from .llava import SUPPORTED_TEXT
@@ -409,7 +409,10 @@ class OmniFusionConverter(Converter):
     vision_prefixes = (("vision_model.", ""), ("embeddings.", "embeddings."),
                        ("pre_layrnorm.", "pre_layrnorm."), ("encoder.", "encoder."),
                        ("post_layernorm.", "post_layernorm."))
-    option_names = ("vision_tower", "adapter_heads")
+    options = (ConverterOption("vision_tower", "path",
+                               "local CLIP folder for releases shipped without their tower"),
+               ConverterOption("adapter_heads", "int",
+                               "attention heads of an adapter saved as a plain state dict"))
     config: OmniFusionConfig
 
     @classmethod
@@ -426,20 +429,20 @@ class OmniFusionConverter(Converter):
             ConversionError: no ``--vision-tower``, or any part is missing or malformed.
             UnsafePickleError: a ``.pt`` file asks for a refused global.
         """
-        if self.options.get("vision_tower") is None:
+        if self.settings.get("vision_tower") is None:
             raise ConversionError(
                 f"{self.folder} is an OmniFusion release, which does not include its vision "
                 "tower; pass --vision-tower path/to/clip-vit-large-patch14-336 "
                 "(vision_tower= in Python).")
         text = self._open_llm()
-        self.tower_folder, vision, self.tower_reader = _open_tower(self.options["vision_tower"])
+        self.tower_folder, vision, self.tower_reader = _open_tower(self.settings["vision_tower"])
         self.vision_names = split_names(self.tower_reader.names(), self.vision_prefixes)
         if not self.vision_names:
             raise ConversionError(f"{self.tower_folder} has no CLIP vision tensors; pass a "
                                   "CLIPVisionModel or CLIPModel folder as --vision-tower.")
         self.n_vision_layers = feature_layer_count(vision, FEATURE_LAYER)
         adapter, adapter_state, note = load_adapter(self.folder / PROJECTION_FILE,
-                                                    self.options.get("adapter_heads"))
+                                                    self.settings.get("adapter_heads"))
         if note:
             self.note(note)
         self.special = load_special_embeddings(self.folder / SPECIAL_FILE, text.hidden_size)

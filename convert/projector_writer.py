@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgevlm.constants import CLIP_MEAN, CLIP_STD
 from edgevlm.errors import ConversionError, UnsupportedModelError
 
 from .config import VisionConfig
@@ -32,9 +33,6 @@ if TYPE_CHECKING:
     from .base import Converter
 
 CLIP_ARCH = "clip"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-"""OpenAI CLIP's image normalisation (CLIPImageProcessor's and Qwen2-VL's default)."""
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 _VISION_STATIC = {
     "embeddings.class_embedding": "v.class_embd",

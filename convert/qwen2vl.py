@@ -36,8 +36,8 @@ from edgevlm.errors import ConversionError, UnsupportedModelError
 from .base import Converter, register
 from .config import Qwen2VLConfig
 from .llm_writer import llama_tensor_specs, write_llama_hparams
-from .projector_writer import (CLIP_MEAN, CLIP_STD, check_projector_shapes, image_processor_config,
-                               vision_tensor_type, write_vision_hparams)
+from .projector_writer import (check_projector_shapes, image_processor_config, vision_tensor_type,
+                               write_vision_hparams)
 from .tensors import TensorSpec
 from .tokenizer import write_vocab
 
@@ -184,7 +184,7 @@ class Qwen2VLConverter(Converter):
         cfg, v = self.config, self.config.vision
         data = image_processor_config(self.folder)
         mean, std = ((list(data["image_mean"]), list(data["image_std"])) if "image_mean" in data
-                     and "image_std" in data else (list(CLIP_MEAN), list(CLIP_STD)))
+                     and "image_std" in data else (list(constants.CLIP_MEAN), list(constants.CLIP_STD)))
         writer.add_name(f"mmproj-{self.folder.name}")
         write_vision_hparams(
             writer, projector_type=PROJECTOR_TYPE, hidden_act=v.hidden_act,

@@ -20,20 +20,27 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["EdgeVLMError", "VLM", "load", "convert", "__version__"]
+__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "convert",
+           "__version__"]
+
+_LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
+         "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
+         "load_image": "edgevlm.vision.images"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
     from edgevlm.api import VLM, load
+    from edgevlm.disk_cache import DiskCache
+    from edgevlm.generation import TextStream
+    from edgevlm.stats import Reply
+    from edgevlm.vision.images import load_image
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("VLM", "load"):
-        from edgevlm import api
+    import importlib
 
-        return getattr(api, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     if name == "convert":
-        import importlib
-
         return importlib.import_module("edgevlm.convert")
     raise AttributeError(f"module 'edgevlm' has no attribute {name!r}")

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from edgevlm.chunks import Chunk, ImageChunk
-from edgevlm.constants import KEY_PROMPT_FAMILY
-from edgevlm.engine import Engine, PrefillStats, Reply, SamplingOptions
+from edgevlm import constants as C
+from edgevlm.chunks import Chunk
+from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
+from edgevlm.engine import Engine
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.layouts import layout_for
-from edgevlm.vision.kernels_encoder import VISION_ENGINES
+from edgevlm.families.base import Family, ImageCost, family_for
+from edgevlm.generation import SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.prompt import normalize_messages
-from edgevlm.resolve import ModelFiles, check_llm, check_pair, resolve
+from edgevlm.resolve import resolve
+from edgevlm.snapshots import SnapshotIdentity
+from edgevlm.stats import PrefillStats, Reply
+from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import load_image
 
 Messages = Sequence[dict[str, Any]]
@@ -27,12 +35,33 @@ Messages = Sequence[dict[str, Any]]
 NON_CAUSAL_MIN_BATCH = 2048
 
 
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a loaded model runs (what a peer must be given to run it the same way).
+
+    Attributes:
+        n_ctx, n_batch: context and batch size in tokens.
+        n_threads, n_threads_batch: CPU threads for generation / prompt processing.
+        n_gpu_layers: LLM layers offloaded (-1 all).
+        kv_type: KV cache element type.
+        flash_attn: llama.cpp's flash-attention setting (-1 auto, 0 off, 1 on).
+    """
+
+    n_ctx: int
+    n_batch: int
+    n_threads: int
+    n_threads_batch: int
+    n_gpu_layers: int
+    kv_type: str
+    flash_attn: int
+
+
 def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
          n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = -1, kv_type: str = "f16", seed: int = 0,
-         chat_template: str | None = None, family: str | None = None,
+         chat_template: str | None = None, chat_format: str | None = None,
          quant: str | None = None, revision: str | None = None, cache: bool = True,
-         vision_engine: str = "auto", vision_device: str | None = None) -> "VLM":
+         vision_engine: str = "auto", vision_device: str | None = None) -> VLM:
     """Load a vision-language model.
 
     Args:
@@ -47,18 +76,17 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         kv_type: KV cache type: "f16", "f32", "q8_0", "q4_0", "bf16".
         seed: default sampling seed.
         chat_template: a Jinja chat template overriding the GGUF's.
-        family: built-in prompt family when there is no usable template
-            ("llava-1.5", "chatml").
+        chat_format: built-in template when there is no usable one
+            ("llava-1.5", "chatml"; default: the model family's).
         quant: pick among several LLM files in a folder / repo.
         revision: hub revision.
-        cache: keep image embeddings and KV snapshots of image prefixes in the
+        cache: keep image embeddings and KV snapshots of prompt prefixes in the
             on-disk cache (``EDGEVLM_CACHE_DIR`` or the platform cache home), so
             that another process asking about the same image neither runs the
             vision encoder nor re-reads the prompt up to the image.
         vision_engine: who runs the vision tower: "kernels" (edgevlm's own
-            ggml graphs: CLIP towers computed as the reference does, OmniFusion
-            adapters), "mtmd" (llama.cpp's libmtmd: every projector type it
-            knows) or "auto" (kernels for CLIP-tower LLaVA and OmniFusion
+            ggml graphs), "mtmd" (llama.cpp's libmtmd) or "auto" (the model
+            family's choice: kernels for CLIP-tower LLaVA and OmniFusion
             projectors, libmtmd otherwise).
         vision_device: ggml device for the kernels engine ("auto", "cpu",
             "cuda", "metal", or a device name); default "cpu" when
@@ -69,59 +97,62 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
 
     Raises:
         ModelNotFoundError, InvalidModelError, IncompatibleModelError,
-        UnsupportedModelError, HubError: see the message for what to do.
+        UnsupportedModelError, HubError, InvalidRequestError: see the message
+        for what to do.
     """
     t0 = time.perf_counter()
-    if vision_engine not in VISION_ENGINES:
-        raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of {', '.join(VISION_ENGINES)}")
-    files = resolve(model, mmproj, quant=quant, revision=revision)
+    if vision_engine not in C.VISION_ENGINES:
+        raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of "
+                                  f"{', '.join(C.VISION_ENGINES)}")
+    described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
+    family = family_for(described)
+    engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, seed=seed)
-    check_llm(files.llm)
-    llm = LlamaModel(files.llm, n_gpu_layers=n_gpu_layers)
-    check_pair(files, llm.n_embd_inp)
+    llm = LlamaModel(described.files.llm, n_gpu_layers=n_gpu_layers)
+    check_pair(described, llm.n_embd_inp)
     encoder = None
-    if files.mmproj is not None:
+    if engine_name is not None:
         device = vision_device or ("cpu" if n_gpu_layers == 0 else "auto")
-        encoder = _make_encoder(files.mmproj, llm, vision_engine, device, options.threads()[1])
+        encoder = _open_encoder(engine_name, described, family, llm, device, options.threads()[1])
     if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
         # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
         options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
     ctx = LlamaContext(llm, options)
     template = chat_template if chat_template is not None else llm.chat_template()
-    family = family or llm.meta(KEY_PROMPT_FAMILY) or _guess_family(files)
+    layout = family.prompt_layout(llm, encoder, template, chat_format)
     store = snapshots = None
     if cache:
         from edgevlm.cache import EmbeddingStore
         from edgevlm.snapshots import SnapshotStore
 
         store = EmbeddingStore() if encoder is not None else None
-        snapshots = SnapshotStore(_snapshot_identity(files, ctx, encoder))
-    engine = Engine(llm, ctx, encoder, template=template, family=family, store=store,
-                    snapshots=snapshots, layout=layout_for(llm, encoder) if encoder else None)
-    return VLM(engine, files, load_ms=(time.perf_counter() - t0) * 1e3)
+        snapshots = SnapshotStore(_snapshot_identity(described.files, ctx, encoder))
+    engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots)
+    return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
 
 
-def _make_encoder(mmproj: Path, llm: LlamaModel, engine: str, device: str, n_threads: int) -> Any:
-    """The vision encoder ``engine`` (resolved by :func:`choose_engine`) for ``mmproj``."""
-    from edgevlm.gguf_info import read_header
-    from edgevlm.vision.kernels_encoder import KernelsEncoder, choose_engine
+def _open_encoder(engine: str, model: ModelDescriptor, family: Family, llm: LlamaModel, device: str,
+                  n_threads: int) -> VisionEncoder:
+    """The vision encoder ``engine`` (chosen by the family) for the model's projector."""
+    mmproj = model.files.mmproj
+    assert mmproj is not None and model.projector is not None
+    if engine == C.VISION_ENGINE_KERNELS:
+        from edgevlm.vision.kernels_encoder import KernelsEncoder
 
-    header = read_header(mmproj)
-    chosen = choose_engine(engine, header.metadata, frozenset(t.name for t in header.tensors))
-    if chosen == "kernels":
-        return KernelsEncoder(mmproj, llm, n_threads=n_threads, device=device)
+        return KernelsEncoder(mmproj, llm, processor=family.image_processor, n_threads=n_threads,
+                              device=device)
     from edgevlm.vision.mtmd import MtmdEncoder
 
-    return MtmdEncoder(mmproj, llm, n_threads=n_threads, use_gpu=device != "cpu")
+    return MtmdEncoder(mmproj, llm, meta=model.projector.metadata, n_threads=n_threads,
+                       use_gpu=device != "cpu")
 
 
-def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> Any:
+def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: VisionEncoder | None) -> SnapshotIdentity:
     import llama_cpp
 
     from edgevlm import native
     from edgevlm.cache import file_identity
-    from edgevlm.snapshots import SnapshotIdentity
 
     return SnapshotIdentity(model=file_identity(files.llm),
                             projector=encoder.identity if encoder is not None else "none",
@@ -130,38 +161,38 @@ def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: Any) -> An
                             flash_attn=ctx.flash_attn_type)
 
 
-def _guess_family(files: ModelFiles) -> str:
-    if files.mmproj is not None:
-        from edgevlm.gguf_info import read_metadata
-
-        if read_metadata(files.mmproj).get("clip.projector_type") in ("mlp", "mlp_norm", "ldp", "ldpv2"):
-            return "llava-1.5"
-    return "chatml"
-
-
 class VLM:
     """A loaded vision-language model. Thread-safe: calls are serialised.
 
     Every call takes the whole conversation (OpenAI style); the engine keeps
     the KV cache of the longest common prefix, so a follow-up only evaluates
     the new turn and never re-encodes an image already in the context. Other
-    conversations' states are parked in RAM (``engine.parked``, 1 GiB LRU), so
-    alternating between conversations evaluates only each one's new turn.
+    conversations' states are parked in RAM (1 GiB LRU), so alternating
+    between conversations evaluates only each one's new turn.
     """
 
-    def __init__(self, engine: Engine, files: ModelFiles, *, load_ms: float = 0.0) -> None:
+    def __init__(self, engine: Engine, model: ModelDescriptor, *, load_ms: float = 0.0) -> None:
         self.engine = engine
-        self.files = files
+        self.model = model
         self.load_ms = load_ms
 
     # ----------------------------------------------------------------- info
     @property
+    def files(self) -> ModelFiles:
+        return self.model.files
+
+    @property
     def model_path(self) -> Path:
-        return self.files.llm
+        return self.model.files.llm
 
     @property
     def mmproj_path(self) -> Path | None:
-        return self.files.mmproj
+        return self.model.files.mmproj
+
+    @property
+    def family(self) -> str:
+        """The runtime family running the model ("llava", "qwen2vl", ...)."""
+        return self.engine.family.name
 
     @property
     def n_ctx(self) -> int:
@@ -181,15 +212,33 @@ class VLM:
         """How many times the vision encoder ran (cache hits do not count)."""
         return self.engine.encoder.n_encode_calls if self.engine.encoder else 0
 
+    @property
+    def caching(self) -> bool:
+        """Whether the on-disk caches (embeddings, KV snapshots) are on."""
+        return self.engine.kv.snapshots is not None
+
+    @property
+    def last_prefill(self) -> PrefillStats:
+        """What the most recent request's prefill reused, encoded and evaluated."""
+        return self.engine.last_prefill
+
+    @property
+    def settings(self) -> RuntimeSettings:
+        ctx = self.engine.ctx
+        n_threads, n_threads_batch = ctx.options.threads()
+        return RuntimeSettings(n_ctx=ctx.n_ctx, n_batch=ctx.n_batch, n_threads=n_threads,
+                               n_threads_batch=n_threads_batch, n_gpu_layers=ctx.options.n_gpu_layers,
+                               kv_type=ctx.options.kv_type, flash_attn=ctx.flash_attn_type)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The LLM's tokens for ``text`` (no special tokens added)."""
+        return self.engine.model.tokenize(text, add_special=False)
+
     def close(self) -> None:
         """Free the context and weights (also done on garbage collection)."""
-        with self.engine.lock:
-            if self.engine.encoder is not None:
-                self.engine.encoder.close()
-            self.engine.ctx.close()
-            self.engine.model.close()
+        self.engine.close()
 
-    def __enter__(self) -> "VLM":
+    def __enter__(self) -> VLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -216,73 +265,84 @@ class VLM:
         Raises:
             InvalidRequestError, ImageError, ContextOverflowError.
         """
-        stats: dict[str, Any] = {}
-        pieces = list(self._generate(messages, stats, max_tokens=max_tokens, temperature=temperature,
-                                     top_p=top_p, top_k=top_k, min_p=min_p,
-                                     repeat_penalty=repeat_penalty, seed=seed, stop=stop))
-        return Reply(text="".join(pieces).rstrip(), finish_reason=stats.get("finish_reason", "stop"),
-                     prompt_tokens=stats.get("prompt_tokens", 0),
-                     completion_tokens=stats.get("completion_tokens", 0),
-                     prefill=stats.get("prefill", PrefillStats()),
-                     timings={k: stats[k] for k in ("ttft_ms", "total_ms") if k in stats})
+        return self.stream(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                           stop=stop).reply()
 
     def stream(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                repeat_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None,
-               stats: dict[str, Any] | None = None) -> Iterator[str]:
+               stop: str | Sequence[str] | None = None) -> TextStream:
         """Like :meth:`chat`, yielding the reply piece by piece.
 
-        ``stats``, if given, is filled with timings and token counts at the end.
+        Returns:
+            A :class:`~edgevlm.generation.TextStream`: iterate it for text
+            pieces; its ``stats`` (token counts, timings, what the prefill
+            reused) are set once it has finished; ``close()`` stops decoding.
+
+        Raises:
+            InvalidRequestError, ImageError (at once); ContextOverflowError
+            (when iterated).
         """
-        return self._generate(messages, stats, max_tokens=max_tokens, temperature=temperature,
-                              top_p=top_p, top_k=top_k, min_p=min_p,
-                              repeat_penalty=repeat_penalty, seed=seed, stop=stop)
-
-    def _generate(self, messages: Messages, stats: dict[str, Any] | None, *,
-                  stop: str | Sequence[str] | None, **sampling: Any) -> Iterator[str]:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        options = SamplingOptions(stop=stops, **sampling)
-        chunks, prefix = self._prompt(messages)
-        return self.engine.generate(chunks, options, stats, text_prefix=prefix)
-
-    def _prompt(self, messages: Messages, gen: bool = True) -> tuple[list[Chunk], tuple[int, ...]]:
-        """The chunks and the text-prefix hint for snapshots (see Engine.text_prefix)."""
-        msgs = normalize_messages(messages)
-        return self.engine.chunks(msgs, gen=gen), self.engine.text_prefix(msgs)
+        options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
+                                  stop=stops)
+        prompt = self.engine.prompt(normalize_messages(messages))
+        return self.engine.generate(prompt, options)
 
     # ----------------------------------------------------------------- analysis
     def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True) -> list[Chunk]:
         """The chunks (text tokens, image chunks) the model sees for ``messages``."""
-        return self.engine.chunks(normalize_messages(messages), gen=add_generation_prompt)
+        return self.engine.layout.chunks(normalize_messages(messages), gen=add_generation_prompt)
 
     def prompt_text(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
         """The rendered prompt, images shown as the media marker."""
-        return self.engine.prompt_text(normalize_messages(messages), gen=add_generation_prompt)[0]
+        return self.engine.layout.text(normalize_messages(messages), gen=add_generation_prompt)
 
     def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True) -> np.ndarray:
         """Logits (n_vocab,) of the token after the prompt (generation prompt added)."""
-        chunks, prefix = self._prompt(messages, add_generation_prompt)
+        prompt = self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt)
         with self.engine.lock:
-            self.engine.prefill(chunks, text_prefix=prefix)
+            self.engine.prefill(prompt)
             return self.engine.logits()
 
-    def embed_image(self, image: Any) -> np.ndarray:
+    def embed_image(self, image: Any, *, cache: bool = True) -> np.ndarray:
         """The projected image embeddings the LLM receives: (n_image_tokens, n_embd).
 
-        Tiled images (several chunks) are concatenated in order.
+        Args:
+            image: a path, bytes, data URL or PIL image.
+            cache: look the embeddings up in (and add them to) the caches;
+                False runs the vision encoder every time (for timing it).
+
+        Raises:
+            UnsupportedModelError: the model has no projector.
+            ImageError: the image cannot be read.
         """
-        encoder = self.engine.encoder
-        if encoder is None:
+        return self.engine.embed_image(load_image(image), cache=cache)
+
+    def image_cost(self, width: int, height: int) -> ImageCost:
+        """What an image of ``width`` x ``height`` pixels costs in the context, before encoding it.
+
+        Raises:
+            UnsupportedModelError: the model has no projector.
+        """
+        if self.engine.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
-        loaded = load_image(image)
-        chunks = encoder.tokenize(encoder.marker, [loaded], add_special=False)
-        with self.engine.lock:  # the embedding caches are shared with running requests
-            parts = [self.engine.image_embeddings(c) for c in chunks if isinstance(c, ImageChunk)]
-        if not parts:
-            raise InvalidRequestError("the projector produced no image chunk for this image")
-        return np.concatenate(parts, axis=0)
+        return self.engine.family.image_cost(width, height, self.engine.encoder)
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""
         self.engine.reset()
+
+    @contextmanager
+    def isolated_caches(self) -> Iterator[Path]:
+        """Run with empty caches on a temporary cache directory (yielded); yours are untouched.
+
+        For cold measurements: the RAM caches, the parked conversations and
+        the KV cache start empty, and disk entries go to a temporary folder
+        removed afterwards.
+        """
+        with tempfile.TemporaryDirectory(prefix="edgevlm-isolated-") as tmp:
+            with self.engine.isolated_caches(Path(tmp)):
+                yield Path(tmp)

@@ -142,25 +142,28 @@ class EmbeddingStore:
         self.evict()
 
     def entries(self) -> list[CacheEntry]:
-        out = []
-        for path in self.root.glob("*/*.emb"):
-            try:
-                st = path.stat()
-            except FileNotFoundError:
-                continue
-            out.append(CacheEntry(path, st.st_size, st.st_mtime))
-        return sorted(out, key=lambda e: e.last_used)
+        """Every embedding entry, least recently used first."""
+        return list_entries(self.root, EMBEDDING_GLOB)
 
     def evict(self) -> int:
         """Remove least recently used entries beyond the budget; returns bytes freed."""
-        return evict_lru(list(self.root.glob("*/*.emb")), self.max_bytes)
+        return evict_lru(list(self.root.glob(EMBEDDING_GLOB)), self.max_bytes)
 
-    def clear(self) -> int:
-        freed = 0
-        for entry in self.entries():
-            remove_file(entry.path)
-            freed += entry.size
-        return freed
+
+#: Embedding files under ``<cache>/embeddings``.
+EMBEDDING_GLOB = "*/*.emb"
+
+
+def list_entries(folder: Path, pattern: str) -> list[CacheEntry]:
+    """The files matching ``pattern`` under ``folder``, least recently used first."""
+    out = []
+    for path in folder.glob(pattern):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        out.append(CacheEntry(path, st.st_size, st.st_mtime))
+    return sorted(out, key=lambda e: e.last_used)
 
 
 def file_identity(path: Path) -> str:

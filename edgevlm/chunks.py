@@ -6,6 +6,11 @@ are their own identity; an image chunk is identified by the image's pixel
 hash, the projector's identity and the chunk's index within the image's
 chunks (tiling can turn one image into several).
 
+The KV cache is tracked as a list of *units*, one per identity: a token id
+(an ``int``) per text token, one :class:`ImageUnit` per image chunk and one
+:class:`EmbeddingUnit` per raw-embedding chunk. Two prompts share the KV
+cache of their longest common prefix of units.
+
 A chunk advances the position by ``n_pos`` and fills ``n_cells`` KV cells.
 The two differ for M-RoPE models (Qwen2-VL): an image of w x h merged tokens
 takes w * h cells but only max(w, h) positions. The context size bounds
@@ -15,9 +20,38 @@ cells, so capacity checks count cells.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Union
 
 import numpy as np
+
+from edgevlm.vision.images import LoadedImage
+
+
+@dataclass(frozen=True, slots=True)
+class ImageUnit:
+    """The KV-ledger identity of an image chunk."""
+
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingUnit:
+    """The KV-ledger identity of a raw-embedding chunk."""
+
+    key: str
+
+
+#: One identity in the KV ledger: a text token id, an image chunk or an embedding chunk.
+Unit = Union[int, ImageUnit, EmbeddingUnit]
+
+
+def unit_json(unit: Unit) -> int | list[str]:
+    """A unit as JSON (for snapshot keys): the token id, or ``["i", key]`` / ``["e", key]``."""
+    if isinstance(unit, ImageUnit):
+        return ["i", unit.key]
+    if isinstance(unit, EmbeddingUnit):
+        return ["e", unit.key]
+    return unit
 
 
 @dataclass(frozen=True)
@@ -34,32 +68,34 @@ class TextChunk:
     def n_cells(self) -> int:
         return len(self.tokens)
 
-    def units(self) -> list[tuple[str, Any]]:
-        return [("t", t) for t in self.tokens]
+    def units(self) -> list[Unit]:
+        return list(self.tokens)
 
 
 @dataclass(frozen=True, eq=False)
 class ImageChunk:
-    """An image (or one tile of it) that becomes ``n_tokens`` embeddings.
+    """An image (or one view of it) that becomes ``n_tokens`` embeddings.
 
     Attributes:
-        key: cache identity (image digest / projector identity / index).
+        key: cache identity (image digest / projector identity / view).
         n_tokens: number of embeddings the LLM receives.
         n_pos: number of positions consumed (differs from n_tokens for M-RoPE).
-        handle: encoder-specific data needed to encode/decode the chunk.
+        image: the decoded image the chunk comes from.
+        native: the encoder's own handle for the chunk (libmtmd's chunk), if any.
     """
 
     key: str
     n_tokens: int
     n_pos: int
-    handle: Any = field(repr=False, default=None)
+    image: LoadedImage | None = field(repr=False, default=None)
+    native: object | None = field(repr=False, default=None)
 
     @property
     def n_cells(self) -> int:
         return self.n_tokens
 
-    def units(self) -> list[tuple[str, Any]]:
-        return [("i", self.key)]
+    def units(self) -> list[Unit]:
+        return [ImageUnit(self.key)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,8 +114,8 @@ class EmbeddingChunk:
     def n_cells(self) -> int:
         return int(self.embeddings.shape[0])
 
-    def units(self) -> list[tuple[str, Any]]:
-        return [("e", self.key)]
+    def units(self) -> list[Unit]:
+        return [EmbeddingUnit(self.key)]
 
 
 Chunk = Union[TextChunk, ImageChunk, EmbeddingChunk]
@@ -90,19 +126,19 @@ def kv_cells(chunks: list[Chunk]) -> int:
     return sum(chunk.n_cells for chunk in chunks)
 
 
-def unit_positions(chunks: list[Chunk]) -> tuple[list[tuple[str, Any]], list[int], list[Chunk]]:
+def unit_positions(chunks: list[Chunk]) -> tuple[list[Unit], list[int], list[Chunk]]:
     """Flatten chunks into identity units, each unit's start position and owning chunk."""
-    units: list[tuple[str, Any]] = []
+    units: list[Unit] = []
     starts: list[int] = []
     owners: list[Chunk] = []
     pos = 0
     for chunk in chunks:
         if isinstance(chunk, TextChunk):
-            for tok in chunk.tokens:
-                units.append(("t", tok))
-                starts.append(pos)
-                owners.append(chunk)
-                pos += 1
+            n = len(chunk.tokens)
+            units.extend(chunk.tokens)
+            starts.extend(range(pos, pos + n))
+            owners.extend([chunk] * n)
+            pos += n
         else:
             units.extend(chunk.units())
             starts.append(pos)

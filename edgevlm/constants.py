@@ -9,7 +9,7 @@ from __future__ import annotations
 # --- keys edgevlm writes into the files it produces ------------------------
 KEY_EDGEVLM_VERSION = "edgevlm.version"            # str: edgevlm version that wrote the file
 KEY_SOURCE_ARCHITECTURE = "edgevlm.source.architecture"  # str: config.json architectures[0]
-KEY_PROMPT_FAMILY = "edgevlm.prompt.family"         # str: a key of edgevlm.prompt.FAMILIES
+KEY_PROMPT_FAMILY = "edgevlm.prompt.family"         # str: a key of edgevlm.prompt.CHAT_FORMATS (or a layout)
 KEY_VISION_FEATURE_LAYER = "edgevlm.vision.feature_layer"  # int: HF vision_feature_layer (as given)
 KEY_VISION_SELECT_STRATEGY = "edgevlm.vision.select_strategy"  # str: "default" (drop CLS) | "full"
 KEY_VISION_ACTIVATION = "edgevlm.vision.activation"  # str: HF hidden_act of the tower
@@ -18,6 +18,24 @@ KEY_PROJECTOR_ACTIVATION = "edgevlm.projector.activation"  # str: HF projector_h
 # --- file naming inside a converted model folder -----------------------------
 MMPROJ_PREFIX = "mmproj-"          # projector files start with this (llama.cpp convention)
 GGUF_SUFFIX = ".gguf"
+
+# --- runtime settings shared by the API, the CLI and the kernels -------------
+#: KV cache element types -> ggml_type values (ggml.h of the pinned llama.cpp).
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+#: Who runs a vision tower: edgevlm's ggml graphs, llama.cpp's libmtmd, or the family's choice.
+VISION_ENGINE_AUTO = "auto"
+VISION_ENGINE_KERNELS = "kernels"
+VISION_ENGINE_MTMD = "mtmd"
+VISION_ENGINES = (VISION_ENGINE_AUTO, VISION_ENGINE_KERNELS, VISION_ENGINE_MTMD)
+#: The media marker libmtmd (and edgevlm's prompts) put where an image goes.
+MEDIA_MARKER = "<__media__>"
+#: OpenAI CLIP's image normalisation (CLIPImageProcessor defaults).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: The projector tensor whose rows are the LLM-ready width, per projector layout, in the
+#: order they are looked for (LLaVA MLP: mm.2, single-linear projectors: mm.0, OmniFusion:
+#: its adapter's final linear map).
+PROJECTOR_OUTPUT_TENSORS = ("mm.2.weight", "mm.0.weight", "adapter.proj.weight")
 
 # --- quantisation names accepted by `edgevlm convert` -----------------------
 LLM_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")

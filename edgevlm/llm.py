@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import native
+from edgevlm.constants import KV_TYPES
 from edgevlm.errors import ContextOverflowError, InvalidModelError, RuntimeFailure
 
 LOG = logging.getLogger("edgevlm")
 
-# ggml_type values for the KV cache (ggml.h)
-KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,10 @@ take; the least recently used state is dropped first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+
+from edgevlm.chunks import Unit
 
 #: RAM budget for parked conversation states (bytes).
 DEFAULT_PARK_BYTES = 1 << 30
@@ -50,7 +52,7 @@ class ParkedState:
         state: ``llama_state_seq_get_data`` bytes.
     """
 
-    units: tuple[tuple[str, Any], ...]
+    units: tuple[Unit, ...]
     starts: tuple[int, ...]
     state: bytes
 
@@ -89,7 +91,7 @@ class ParkedStates:
             self._bytes -= dropped.nbytes
         return True
 
-    def best(self, units: list[tuple[str, Any]], limit: int) -> tuple[int | None, int]:
+    def best(self, units: Sequence[Unit], limit: int) -> tuple[int | None, int]:
         """The parked state sharing the longest prefix with ``units``.
 
         Args:
@@ -118,7 +120,7 @@ class ParkedStates:
         self._bytes = 0
 
 
-def common_prefix(a: Any, b: Any) -> int:
+def common_prefix(a: Sequence[Unit], b: Sequence[Unit]) -> int:
     """Length of the longest common prefix of two sequences."""
     n = min(len(a), len(b))
     i = 0

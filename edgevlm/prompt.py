@@ -8,7 +8,7 @@ Messages are OpenAI / transformers shaped::
 ``{"type": "image_url", "image_url": {"url": "data:..."}}`` is accepted too.
 The chat template comes from the GGUF (``tokenizer.chat_template``) when it
 renders every image and text faithfully, otherwise from a built-in family
-template (:data:`FAMILIES`).
+template (:data:`CHAT_FORMATS`, chosen by the model family).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _chatml(messages: list[Message], marker: str, gen: bool) -> str:
     return "".join(out)
 
 
-FAMILIES: dict[str, Callable[[list[Message], str, bool], str]] = {
+CHAT_FORMATS: dict[str, Callable[[list[Message], str, bool], str]] = {
     "llava-1.5": _llava15,
     "chatml": _chatml,
 }
@@ -199,13 +199,13 @@ def render_template(template: str, messages: list[Message], marker: str, *, gen:
     return None
 
 
-def build_prompt(messages: list[Message], marker: str, *, template: str | None, family: str,
+def build_prompt(messages: list[Message], marker: str, *, template: str | None, chat_format: str,
                  gen: bool = True, bos: str = "", eos: str = "") -> tuple[str, list[LoadedImage]]:
     """The prompt text (images as markers) and the images in marker order."""
     text = None
     if template:
         text = render_template(template, messages, marker, gen=gen, bos=bos, eos=eos)
     if text is None:
-        text = FAMILIES.get(family, _chatml)(messages, marker, gen)
+        text = CHAT_FORMATS.get(chat_format, _chatml)(messages, marker, gen)
     images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
     return text, images

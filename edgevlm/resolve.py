@@ -6,21 +6,17 @@ import fnmatch
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm.constants import GGUF_SUFFIX
-from edgevlm.errors import HubError, IncompatibleModelError, InvalidRequestError, ModelNotFoundError
+from edgevlm.descriptor import ModelFiles
+from edgevlm.errors import HubError, InvalidRequestError, ModelNotFoundError
 from edgevlm.gguf_info import read_header
 
 LOG = logging.getLogger("edgevlm")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-
-@dataclass(frozen=True)
-class ModelFiles:
-    llm: Path
-    mmproj: Path | None
+__all__ = ["ModelFiles", "resolve"]
 
 
 def resolve(model: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None = None, *,
@@ -200,29 +196,3 @@ def _choose_hub_files(repo_id: str, files: list[str], quant: str | None, *, offl
     if len(projs) > 1:
         projs = [f for f in projs if "f16" in f.lower()][:1] or projs[:1]
     return llms + projs
-
-
-def check_llm(path: Path) -> None:
-    """Refuse files that are not GGUF LLMs before llama.cpp sees them."""
-    arch = read_header(path, with_tensors=False).architecture
-    if arch == "clip":
-        raise IncompatibleModelError(f"{path.name} is a vision projector, not an LLM; pass it as mmproj")
-
-
-def check_pair(files: ModelFiles, n_embd_inp: int) -> None:
-    """Refuse a projector whose output width differs from the LLM's input width."""
-    if files.mmproj is None:
-        return
-    header = read_header(files.mmproj)
-    if header.architecture != "clip":
-        raise IncompatibleModelError(
-            f"{files.mmproj.name} is not a vision projector (architecture {header.architecture!r})")
-    # LLaVA-style MLP projectors: the last linear layer's output width (ne1).
-    # (clip.vision.projection_dim is not reliable: old conversions stored CLIP's own.)
-    shapes = {t.name: t.shape for t in header.tensors}
-    last = next((shapes[n] for n in ("mm.2.weight", "mm.0.weight", "adapter.proj.weight") if n in shapes), None)
-    width = last[1] if last and len(last) > 1 else None
-    if width is not None and int(width) != n_embd_inp:
-        raise IncompatibleModelError(
-            f"projector {files.mmproj.name} produces {int(width)}-wide embeddings but the LLM "
-            f"{files.llm.name} expects {n_embd_inp}; use the projector converted with this LLM")

@@ -34,12 +34,13 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
-from edgevlm.cache import LOCK_TIMEOUT_S, atomic_write, cache_dir, entry_lock, evict_lru, remove_file
+from edgevlm.cache import (LOCK_TIMEOUT_S, CacheEntry, atomic_write, cache_dir, entry_lock, evict_lru,
+                           list_entries, remove_file)
+from edgevlm.chunks import ImageUnit, Unit, unit_json
 from edgevlm.errors import EdgeVLMError
 
 LOG = logging.getLogger("edgevlm.cache")
@@ -52,6 +53,8 @@ FORMAT_VERSION = 1
 #: ones evaluate about as fast as a snapshot loads, and a chat that is going on
 #: in this process does not write its history to disk at every turn.
 MIN_TEXT_SNAPSHOT_TOKENS = 128
+#: LRU budget of the snapshot files (bytes).
+DEFAULT_SNAPSHOT_BYTES = 4 << 30
 
 
 class SnapshotMismatchError(EdgeVLMError, ValueError):
@@ -73,9 +76,9 @@ class SnapshotIdentity:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
 
 
-def prefix_key(identity: SnapshotIdentity, units: list[tuple[str, Any]]) -> str:
+def prefix_key(identity: SnapshotIdentity, units: Sequence[Unit]) -> str:
     digest = hashlib.sha256(identity.digest().encode())
-    digest.update(json.dumps(units, separators=(",", ":")).encode())
+    digest.update(json.dumps([unit_json(u) for u in units], separators=(",", ":")).encode())
     return digest.hexdigest()
 
 
@@ -83,17 +86,17 @@ class SnapshotStore:
     """Snapshots under ``<cache>/kv/``, keyed by identity + prefix units."""
 
     def __init__(self, identity: SnapshotIdentity, root: Path | None = None,
-                 *, max_bytes: int = 4 << 30, lock_timeout: float = LOCK_TIMEOUT_S) -> None:
+                 *, max_bytes: int = DEFAULT_SNAPSHOT_BYTES, lock_timeout: float = LOCK_TIMEOUT_S) -> None:
         self.identity = identity
         self.root = (root or cache_dir()) / "kv"
         self.max_bytes = max_bytes
         self.lock_timeout = lock_timeout
 
-    def path(self, units: list[tuple[str, Any]]) -> Path:
+    def path(self, units: Sequence[Unit]) -> Path:
         key = prefix_key(self.identity, units)
         return self.root / key[:2] / f"{key}.kv"
 
-    def save_once(self, units: list[tuple[str, Any]], n_pos: int,
+    def save_once(self, units: Sequence[Unit], n_pos: int,
                   state: Callable[[], bytes]) -> bool:
         """Save the snapshot of ``units`` unless some process already has.
 
@@ -114,7 +117,7 @@ class SnapshotStore:
             self.save(units, n_pos, state())
             return True
 
-    def save(self, units: list[tuple[str, Any]], n_pos: int, state: bytes) -> Path:
+    def save(self, units: Sequence[Unit], n_pos: int, state: bytes) -> Path:
         header = json.dumps({"version": FORMAT_VERSION, "identity": asdict(self.identity),
                              "n_units": len(units), "n_pos": n_pos}).encode()
         path = self.path(units)
@@ -124,7 +127,7 @@ class SnapshotStore:
         self._evict()
         return path
 
-    def load(self, units: list[tuple[str, Any]]) -> tuple[int, bytes] | None:
+    def load(self, units: Sequence[Unit]) -> tuple[int, bytes] | None:
         """(n_pos, state) for this prefix, or None if absent, corrupt or foreign."""
         path = self.path(units)
         if not path.exists():
@@ -139,7 +142,20 @@ class SnapshotStore:
         return None
 
     def _evict(self) -> None:
-        evict_lru(list(self.root.glob("*/*.kv")), self.max_bytes)
+        evict_lru(list(self.root.glob(SNAPSHOT_GLOB)), self.max_bytes)
+
+    def entries(self) -> list[CacheEntry]:
+        """Every snapshot file (any model), least recently used first."""
+        return snapshot_entries(self.root.parent)
+
+
+#: Snapshot files under ``<cache>/kv``.
+SNAPSHOT_GLOB = "*/*.kv"
+
+
+def snapshot_entries(root: Path | None = None) -> list[CacheEntry]:
+    """The snapshot files under the cache directory ``root``, least recently used first."""
+    return list_entries((root or cache_dir()) / "kv", SNAPSHOT_GLOB)
 
 
 def read_snapshot(path: Path, identity: SnapshotIdentity) -> tuple[int, bytes]:
@@ -171,7 +187,7 @@ def read_snapshot(path: Path, identity: SnapshotIdentity) -> tuple[int, bytes]:
     return int(header["n_pos"]), state
 
 
-def snapshot_boundaries(units: list[tuple[str, Any]], text_prefix: int = 0) -> list[tuple[int, int]]:
+def snapshot_boundaries(units: Sequence[Unit], text_prefix: int = 0) -> list[tuple[int, int]]:
     """Prefixes worth a snapshot, longest first, as (length in units, least gain).
 
     A snapshot is saved, or restored, only when its prefix is at least ``least
@@ -189,8 +205,8 @@ def snapshot_boundaries(units: list[tuple[str, Any]], text_prefix: int = 0) -> l
         prompt that ends at a boundary has nothing after it to ask, so that
         boundary is left out.
     """
-    media = [i for i, u in enumerate(units) if u[0] != "t"]
-    images = [i for i in media if units[i][0] == "i"]
+    media = [i for i, u in enumerate(units) if not isinstance(u, int)]
+    images = [i for i in media if isinstance(units[i], ImageUnit)]
     out = []
     if images and images[-1] + 1 < len(units):
         out.append((images[-1] + 1, 1))

@@ -35,8 +35,6 @@ from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
 # HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
 HF_ACTIVATIONS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu",
                   "gelu_new": "gelu", "gelu_fast": "gelu", "relu": "relu"}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLAVA_PROJECTORS = ("mlp",)
 
 
@@ -142,8 +140,8 @@ def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
         eps=float(meta.get(p + "attention.layer_norm_epsilon", 1e-5)), activation=act,
         has_class=has_class, drop_class=has_class and strategy != "full",
         pre_ln="v.pre_ln.weight" in names, post_ln="v.post_ln.weight" in names and n_layers == block_count,
-        image_mean=tuple(float(x) for x in meta.get(p + "image_mean", CLIP_MEAN)),
-        image_std=tuple(float(x) for x in meta.get(p + "image_std", CLIP_STD)),
+        image_mean=tuple(float(x) for x in meta.get(p + "image_mean", C.CLIP_MEAN)),
+        image_std=tuple(float(x) for x in meta.get(p + "image_std", C.CLIP_STD)),
         resize=str(resize), projector=kind if kind in C.PROJECTOR_KINDS else "mlp",
         projector_activation=proj_act, output_width=-1)
 

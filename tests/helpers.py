@@ -176,3 +176,17 @@ def expected_tower(state: Mapping[str, np.ndarray], prefix: str,
             if int(idx) < n_keep:
                 out[f"v.blk.{idx}.{_TOWER_PARTS[part]}.{kind}"] = value
     return out
+
+
+def synthetic_descriptor(projector_meta: Mapping[str, Any] | None,
+                         tensor_names: frozenset[str] = frozenset()) -> Any:
+    """A ModelDescriptor for families to match: an LLM header and a projector with this metadata."""
+    from edgevlm.descriptor import ModelDescriptor, ModelFiles, ProjectorInfo
+    from edgevlm.gguf_info import GGUFHeader, TensorInfo
+
+    llm = GGUFHeader(Path("llm.gguf"), 3, {"general.architecture": "llama"}, ())
+    if projector_meta is None:
+        return ModelDescriptor(ModelFiles(Path("llm.gguf"), None), llm, None)
+    tensors = tuple(TensorInfo(name, (1,), 0) for name in sorted(tensor_names))
+    header = GGUFHeader(Path("mmproj.gguf"), 3, {"general.architecture": "clip", **projector_meta}, tensors)
+    return ModelDescriptor(ModelFiles(Path("llm.gguf"), Path("mmproj.gguf")), llm, ProjectorInfo(header))

@@ -88,7 +88,7 @@ def test_new_process_reuses_disk_embeddings_without_encoding(siglip_f32, paintin
         encoded = first.next_token_logits(messages)
         assert first.encoder_calls == 1
     with edgevlm.load(siglip_f32, n_ctx=512, kv_type="f32", n_threads=2) as second:
-        second.engine.snapshots = None  # exercise the embedding tier alone
+        second.engine.kv.snapshots = None  # exercise the embedding tier alone
         cached = second.next_token_logits(messages)
         assert second.encoder_calls == 0, "the vision encoder ran despite a disk cache hit"
         assert second.engine.last_prefill.images_from_cache == 1

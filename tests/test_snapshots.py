@@ -25,7 +25,7 @@ def _load(folder, **kw):
 def test_restored_prefix_equals_full_evaluation(siglip_f32, painting):
     with _load(siglip_f32) as first:
         first.next_token_logits(_messages(painting, "What genre is it?"))
-        snaps = list(first.engine.snapshots.root.rglob("*.kv"))
+        snaps = list(first.engine.kv.snapshots.root.rglob("*.kv"))
         assert len(snaps) == 1
     follow = _messages(painting, "Which colours dominate?")
     with _load(siglip_f32) as second:
@@ -42,8 +42,8 @@ def test_restored_prefix_equals_full_evaluation(siglip_f32, painting):
 def test_snapshot_from_other_context_size_is_refused(siglip_f32, painting):
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_messages(painting, "Genre?"))
-        identity = vlm.engine.snapshots.identity
-        path = next(vlm.engine.snapshots.root.rglob("*.kv"))
+        identity = vlm.engine.kv.snapshots.identity
+        path = next(vlm.engine.kv.snapshots.root.rglob("*.kv"))
     other = dataclasses.replace(identity, n_ctx=identity.n_ctx * 2)
     with pytest.raises(SnapshotMismatchError, match="n_ctx"):
         read_snapshot(path, other)
@@ -59,14 +59,14 @@ def test_snapshot_from_other_context_size_is_refused(siglip_f32, painting):
 def test_corrupt_snapshot_is_rebuilt(siglip_f32, painting):
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_messages(painting, "Genre?"))
-        path = next(vlm.engine.snapshots.root.rglob("*.kv"))
+        path = next(vlm.engine.kv.snapshots.root.rglob("*.kv"))
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF
     path.write_bytes(bytes(data))
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_messages(painting, "Another?"))
         assert not vlm.engine.last_prefill.snapshot_restored
-    assert read_snapshot(path, vlm.engine.snapshots.identity)[0] > 0  # rewritten, valid
+    assert read_snapshot(path, vlm.engine.kv.snapshots.identity)[0] > 0  # rewritten, valid
 
 
 def test_cli_second_run_restores_without_encoding(siglip_f32, painting, tmp_path):
@@ -101,7 +101,7 @@ def test_refused_restore_falls_back_to_full_evaluation(siglip_f32, painting, mon
         full = fresh.next_token_logits(follow)
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_messages(painting, "Genre?"))  # snapshot saved, prefix cached
-        vlm.engine.parked.max_bytes = 0  # no parked state to fall back on: the snapshot is the way
+        vlm.engine.kv.parked.max_bytes = 0  # no parked state to fall back on: the snapshot is the way
         vlm.next_token_logits([{"role": "user", "content": "USER text only"}])  # diverge early
         monkeypatch.setattr(vlm.engine.ctx, "restore_state", lambda data: (vlm.engine.ctx.clear(), False)[1])
         logits = vlm.next_token_logits(follow)
@@ -157,7 +157,7 @@ def test_short_text_prefix_is_not_snapshotted(siglip_f32):
     with _load(siglip_f32) as vlm:
         vlm.next_token_logits(_text_chat("Be brief.", "What is a cat?"))
         assert vlm.engine.last_prefill.snapshots_saved == 0
-        assert not list(vlm.engine.snapshots.root.rglob("*.kv"))
+        assert not list(vlm.engine.kv.snapshots.root.rglob("*.kv"))
 
 
 def test_text_before_first_image_is_shared_across_images(siglip_f32, painting, square_image):

@@ -46,10 +46,10 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def attach(self, paths: tuple[str, ...] | list[str]) -> None:
-        from edgevlm.vision.images import load_image
+        import edgevlm
 
         for path in paths:
-            load_image(path)  # fail now, with a clear message, not mid-conversation
+            edgevlm.load_image(path)  # fail now, with a clear message, not mid-conversation
             self.pending.append(path)
 
     def ask(self, question: str, out: Any = None) -> str:

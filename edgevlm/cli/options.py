@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
+
+from edgevlm.constants import KV_TYPES, VISION_ENGINES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm import VLM
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -21,10 +26,10 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="CPU threads (default: physical cores)."),
         click.option("--gpu-layers", "n_gpu_layers", type=int, default=-1, show_default=True,
                      help="LLM layers offloaded to the GPU (-1 = all)."),
-        click.option("--kv-type", type=click.Choice(["f16", "f32", "q8_0", "q4_0", "bf16"]),
+        click.option("--kv-type", type=click.Choice(list(KV_TYPES)),
                      default="f16", show_default=True, help="KV cache element type."),
         click.option("--no-cache", is_flag=True, help="Do not use the on-disk embedding cache."),
-        click.option("--vision-engine", type=click.Choice(["auto", "kernels", "mtmd"]), default="auto",
+        click.option("--vision-engine", type=click.Choice(VISION_ENGINES), default="auto",
                      show_default=True,
                      help="Who runs the vision tower: edgevlm's ggml graphs (kernels), libmtmd, or "
                           "auto (kernels for CLIP-tower LLaVA and OmniFusion, libmtmd otherwise)."),
@@ -55,19 +60,20 @@ def sampling_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-MODEL_KEYS = ("model", "mmproj", "quant", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "no_cache",
-              "vision_engine", "vision_device")
+def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`edgevlm.load` given by :func:`model_options` (``model`` aside)."""
+    return {"mmproj": params["mmproj"], "quant": params["quant"], "n_ctx": params["n_ctx"],
+            "n_threads": params["n_threads"], "n_gpu_layers": params["n_gpu_layers"],
+            "kv_type": params["kv_type"], "cache": not params["no_cache"],
+            "vision_engine": params.get("vision_engine") or "auto",
+            "vision_device": params.get("vision_device")}
 
 
-def load_from_options(params: dict[str, Any]) -> Any:
+def load_from_options(params: dict[str, Any]) -> VLM:
     """edgevlm.load() with the values of :func:`model_options`."""
-    from edgevlm.api import load
+    import edgevlm
 
-    return load(params["model"], mmproj=params["mmproj"], quant=params["quant"],
-                n_ctx=params["n_ctx"], n_threads=params["n_threads"],
-                n_gpu_layers=params["n_gpu_layers"], kv_type=params["kv_type"],
-                cache=not params["no_cache"], vision_engine=params.get("vision_engine") or "auto",
-                vision_device=params.get("vision_device"))
+    return edgevlm.load(params["model"], **load_kwargs(params))
 
 
 def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from edgevlm import constants as C
 from edgevlm import native
 from edgevlm.cache import file_identity
 from edgevlm.chunks import Chunk, ImageChunk, TextChunk
@@ -47,15 +50,31 @@ class _OwnedChunk:
 
 
 class MtmdEncoder:
-    """A projector file loaded by libmtmd, bound to one :class:`LlamaModel`."""
+    """A projector file loaded by libmtmd, bound to one :class:`LlamaModel`.
 
-    name = "mtmd"
+    Implements :class:`edgevlm.vision.encoder.VisionEncoder`.
 
-    def __init__(self, mmproj: Path, model: LlamaModel, *, n_threads: int, use_gpu: bool = True) -> None:
+    Args:
+        mmproj: the projector GGUF.
+        model: the LLM it feeds.
+        meta: the projector's metadata (from the model descriptor).
+        n_threads: CPU threads.
+        use_gpu: let libmtmd put the tower on the GPU when the build has one.
+
+    Raises:
+        InvalidModelError, IncompatibleModelError, UnsupportedModelError: libmtmd refused the file.
+    """
+
+    name = C.VISION_ENGINE_MTMD
+
+    def __init__(self, mmproj: Path, model: LlamaModel, *, meta: Mapping[str, Any], n_threads: int,
+                 use_gpu: bool = True) -> None:
         lib = native.mtmd()
         self._lib = lib
         self.path = Path(mmproj)
         self.model = model
+        self._meta = dict(meta)
+        self._device = "gpu" if use_gpu and bool(native.llama().llama_supports_gpu_offload()) else "CPU"
         self.identity = file_identity(self.path)
         params = lib.mtmd_context_params_default()
         params.use_gpu = use_gpu
@@ -68,12 +87,20 @@ class MtmdEncoder:
         if not lib.mtmd_support_vision(self.ptr):
             self.close()
             raise UnsupportedModelError(f"{self.path} has no vision encoder (audio-only projectors are not supported)")
-        self.marker = (lib.mtmd_default_marker() or b"<__media__>").decode()
+        self.marker = (lib.mtmd_default_marker() or C.MEDIA_MARKER.encode()).decode()
         self.uses_mrope = bool(lib.mtmd_decode_use_mrope(self.ptr))
         # Non-causal image chunks must be decoded in one batch (see engine).
         self.non_causal = bool(lib.mtmd_decode_use_non_causal(self.ptr, None))
         self.n_encode_calls = 0
         self._lock = threading.Lock()
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self._meta
+
+    @property
+    def device(self) -> str:
+        return self._device
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -87,6 +114,10 @@ class MtmdEncoder:
             pass
 
     # ------------------------------------------------------------------
+    def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
+        """The chunks libmtmd makes of one image (several for models it tiles)."""
+        return [c for c in self.tokenize(self.marker, [image], add_special=False) if isinstance(c, ImageChunk)]
+
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
         """Split ``prompt`` at media markers into text and image chunks."""
         lib = self._lib
@@ -99,12 +130,13 @@ class MtmdEncoder:
                     raise ImageError(f"{img.source}: libmtmd could not take the image")
                 lib.mtmd_bitmap_set_id(bm, img.digest.encode())
                 bitmaps.append(bm)
-            return self._tokenize(prompt, bitmaps, add_special)
+            return self._tokenize(prompt, bitmaps, add_special, images)
         finally:
             for bm in bitmaps:
                 lib.mtmd_bitmap_free(bm)
 
-    def _tokenize(self, prompt: str, bitmaps: list[int], add_special: bool) -> list[Chunk]:
+    def _tokenize(self, prompt: str, bitmaps: list[int], add_special: bool,
+                  images: list[LoadedImage]) -> list[Chunk]:
         lib = self._lib
         text = lib.mtmd_input_text()
         data = prompt.encode("utf-8")
@@ -120,11 +152,11 @@ class MtmdEncoder:
                 raise RuntimeFailure(f"prompt has a different number of image markers than images ({len(bitmaps)})")
             if rc != 0:
                 raise ImageError(f"libmtmd could not preprocess the image(s) (code {rc})")
-            return self._convert_chunks(chunks)
+            return self._convert_chunks(chunks, {img.digest: img for img in images})
         finally:
             lib.mtmd_input_chunks_free(chunks)
 
-    def _convert_chunks(self, chunks: int) -> list[Chunk]:
+    def _convert_chunks(self, chunks: int, images: dict[str, LoadedImage]) -> list[Chunk]:
         lib = self._lib
         out: list[Chunk] = []
         per_image: dict[str, int] = {}
@@ -145,7 +177,7 @@ class MtmdEncoder:
                     key=f"{image_id}/{self.identity}/{index}",
                     n_tokens=int(lib.mtmd_input_chunk_get_n_tokens(chunk)),
                     n_pos=int(lib.mtmd_input_chunk_get_n_pos(chunk)),
-                    handle=owned))
+                    image=images.get(image_id), native=owned))
             else:
                 raise UnsupportedModelError("audio chunks are not supported by edgevlm")
         return out
@@ -154,7 +186,7 @@ class MtmdEncoder:
     def encode(self, chunk: ImageChunk) -> np.ndarray:
         """Run the vision tower + projector: (n_tokens, n_embd_inp) float32."""
         with self._lock:
-            rc = self._lib.mtmd_encode_chunk(self.ptr, chunk.handle.ptr)
+            rc = self._lib.mtmd_encode_chunk(self.ptr, _native(chunk).ptr)
             if rc != 0:
                 raise RuntimeFailure(f"libmtmd failed to encode an image (code {rc})")
             self.n_encode_calls += 1
@@ -170,11 +202,17 @@ class MtmdEncoder:
         new_pos = ctypes.c_int32(0)
         buf = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rc = self._lib.mtmd_helper_decode_image_chunk(
-            self.ptr, ctx.ptr, chunk.handle.ptr, buf, pos, ctx.SEQ, ctx.n_batch,
+            self.ptr, ctx.ptr, _native(chunk).ptr, buf, pos, ctx.SEQ, ctx.n_batch,
             ctypes.byref(new_pos), self._lib.mtmd_helper_post_decode_callback(), None)
         if rc != 0:
             raise RuntimeFailure(f"decoding image embeddings failed (code {rc}); raise --ctx?")
         return int(new_pos.value)
+
+
+def _native(chunk: ImageChunk) -> _OwnedChunk:
+    if not isinstance(chunk.native, _OwnedChunk):
+        raise RuntimeFailure("this image chunk was not made by libmtmd; it cannot be encoded by libmtmd")
+    return chunk.native
 
 
 def _explain_load_failure(path: Path, model: LlamaModel) -> Exception:

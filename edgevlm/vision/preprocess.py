@@ -16,11 +16,16 @@ uses PIL on 8-bit RGB as the "slow" HF processors do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from edgevlm.errors import InvalidModelError
+from edgevlm.vision.images import LoadedImage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm.kernels.vision import TowerConfig
 
 RESIZE_MODES = ("shortest-edge-crop", "squash", "pad-square")
 
@@ -70,3 +75,10 @@ def preprocess(img: Image.Image, *, size: int, mode: str, mean: Sequence[float],
     arr = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
     arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+
+
+def tower_pixels(image: LoadedImage, tower: TowerConfig) -> np.ndarray:
+    """``image`` preprocessed as the tower's projector file declares: (3, S, S) float32."""
+    pil = Image.frombytes("RGB", (image.width, image.height), image.rgb)
+    return preprocess(pil, size=tower.image_size, mode=tower.resize, mean=tower.image_mean,
+                      std=tower.image_std)

@@ -16,7 +16,8 @@ import pytest
 
 import edgevlm
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.vision.kernels_encoder import choose_engine
+from edgevlm.families import family_for
+from tests.helpers import synthetic_descriptor
 from tests.cache_helpers import assert_cached_matches_full
 from tests.reference import cosine_rows, hf_image_embeddings, hf_logits, hf_pixel_values, reference_ids
 
@@ -112,6 +113,11 @@ def test_kernels_engine_prefix_reuse_and_cache(clip_kernels, painting, square_im
     assert clip_kernels.engine.last_prefill.images_from_cache == 1
 
 
+def choose_engine(requested: str, meta: dict, names: frozenset[str]) -> str:
+    """The engine the family of a projector with ``meta`` and tensors ``names`` picks."""
+    return family_for(synthetic_descriptor(meta, names)).choose_engine(requested)
+
+
 def test_engine_choice_rules():
     clip = {"clip.projector_type": "mlp", "clip.has_vision_encoder": True}
     with_cls, without = frozenset({"v.class_embd"}), frozenset()
@@ -157,7 +163,7 @@ def test_torch_reference_of_the_bench_is_the_same_model(clip_f32, llava_clip_che
     """``bench --reference torch`` rebuilds the tower from the GGUF: it must equal transformers."""
     import torch
 
-    from edgevlm.cli.bench_vision import reference_pixels, torch_tower
+    from edgevlm.benchmarks.vision import reference_pixels, torch_tower
 
     image = square_image(32, seed=13)
     mmproj = next(clip_f32.glob("mmproj-*.gguf"))

@@ -97,20 +97,20 @@ def test_concurrent_threads_get_their_own_answers(siglip_vlm, painting, square_i
 
 
 def _state(units, nbytes=100):
-    return ParkedState(tuple(("t", u) for u in units), tuple(range(len(units) + 1)), bytes(nbytes))
+    return ParkedState(tuple(units), tuple(range(len(units) + 1)), bytes(nbytes))
 
 
 def test_parked_states_pick_the_longest_prefix_and_respect_budgets():
     parked = ParkedStates(max_bytes=250, max_entries=3)
     assert parked.park(_state([1, 2, 3]))
     assert parked.park(_state([1, 2, 9, 9]))
-    request = [("t", u) for u in (1, 2, 9, 7)]
+    request = [1, 2, 9, 7]
     key, n = parked.best(request, limit=3)
-    assert n == 3 and parked.take(key).units[2] == ("t", 9)
+    assert n == 3 and parked.take(key).units[2] == 9
     assert parked.best(request, limit=1)[1] == 1  # capped
     assert parked.park(_state([4])) and parked.park(_state([5]))  # 300 bytes > 250: oldest dropped
     assert len(parked) == 2 and parked.nbytes == 200
-    assert parked.best([("t", 1)], limit=1) == (None, 0)
+    assert parked.best([1], limit=1) == (None, 0)
     assert not parked.park(_state([6], nbytes=251))  # larger than the whole budget
     parked.clear()
     assert len(parked) == 0 and parked.nbytes == 0
@@ -120,8 +120,8 @@ def test_parking_off_evaluates_again(siglip_vlm, painting, square_image):
     vlm = siglip_vlm
     a1 = [_image_msg(painting, "Describe the painting.")]
     b1 = [_image_msg(square_image(40, seed=3), "What is in this picture?")]
-    saved = vlm.engine.parked.max_bytes, vlm.engine.snapshots
-    vlm.engine.parked.max_bytes, vlm.engine.snapshots = 0, None
+    saved = vlm.engine.kv.parked.max_bytes, vlm.engine.kv.snapshots
+    vlm.engine.kv.parked.max_bytes, vlm.engine.kv.snapshots = 0, None
     try:
         vlm.reset()
         vlm.next_token_logits(a1)
@@ -129,6 +129,6 @@ def test_parking_off_evaluates_again(siglip_vlm, painting, square_image):
         vlm.next_token_logits(_follow(a1, "A painting.", "Colours?"))
         pre = vlm.engine.last_prefill
         assert not pre.parked_restored and pre.images_from_cache == 1  # the image had to be decoded again
-        assert len(vlm.engine.parked) == 0
+        assert len(vlm.engine.kv.parked) == 0
     finally:
-        vlm.engine.parked.max_bytes, vlm.engine.snapshots = saved
+        vlm.engine.kv.parked.max_bytes, vlm.engine.kv.snapshots = saved

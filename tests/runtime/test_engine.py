@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgevlm.engine import StopMatcher
+from edgevlm.generation import StopMatcher
 from tests.cache_helpers import assert_cached_matches_full
 
 
@@ -21,9 +21,9 @@ def test_follow_up_reuses_prefix_and_does_not_reencode(siglip_vlm, painting):
     calls = vlm.encoder_calls
     follow = first + [{"role": "assistant", "content": reply.text},
                       {"role": "user", "content": "And the colours?"}]
-    stats: dict = {}
-    "".join(vlm.stream(follow, max_tokens=4, temperature=0, stats=stats))
-    pre = stats["prefill"]
+    stream = vlm.stream(follow, max_tokens=4, temperature=0)
+    "".join(stream)
+    pre = stream.stats.prefill
     assert vlm.encoder_calls == calls, "the image was encoded again"
     assert pre.images_encoded == 0 and pre.images_from_cache == 0
     assert pre.reused_positions > 0

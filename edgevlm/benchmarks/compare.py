@@ -31,8 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgevlm.cli.bench import cold_caches, follow
-from edgevlm.cli.bench_probe import image_question, run_probe, timed_turn
+from edgevlm.api import VLM
+from edgevlm.benchmarks.conversation import follow
+from edgevlm.benchmarks.probe import image_question, run_probe, timed_turn
 
 #: Sentences the batch's instruction prefix is made of (repeated to length).
 INSTRUCTIONS = (
@@ -45,14 +46,14 @@ INSTRUCTIONS = (
 )
 
 
-def run_compare(vlm: Any, spec: dict[str, Any], *, image: str | None, prompt: str, follow_up: str,
+def run_compare(vlm: VLM, spec: dict[str, Any], *, image: str | None, prompt: str, follow_up: str,
                 max_tokens: int, batch_size: int = 20, prefix_tokens: int = 200,
                 restart_rounds: int = 2) -> dict[str, Any]:
     """Run the three workloads; returns the comparison report.
 
     Args:
         vlm: the loaded edgevlm model.
-        spec: how a probe process loads it (``edgevlm.cli.bench.probe_spec``).
+        spec: how a probe process loads it (``edgevlm.benchmarks.conversation.probe_spec``).
         image: the conversation's image (None: a generated one).
         prompt, follow_up: the conversation's questions.
         max_tokens: reply length limit for every request, on both sides.
@@ -65,11 +66,11 @@ def run_compare(vlm: Any, spec: dict[str, Any], *, image: str | None, prompt: st
         images = make_images(batch_size + 2, Path(tmp))
         image = image or images[-1]
         warm = image_question(images[-2], "Warm up.")
-        with cold_caches(vlm):
+        with vlm.isolated_caches():
             timed_turn(vlm, warm, 1)
         peer_turn(peer, warm, 1)
         report: dict[str, Any] = {"peer": f"llama-cpp-python {_version()} ({handler})",
-                                  "threads": vlm.engine.ctx.options.threads()[0],
+                                  "threads": vlm.settings.n_threads,
                                   "n_ctx": vlm.n_ctx, "max_tokens": max_tokens}
         report["conversation"] = _compare_conversation(vlm, peer, image, prompt, follow_up, max_tokens)
         prefix = instruction_prefix(vlm, prefix_tokens)
@@ -79,23 +80,22 @@ def run_compare(vlm: Any, spec: dict[str, Any], *, image: str | None, prompt: st
     return report
 
 
-def load_peer(vlm: Any) -> tuple[Any, str]:
+def load_peer(vlm: VLM) -> tuple[Any, str]:
     """llama-cpp-python's Llama + multimodal chat handler on vlm's files and settings."""
     from llama_cpp import Llama, llama_chat_format
 
     handler_cls = getattr(llama_chat_format, "MTMDChatHandler", None)
-    ctx = vlm.engine.ctx
-    n_threads, n_threads_batch = ctx.options.threads()
-    on_gpu = ctx.options.n_gpu_layers != 0
+    run = vlm.settings
+    on_gpu = run.n_gpu_layers != 0
     if handler_cls is not None:
         handler = handler_cls(clip_model_path=str(vlm.mmproj_path), verbose=False, use_gpu=on_gpu)
     else:  # pragma: no cover - older llama-cpp-python
         handler_cls = llama_chat_format.Llava15ChatHandler
         handler = handler_cls(clip_model_path=str(vlm.mmproj_path), verbose=False)
-    llm = Llama(model_path=str(vlm.model_path), chat_handler=handler, n_ctx=vlm.n_ctx,
-                n_batch=ctx.n_batch, n_ubatch=ctx.n_batch, n_threads=n_threads,
-                n_threads_batch=n_threads_batch, n_gpu_layers=ctx.options.n_gpu_layers,
-                flash_attn=ctx.flash_attn_type == 1, seed=0, verbose=False)
+    llm = Llama(model_path=str(vlm.model_path), chat_handler=handler, n_ctx=run.n_ctx,
+                n_batch=run.n_batch, n_ubatch=run.n_batch, n_threads=run.n_threads,
+                n_threads_batch=run.n_threads_batch, n_gpu_layers=run.n_gpu_layers,
+                flash_attn=run.flash_attn == 1, seed=0, verbose=False)
     return llm, handler_cls.__name__
 
 
@@ -134,11 +134,11 @@ def _data_url(path: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def _compare_conversation(vlm: Any, peer: Any, image: str, prompt: str, follow_up: str,
+def _compare_conversation(vlm: VLM, peer: Any, image: str, prompt: str, follow_up: str,
                           max_tokens: int) -> dict[str, Any]:
     """Both engines' turns interleaved (ours, peer, ours, peer): background load hits both alike."""
     first = image_question(image, prompt)
-    with cold_caches(vlm):
+    with vlm.isolated_caches():
         ours, theirs = [timed_turn(vlm, first, max_tokens)], [peer_turn(peer, first, max_tokens)]
         ours.append(timed_turn(vlm, follow(first, ours[0]["text"], follow_up), max_tokens))
         theirs.append(peer_turn(peer, follow(first, theirs[0]["text"], follow_up), max_tokens))
@@ -156,11 +156,11 @@ def _compare_conversation(vlm: Any, peer: Any, image: str, prompt: str, follow_u
     return report
 
 
-def _compare_batch(vlm: Any, peer: Any, images: list[str], prefix: str,
+def _compare_batch(vlm: VLM, peer: Any, images: list[str], prefix: str,
                    max_tokens: int) -> dict[str, Any]:
     """Each image asked of edgevlm, then of the peer; each engine's times are summed."""
     turns, ours_ms, theirs_ms = [], 0.0, 0.0
-    with cold_caches(vlm):
+    with vlm.isolated_caches():
         for img in images:
             messages = image_question(img, "Describe this image.", prefix)
             t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def _compare_batch(vlm: Any, peer: Any, images: list[str], prefix: str,
             t1 = time.perf_counter()
             peer_turn(peer, messages, max_tokens)
             ours_ms, theirs_ms = ours_ms + (t1 - t0) * 1e3, theirs_ms + (time.perf_counter() - t1) * 1e3
-    return {"images": len(images), "prefix_tokens": len(vlm.engine.model.tokenize(prefix, add_special=False)),
+    return {"images": len(images), "prefix_tokens": len(vlm.tokenize(prefix)),
             "prompt_positions": turns[0]["prompt_positions"],
             "edgevlm_total_ms": round(ours_ms, 1), "peer_total_ms": round(theirs_ms, 1),
             "ratio": round(theirs_ms / ours_ms, 2),
@@ -197,10 +197,10 @@ def _restart_vs_cold(spec: dict[str, Any], prompt: str, follow_up: str, cache: P
             "restart_evaluated_positions": warm["evaluated_positions"]}
 
 
-def instruction_prefix(vlm: Any, n_tokens: int) -> str:
+def instruction_prefix(vlm: VLM, n_tokens: int) -> str:
     """Instruction sentences repeated until the model's tokenizer makes about ``n_tokens`` of them."""
     text, i = "", 0
-    while len(vlm.engine.model.tokenize(text, add_special=False)) < n_tokens:
+    while len(vlm.tokenize(text)) < n_tokens:
         text = f"{text} {INSTRUCTIONS[i % len(INSTRUCTIONS)]}".strip()
         i += 1
     return text

@@ -5,11 +5,13 @@ about an image and prints its timings as JSON; running two probes with the
 same cache directory measures "process restart, same image, new question"
 against a cold run.
 
-Run as ``python -m edgevlm.cli.bench_probe '<json spec>'``.
+Run as ``python -m edgevlm.benchmarks.probe '<json spec>'``. Everything here
+uses the public API only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgevlm.api import VLM, load
 from edgevlm.errors import RuntimeFailure
 
 #: The load() arguments a probe passes on.
@@ -25,7 +28,7 @@ LOAD_KEYS = ("mmproj", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "cache",
              "vision_device")
 
 
-def timed_turn(vlm: Any, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+def timed_turn(vlm: VLM, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
     """One greedy reply, timed from the call (prompt building included) to the first token.
 
     Args:
@@ -37,17 +40,18 @@ def timed_turn(vlm: Any, messages: list[dict[str, Any]], max_tokens: int) -> dic
         text, ttft_ms, total_ms, completion_tokens, decode_tps and the prefill
         figures (PrefillStats fields).
     """
-    stats: dict[str, Any] = {}
     t0 = time.perf_counter()
-    text = "".join(vlm.stream(messages, max_tokens=max_tokens, temperature=0.0, stats=stats))
+    stream = vlm.stream(messages, max_tokens=max_tokens, temperature=0.0)
+    reply = stream.reply()
     wall_ms = (time.perf_counter() - t0) * 1e3
-    before_generate = wall_ms - stats["total_ms"]  # image loading, template, tokenisation
-    gen_ms = max(stats["total_ms"] - stats["ttft_ms"], 1e-6)
-    pre = stats["prefill"]
-    return {"text": text, "ttft_ms": before_generate + stats["ttft_ms"], "total_ms": wall_ms,
-            "completion_tokens": stats["completion_tokens"],
-            "decode_tps": round(max(stats["completion_tokens"] - 1, 0) / gen_ms * 1e3, 1),
-            **{k: getattr(pre, k) for k in pre.__dataclass_fields__}}
+    stats = stream.stats
+    assert stats is not None  # reply() ran the stream to its end
+    before_generate = wall_ms - stats.total_ms  # image loading, template, tokenisation
+    gen_ms = max(stats.total_ms - stats.ttft_ms, 1e-6)
+    return {"text": reply.text, "ttft_ms": before_generate + stats.ttft_ms, "total_ms": wall_ms,
+            "completion_tokens": stats.completion_tokens,
+            "decode_tps": round(max(stats.completion_tokens - 1, 0) / gen_ms * 1e3, 1),
+            **dataclasses.asdict(stats.prefill)}
 
 
 def image_question(image: str, question: str, system: str | None = None) -> list[dict[str, Any]]:
@@ -69,7 +73,7 @@ def run_probe(spec: dict[str, Any], cache_dir: Path, timeout: float = 600) -> di
         RuntimeFailure: the probe failed (its stderr tail is in the message).
     """
     env = dict(os.environ, EDGEVLM_CACHE_DIR=str(cache_dir))
-    proc = subprocess.run([sys.executable, "-m", "edgevlm.cli.bench_probe", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "edgevlm.benchmarks.probe", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeFailure(f"bench probe failed: {proc.stderr.strip()[-500:]}")
@@ -77,8 +81,6 @@ def run_probe(spec: dict[str, Any], cache_dir: Path, timeout: float = 600) -> di
 
 
 def _probe(spec: dict[str, Any]) -> dict[str, Any]:
-    from edgevlm.api import load
-
     vlm = load(spec["model"], **{k: spec[k] for k in LOAD_KEYS if k in spec})
     turn = timed_turn(vlm, image_question(spec["image"], spec["question"], spec.get("system")),
                       spec["max_tokens"])

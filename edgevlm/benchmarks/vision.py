@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgevlm.api import VLM
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 
 # GGUF block tensor -> transformers CLIPEncoderLayer parameter (source: our
@@ -24,38 +25,24 @@ _PARTS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
           "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 
 
-def time_encoder(vlm: Any, image: Any, repeats: int) -> float:
+def time_encoder(vlm: VLM, image: str, repeats: int) -> float:
     """Median time (ms) of ``repeats`` encodes of ``image`` with the loaded engine (no caches)."""
-    encoder = vlm.engine.encoder
-    chunks = [c for c in encoder.tokenize(encoder.marker, [_load(image)], add_special=False)
-              if hasattr(c, "key")]
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        for chunk in chunks:
-            encoder.encode(chunk)
+        vlm.embed_image(image, cache=False)
         times.append((time.perf_counter() - t0) * 1e3)
     return round(statistics.median(times), 1)
 
 
 def reference_pixels(mmproj: Path, image: Any) -> np.ndarray:
     """The image preprocessed as the projector's image processor does: (3, S, S) float32."""
-    from PIL import Image
-
     from edgevlm.kernels.vision import read_gguf_tensors, read_tower_config
-    from edgevlm.vision.preprocess import preprocess
+    from edgevlm.vision.images import load_image
+    from edgevlm.vision.preprocess import tower_pixels
 
     meta, raw = read_gguf_tensors(mmproj)
-    cfg = read_tower_config(meta, set(raw))
-    loaded = _load(image)
-    pil = Image.frombytes("RGB", (loaded.width, loaded.height), loaded.rgb)
-    return preprocess(pil, size=cfg.image_size, mode=cfg.resize, mean=cfg.image_mean, std=cfg.image_std)
-
-
-def _load(image: Any) -> Any:
-    from edgevlm.vision.images import load_image
-
-    return load_image(image)
+    return tower_pixels(load_image(image), read_tower_config(meta, set(raw)))
 
 
 def _dequantized(tensors: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -1,0 +1,237 @@
+"""Prefill with reuse: keep the KV cache in step with prompts, evaluating only what is new.
+
+The context remembers which identity units it holds (:mod:`edgevlm.chunks`:
+text tokens, image and embedding keys) and where each starts. A new request
+evaluates only what follows the longest prefix at hand, taken from
+
+* the live sequence (a follow-up question evaluates only the new turn, and
+  an image already in the prefix is neither encoded nor decoded again);
+* a parked conversation (:mod:`edgevlm.parking`): when a request leaves the
+  live conversation, its state is parked in RAM first, so alternating
+  between conversations evaluates only each one's new turn;
+* a persistent snapshot (:mod:`edgevlm.snapshots`) of an image prefix or a
+  long text prefix, across processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from edgevlm.chunks import Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, unit_positions
+from edgevlm.embeddings import ImageEmbeddings
+from edgevlm.errors import EdgeVLMError, InvalidRequestError
+from edgevlm.llm import LlamaContext
+from edgevlm.parking import ParkedState, ParkedStates, common_prefix
+from edgevlm.snapshots import SnapshotStore, snapshot_boundaries
+from edgevlm.stats import PrefillStats
+from edgevlm.vision.encoder import VisionEncoder
+
+LOG = logging.getLogger("edgevlm")
+
+
+class KVPrefix:
+    """The KV ledger of one context, and how a prompt is put into it.
+
+    Args:
+        ctx: the llama.cpp context (one sequence).
+        encoder: decodes image embeddings into the context (None: text only).
+        embeddings: where image embeddings come from (None without an encoder).
+        snapshots: the persistent snapshot store, or None.
+    """
+
+    def __init__(self, ctx: LlamaContext, encoder: VisionEncoder | None,
+                 embeddings: ImageEmbeddings | None, snapshots: SnapshotStore | None) -> None:
+        self.ctx = ctx
+        self.encoder = encoder
+        self.embeddings = embeddings
+        self.snapshots = snapshots
+        self.parked = ParkedStates()
+        self.units: list[Unit] = []
+        self.starts: list[int] = [0]
+        self._prompt_end = 0  # units of the last prompt (generated tokens follow)
+        self._position_ms = 0.0  # last measured prefill cost per position
+        self._image_ms = 0.0  # ... and per image encode
+
+    @property
+    def cached_positions(self) -> int:
+        return self.starts[len(self.units)] if self.units else 0
+
+    def reset(self) -> None:
+        """Forget the live sequence and every parked conversation."""
+        self.ctx.clear()
+        self.parked.clear()
+        self.units, self.starts, self._prompt_end = [], [0], 0
+
+    def recent_tokens(self, n: int) -> list[int]:
+        """Text tokens among the last ``n`` units (the sampler's penalty window)."""
+        return [u for u in self.units[-n:] if isinstance(u, int)]
+
+    def commit(self, units: Sequence[Unit], starts: Sequence[int]) -> None:
+        """Record units now in the KV cache; ``starts`` has one more entry (the end)."""
+        self.units.extend(units)
+        self.starts[len(self.starts) - 1:] = starts[:len(units) + 1]
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, chunks: list[Chunk], text_prefix: tuple[int, ...] = ()) -> PrefillStats:
+        """Make the context hold ``chunks`` with logits for the last position.
+
+        Args:
+            chunks: the prompt.
+            text_prefix: tokens of a text-only prompt before its last user
+                message: a prefix worth a KV snapshot.
+
+        Returns:
+            What was reused, restored, encoded and evaluated.
+
+        Raises:
+            InvalidRequestError: an empty prompt.
+            ContextOverflowError: it does not fit the context.
+        """
+        units, starts, owners = unit_positions(chunks)
+        if not units:
+            raise InvalidRequestError("the prompt is empty")
+        total, cells = starts[-1], kv_cells(chunks)
+        self.ctx.check_fits(max(total, cells))
+        stats = PrefillStats(prompt_positions=total, kv_cells=cells)
+        boundaries = self._boundaries(units, text_prefix)
+        keep = self._reuse(units, starts, boundaries, stats)
+        self._prompt_end = len(units)
+        stats.reused_positions, stats.evaluated_positions = starts[keep], total - starts[keep]
+        t0 = time.perf_counter()
+        save_at = {b for b, least in boundaries if b - keep >= least}
+        self._evaluate(units, starts, owners, keep, stats, save_at)
+        stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
+        stats.images_reused = sum(isinstance(u, ImageUnit) for u in units[:keep])
+        self._estimate_saved(stats)
+        _log_prefill(stats)
+        return stats
+
+    def _estimate_saved(self, stats: PrefillStats) -> None:
+        """Fill ``stats.saved_ms`` at the rates last measured here (this prefill's if none yet)."""
+        if stats.evaluated_positions >= 32 or not self._position_ms:
+            self._position_ms = stats.decode_ms / max(stats.evaluated_positions, 1)
+        if stats.images_encoded:
+            self._image_ms = stats.encode_ms / stats.images_encoded
+        stats.saved_ms = (stats.reused_positions * self._position_ms
+                          + (stats.images_reused + stats.images_from_cache) * self._image_ms)
+
+    def _boundaries(self, units: list[Unit], text_prefix: tuple[int, ...]) -> list[tuple[int, int]]:
+        """Snapshot candidates: (prefix length, least gain over what the KV cache holds)."""
+        if self.snapshots is None:
+            return []
+        n_text = common_prefix(text_prefix, units) if text_prefix else 0
+        return snapshot_boundaries(units, n_text)
+
+    def _reuse(self, units: list[Unit], starts: list[int], boundaries: list[tuple[int, int]],
+               stats: PrefillStats) -> int:
+        """Put the longest prefix of ``units`` at hand into the KV cache: live, parked or snapshot.
+
+        Returns:
+            How many units the KV cache now holds (the last unit is always left out).
+        """
+        limit = len(units) - 1  # the last unit is always evaluated, for its logits
+        live = common_prefix(self.units, units)
+        keep = min(live, limit)
+        parked_key, parked = self.parked.best(units, limit)
+        snapshot = self._find_snapshot(units, starts, boundaries, max(keep, parked))
+        take = snapshot is None and parked > keep and parked_key is not None
+        entry = self.parked.take(parked_key) if take and parked_key is not None else None
+        if live < self._prompt_end:
+            self._park()  # the request leaves this conversation: keep it for later
+        if snapshot is not None or entry is not None:
+            t0 = time.perf_counter()
+            if snapshot is not None:
+                keep = self._restore(snapshot[1], units[:snapshot[0]], starts[:snapshot[0] + 1])
+                stats.snapshot_restored = keep > 0
+            elif entry is not None:
+                keep = min(self._restore(entry.state, entry.units, entry.starts), parked)
+                stats.parked_restored = keep > 0
+            stats.restore_ms = (time.perf_counter() - t0) * 1e3
+        self.ctx.truncate(self.starts[keep])
+        self.units, self.starts = self.units[:keep], self.starts[:keep + 1]
+        return keep
+
+    def _find_snapshot(self, units: list[Unit], starts: list[int], boundaries: list[tuple[int, int]],
+                       have: int) -> tuple[int, bytes] | None:
+        """(boundary, state) of the longest stored snapshot worth restoring over ``have`` units."""
+        if self.snapshots is None:
+            return None
+        for boundary, least in boundaries:
+            if boundary - have < least:
+                continue
+            found = self.snapshots.load(units[:boundary])
+            if found is not None and found[0] == starts[boundary]:
+                return boundary, found[1]
+        return None
+
+    def _restore(self, state: bytes, units: Sequence[Unit], starts: Sequence[int]) -> int:
+        """Replace the KV cache with ``state`` holding ``units``; returns len(units), 0 if refused."""
+        if not self.ctx.restore_state(state):
+            LOG.warning("llama.cpp refused a saved KV state; evaluating instead")
+            self.units, self.starts = [], [0]
+            return 0
+        self.units, self.starts = list(units), list(starts)
+        LOG.info("restored a KV state of %d positions", self.starts[-1])
+        return len(self.units)
+
+    def _park(self) -> None:
+        """Keep the live sequence's state in the parked LRU before it is dropped."""
+        if not self.units or self.parked.max_bytes <= 0:
+            return
+        try:
+            state = self.ctx.save_state()
+        except EdgeVLMError as exc:
+            LOG.warning("could not park the conversation's KV state: %s", exc)
+            return
+        if self.parked.park(ParkedState(tuple(self.units), tuple(self.starts), state)):
+            LOG.info("parked a conversation of %d positions (%d parked, %.1f MiB)",
+                     self.cached_positions, len(self.parked), self.parked.nbytes / 2**20)
+
+    def _save_snapshot(self, stats: PrefillStats) -> None:
+        if self.snapshots is None:
+            return
+        try:
+            if self.snapshots.save_once(list(self.units), self.cached_positions, self.ctx.save_state):
+                stats.snapshots_saved += 1
+        except Exception as exc:  # noqa: BLE001 - a cache must never break a request
+            LOG.warning("could not save a KV snapshot: %s", exc)
+
+    def _evaluate(self, units: list[Unit], starts: list[int], owners: list[Chunk], first: int,
+                  stats: PrefillStats, save_at: set[int]) -> None:
+        """Decode ``units[first:]``: text runs in batches, images and embeddings one by one.
+
+        A snapshot is saved when the KV cache reaches a length in ``save_at``.
+        """
+        i = first
+        while i < len(units):
+            owner = owners[i]
+            j = i + 1
+            if isinstance(owner, TextChunk):
+                while j < len(units) and isinstance(owners[j], TextChunk) and j not in save_at:
+                    j += 1
+                tokens = [u for u in units[i:j] if isinstance(u, int)]
+                self.ctx.decode_tokens(tokens, starts[i], logits_last=j == len(units))
+            elif isinstance(owner, ImageChunk):
+                if self.encoder is None or self.embeddings is None:
+                    raise InvalidRequestError("an image chunk reached a model without a vision encoder")
+                self.encoder.decode(self.ctx, owner, self.embeddings.get(owner, stats), starts[i])
+            else:
+                self.ctx.decode_embeddings(owner.embeddings, starts[i], causal=owner.causal,
+                                           logits_last=j == len(units))
+            self.commit(units[i:j], starts[i:j + 1])
+            i = j
+            if i in save_at:
+                self._save_snapshot(stats)
+
+
+def _log_prefill(stats: PrefillStats) -> None:
+    source = ("a KV snapshot" if stats.snapshot_restored else
+              "a parked conversation" if stats.parked_restored else "the KV cache")
+    LOG.info("prefill: %d positions, %d reused from %s%s, %d evaluated; images: %d reused, "
+             "%d encoded (%.0f ms), %d from the embedding cache; %d snapshot(s) saved; "
+             "about %.0f ms saved", stats.prompt_positions, stats.reused_positions, source,
+             f" ({stats.restore_ms:.0f} ms)" if stats.restore_ms else "",
+             stats.evaluated_positions, stats.images_reused, stats.images_encoded, stats.encode_ms,
+             stats.images_from_cache, stats.snapshots_saved, stats.saved_ms)
