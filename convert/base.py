@@ -28,8 +28,11 @@ ARCHITECTURES: dict[str, type[Converter]] = {}
 """Architecture name (``config.json``'s, or a family name such as ``"OmniFusion"`` for
 layouts a converter detects itself) -> converter class."""
 
-BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion", "qwen2vl")
-"""Modules of this package that register converters (imported on first lookup)."""
+SHARED_MODULES: frozenset[str] = frozenset({
+    "api", "base", "checkpoint", "config", "llm_writer", "projector_writer", "quantize", "tensors",
+    "tokenizer", "torch_pickle"})
+"""Modules of this package that are shared machinery; every other module is a family's
+converter and is imported on first lookup (a new family is one new file, nothing else edited)."""
 
 Log = Callable[[str], None]
 
@@ -95,9 +98,18 @@ def register(*names: str) -> Callable[[type[Converter]], type[Converter]]:
     return decorate
 
 
+def builtin_modules() -> list[str]:
+    """The family modules of this package (every module but :data:`SHARED_MODULES`)."""
+    import pkgutil
+
+    folder = Path(__file__).resolve().parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(folder)])
+                  if not m.name.startswith("_") and m.name not in SHARED_MODULES)
+
+
 def load_builtin_converters() -> None:
     """Import the built-in converter modules so that they register themselves."""
-    for module in BUILTIN_MODULES:
+    for module in builtin_modules():
         importlib.import_module(f"{__package__}.{module}")
 
 

@@ -139,14 +139,18 @@ def _from_hub(repo_id: str, quant: str | None, revision: str | None,
         if type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3"):
             raise HubError(f"could not reach the Hugging Face hub for {repo_id}: {exc}") from exc
         raise
-    llm = folder / wanted[0]
+    return _snapshot_files(folder, wanted, mmproj)
+
+
+def _snapshot_files(folder: Path, wanted: list[str], mmproj: str | os.PathLike[str] | None) -> ModelFiles:
+    """The chosen files of a downloaded snapshot; the caller's projector replaces the repo's."""
     if mmproj:
         proj: Path | None = Path(mmproj).expanduser()
-        if not proj.is_file():
+        if proj is not None and not proj.is_file():
             raise ModelNotFoundError(f"projector file not found: {proj}")
     else:
         proj = folder / wanted[1] if len(wanted) > 1 else None
-    return ModelFiles(llm, proj)
+    return ModelFiles(folder / wanted[0], proj)
 
 
 def _hub_offline() -> bool:

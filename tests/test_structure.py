@@ -1,0 +1,119 @@
+"""The layers: no import cycle, kernels/ and convert/ on the bottom layer only, the CLI on the public API."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Package folder -> import name (pyproject.toml's package-dir).
+PACKAGES = {"edgevlm": "edgevlm", "convert": "edgevlm.convert", "kernels": "edgevlm.kernels"}
+#: What convert/ and kernels/ may import from edgevlm (the bottom layer).
+BOTTOM = {"edgevlm", "edgevlm.errors", "edgevlm.constants", "edgevlm.gguf_info", "edgevlm.native"}
+#: What the CLI may import: the public API and its own modules (plus the bottom layer and
+#: the benchmark workloads, which are written on the public API).
+CLI_ALLOWED_PREFIXES = ("edgevlm.cli", "edgevlm.benchmarks", "edgevlm.convert")
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for folder, name in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([name, *parts])] = path
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(path: Path, module: str, modules: dict[str, Path], *, top_level_only: bool) -> set[str]:
+    """edgevlm modules imported by ``path`` (submodules named by ``from X import sub`` included)."""
+    tree = ast.parse(path.read_text())
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                continue
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                found.update(a.name for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and (inner or not top_level_only or top):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[:len(package.split(".")) - child.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                found.add(base)
+                found.update(f"{base}.{a.name}" for a in child.names if f"{base}.{a.name}" in modules)
+            if not top_level_only or inner:
+                visit(child, inner)
+
+    visit(tree, True)
+    return {m for m in found if m == "edgevlm" or m.startswith("edgevlm.")}
+
+
+def test_no_import_cycles():
+    modules = _modules()
+    graph = {m: {d for d in _imports(p, m, modules, top_level_only=True) if d in modules and d != m}
+             for m, p in modules.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in graph[m]:
+            if d.startswith(m + ".") or m.startswith(d + ".") and d in PACKAGES.values():
+                continue  # a package and its own submodules
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if d not in state:
+                dfs(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            dfs(m)
+
+
+def test_convert_and_kernels_import_only_the_bottom_layer():
+    modules = _modules()
+    for module, path in modules.items():
+        for layer in ("edgevlm.convert", "edgevlm.kernels"):
+            if module == layer or module.startswith(layer + "."):
+                wrong = {d for d in _imports(path, module, modules, top_level_only=False)
+                         if d not in BOTTOM and not (d == layer or d.startswith(layer + "."))}
+                assert not wrong, f"{module} imports the runtime: {sorted(wrong)}"
+
+
+def test_cli_uses_the_public_api_only():
+    modules = _modules()
+    for module, path in modules.items():
+        if not module.startswith("edgevlm.cli"):
+            continue
+        text = path.read_text()
+        assert ".engine" not in text, f"{module} reaches into the engine"
+        wrong = {d for d in _imports(path, module, modules, top_level_only=False)
+                 if d not in BOTTOM and not d.startswith(CLI_ALLOWED_PREFIXES)}
+        assert not wrong, f"{module} imports runtime internals: {sorted(wrong)}"
+    for module, path in modules.items():
+        if module.startswith("edgevlm.benchmarks"):
+            assert ".engine" not in path.read_text().replace("vision_engine", ""), module
+
+
+def test_modules_and_functions_stay_small():
+    for module, path in _modules().items():
+        lines = path.read_text().splitlines()
+        assert len(lines) <= 800, f"{module}: {len(lines)} lines"
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = node.body[0] if node.body and isinstance(node.body[0], ast.Expr) and isinstance(
+                    getattr(node.body[0], "value", None), ast.Constant) else None
+                length = node.end_lineno - node.lineno + 1 - (doc.end_lineno - doc.lineno + 1 if doc else 0)
+                assert length <= 60, f"{module}.{node.name}: {length} lines of code"
