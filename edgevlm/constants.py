@@ -77,3 +77,13 @@ IMAGE_RESIZE_MODES = ("shortest-edge-crop", "pad-square")
 # Learned embeddings injected into the LLM (1-D, LLM width):
 SPECIAL_EMBEDDING_TENSORS = {"SOI": "special.soi", "EOI": "special.eoi",
                              "USER": "special.user", "BOT": "special.bot"}
+
+# --- LLaVA-NeXT (anyres) projectors ---------------------------------------------
+# Keys and tensors llama.cpp itself uses for llava-v1.6 (source: the vendored
+# llama.cpp of llama-cpp-python 0.3.36, tools/mtmd/clip-impl.h and
+# legacy-models/convert_image_encoder_to_gguf.py):
+KEY_IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"  # [i32]: HF (height, width) pairs, flattened
+KEY_MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"    # str: "spatial_unpad" (llava-1.6) | "flat"
+PATCH_MERGE_SPATIAL_UNPAD = "spatial_unpad"
+TENSOR_IMAGE_NEWLINE = "v.image_newline"           # (LLM width,): clip.cpp's TN_IMAGE_NEWLINE
+TENSOR_IMAGE_NEWLINE_LEGACY = "model.image_newline"  # what llama.cpp's legacy llava-1.6 converter wrote

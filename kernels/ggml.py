@@ -103,6 +103,10 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_reshape_3d": ("base", T, [P, T, c_int64, c_int64, c_int64]),
     "ggml_permute": ("base", T, [P, T, c_int, c_int, c_int, c_int]),
     "ggml_view_2d": ("base", T, [P, T, c_int64, c_int64, c_size_t, c_size_t]),
+    # batched (several images per graph) tower ops
+    "ggml_reshape_4d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_int64]),
+    "ggml_view_3d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
+    "ggml_repeat": ("base", T, [P, T, T]),
     "ggml_new_graph_custom": ("base", P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": ("base", None, [P, T]),
     "ggml_graph_n_nodes": ("base", c_int, [P]),

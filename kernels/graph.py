@@ -186,30 +186,38 @@ class GraphBuilder:
                   flash: bool = False) -> object:
         """Multi-head self-attention without a mask over ``x`` [d, n] -> [d, n].
 
+        ``x`` may also be a batch [d, n, B] of ``B`` independent sequences
+        (several images in one graph): each attends only within itself.
         ``q``, ``k``, ``v``, ``out`` are (weight, bias) pairs of the projections.
         ``flash`` uses ggml's fused flash-attention kernel with f16 K/V and f32
         accumulation (what libmtmd does by default); otherwise softmax(QK^T)V
         in f32.
         """
         g, ctx = self.g, self.ctx
-        dims = shape(x)
-        d, n = dims[0], dims[1] if len(dims) > 1 else 1
+        dims = shape(x) + (1, 1)
+        d, n, batch = dims[0], dims[1], dims[2]
         if d % n_head:
             raise InvalidModelError(f"attention width {d} is not divisible by {n_head} heads")
         dh = d // n_head
-        heads = [g.ggml_reshape_3d(ctx, self.linear(x, *p), dh, n_head, n) for p in (q, k, v)]
-        qh, kh = (g.ggml_permute(ctx, t, 0, 2, 1, 3) for t in heads[:2])  # [dh, n, heads]
+        heads = [g.ggml_reshape_4d(ctx, self.linear(x, *p), dh, n_head, n, batch) for p in (q, k, v)]
+        qh, kh = (g.ggml_permute(ctx, t, 0, 2, 1, 3) for t in heads[:2])  # [dh, n, heads, B]
         if flash:
             vh = g.ggml_permute(ctx, heads[2], 0, 2, 1, 3)
             kh, vh = g.ggml_cast(ctx, kh, ggml.GGML_TYPE_F16), g.ggml_cast(ctx, vh, ggml.GGML_TYPE_F16)
             fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, None, 1.0 / math.sqrt(dh), 0.0, 0.0)
-            g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n]
-            return self.linear(g.ggml_reshape_2d(ctx, fused, d, n), *out)
-        vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads]
+            g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n, B]
+            return self.linear(self._merge_heads(fused, d, n, batch), *out)
+        vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads, B]
         scores = g.ggml_soft_max_ext(ctx, g.ggml_mul_mat(ctx, kh, qh), None, 1.0 / math.sqrt(dh), 0.0)
-        ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads]
-        merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n]
-        return self.linear(g.ggml_reshape_2d(ctx, merged, d, n), *out)
+        ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads, B]
+        merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n, B]
+        return self.linear(self._merge_heads(merged, d, n, batch), *out)
+
+    def _merge_heads(self, t: object, d: int, n: int, batch: int) -> object:
+        """[dh, heads, n, B] -> [d, n] (B == 1) or [d, n, B]."""
+        if batch == 1:
+            return self.g.ggml_reshape_2d(self.ctx, t, d, n)
+        return self.g.ggml_reshape_3d(self.ctx, t, d, n, batch)
 
     def transformer_layer(self, x: object, p: Mapping[str, object], *, n_head: int, eps: float,
                           act: str, norm_first: bool, flash: bool = False) -> object:
@@ -231,10 +239,18 @@ class GraphBuilder:
         return self.g.ggml_concat(self.ctx, a, b, dim)
 
     def rows(self, x: object, start: int, count: int) -> object:
-        """Columns ``start .. start+count`` of a 2-D ``x`` [d, n] (a contiguous copy)."""
+        """Columns ``start .. start+count`` of ``x`` [d, n] or [d, n, B] (a contiguous copy)."""
         t = x.contents
-        view = self.g.ggml_view_2d(self.ctx, x, t.ne[0], count, t.nb[1], start * t.nb[1])
+        if shape(x)[2:]:
+            view = self.g.ggml_view_3d(self.ctx, x, t.ne[0], count, t.ne[2], t.nb[1], t.nb[2],
+                                       start * t.nb[1])
+        else:
+            view = self.g.ggml_view_2d(self.ctx, x, t.ne[0], count, t.nb[1], start * t.nb[1])
         return self.g.ggml_cont(self.ctx, view)
+
+    def repeat(self, x: object, like: object) -> object:
+        """``x`` tiled to the shape of ``like`` (ggml broadcasting rules)."""
+        return self.g.ggml_repeat(self.ctx, x, like)
 
     def reshape_2d(self, x: object, ne0: int, ne1: int) -> object:
         return self.g.ggml_reshape_2d(self.ctx, x, ne0, ne1)

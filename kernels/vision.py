@@ -194,6 +194,7 @@ class VisionTower:
         self.backend = Backend(device, n_threads=n_threads)
         self.weights = Weights(self.backend, device_tensors)
         self._graph: CompiledGraph | None = None
+        self._batch_graphs: dict[int, CompiledGraph] = {}
 
     @property
     def device(self) -> str:
@@ -209,10 +210,38 @@ class VisionTower:
             self._graph = self._build()
         return self._graph.run({"patches": patchify(pixels.astype(np.float32), cfg.patch_size)})
 
-    def _build(self) -> CompiledGraph:
+    def encode_views(self, pixels: np.ndarray) -> np.ndarray:
+        """Run tower + projector on a batch of views in one graph.
+
+        Args:
+            pixels: Normalised pixels ``(n, 3, S, S)`` (e.g. LLaVA-NeXT's base view and tiles).
+
+        Returns:
+            float32 ``(n, n_tokens, output_width)``; view ``i`` equals ``encode(pixels[i])``
+            up to float rounding (attention never crosses views).
+
+        Raises:
+            InvalidModelError: wrong pixel shape.
+        """
+        cfg = self.config
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, cfg.image_size, cfg.image_size) or not len(pixels):
+            raise InvalidModelError(f"pixels of shape {pixels.shape}; the tower takes "
+                                    f"(n, 3, {cfg.image_size}, {cfg.image_size}) with n >= 1")
+        n = int(pixels.shape[0])
+        graph = self._batch_graphs.get(n)
+        if graph is None:
+            for old in self._batch_graphs.values():  # keep one batched graph: its buffer is large
+                old.close()
+            self._batch_graphs = {n: self._build(n)}
+            graph = self._batch_graphs[n]
+        patches = np.stack([patchify(p.astype(np.float32), cfg.patch_size) for p in pixels])
+        return graph.run({"patches": patches}).reshape(n, cfg.n_tokens, cfg.output_width)
+
+    def _build(self, n_views: int = 0) -> CompiledGraph:
+        """The tower graph for one image (``n_views == 0``) or a batch of ``n_views``."""
         b = GraphBuilder()
         try:
-            x = build_tower(b, self.weights, self.config, flash=self.flash_attn)
+            x = build_tower(b, self.weights, self.config, flash=self.flash_attn, n_views=n_views)
             if self.config.projector == "mlp":
                 x = b.mlp(x, _pair(self.weights, "mm.0"), _pair(self.weights, "mm.2"),
                           self.config.projector_activation)
@@ -227,6 +256,9 @@ class VisionTower:
         if self._graph is not None:
             self._graph.close()
             self._graph = None
+        for graph in getattr(self, "_batch_graphs", {}).values():
+            graph.close()
+        self._batch_graphs = {}
         if getattr(self, "weights", None) is not None:
             self.weights.close()
         if getattr(self, "backend", None) is not None:
@@ -254,13 +286,21 @@ def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     return np.ascontiguousarray(grid.reshape(gy * gx, c * patch * patch))
 
 
-def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig, *, flash: bool = False) -> object:
-    """Patch embedding, [CLS first], positions, pre-LN, ``n_layers`` blocks, [post-LN], CLS drop."""
+def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig, *, flash: bool = False,
+                n_views: int = 0) -> object:
+    """Patch embedding, [CLS first], positions, pre-LN, ``n_layers`` blocks, [post-LN], CLS drop.
+
+    ``n_views == 0``: one image, input ``patches`` [k, n_patches] -> [width, n_tokens].
+    ``n_views >= 1``: a batch, input [k, n_patches, n_views] -> [width, n_tokens, n_views].
+    """
     k = 3 * cfg.patch_size ** 2
-    patches = b.input("patches", (k, cfg.n_patches))
+    patches = b.input("patches", (k, cfg.n_patches, n_views) if n_views else (k, cfg.n_patches))
     x = b.linear(patches, b.reshape_2d(w["v.patch_embd.weight"], k, cfg.width), w.get("v.patch_embd.bias"))
     if cfg.has_class:
-        x = b.concat(b.reshape_2d(w["v.class_embd"], cfg.width, 1), x, 1)
+        cls = b.reshape_2d(w["v.class_embd"], cfg.width, 1)
+        if n_views:
+            cls = b.repeat(cls, b.rows(x, 0, 1))  # [width, 1, n_views]
+        x = b.concat(cls, x, 1)
     n_pos = cfg.n_patches + (1 if cfg.has_class else 0)
     pos = w["v.position_embd.weight"]
     if tuple(pos.contents.ne[:2]) != (cfg.width, n_pos):

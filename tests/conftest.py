@@ -215,3 +215,21 @@ def qwen2vl_vlm(qwen2vl_f32_result):
                        n_threads=2, cache=False)
     yield vlm
     vlm.close()
+
+
+@pytest.fixture(scope="session")
+def llava_next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LLaVA-NeXT checkpoint: CLIP tower of 32-px tiles (patch 8), Llama LLM of width 128,
+    pinpoints scaled to the tile (tests/fixtures/llava_next.py)."""
+    from tests.fixtures.llava_next import build_llava_next_checkpoint
+
+    return build_llava_next_checkpoint(tmp_path_factory.mktemp("llava_next") / "tiny-llava-next")
+
+
+@pytest.fixture(scope="session")
+def llava_next_f32_result(tmp_path_factory: pytest.TempPathFactory, llava_next_checkpoint: Path):
+    """f32/f32 conversion of the LLaVA-NeXT checkpoint (a ConversionResult)."""
+    from edgevlm.convert import convert
+
+    return convert(llava_next_checkpoint, tmp_path_factory.mktemp("llava_next_f32"), quant="f32",
+                   vision_type="f32")

@@ -30,8 +30,13 @@ def _hf_tensors(checkpoint: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _write_third_party(ours: Path, checkpoint: Path, out: Path) -> Path:
-    """Our mmproj's tensors + the missing last block + post-LN, llama.cpp-style keys only."""
+def _write_third_party(ours: Path, checkpoint: Path, out: Path,
+                       rename: dict[str, str] | None = None) -> Path:
+    """Our mmproj's tensors + the missing last block + post-LN, llama.cpp-style keys only.
+
+    ``rename`` maps some of our tensor names to the third party's (e.g. the legacy
+    llava-1.6 converter's ``model.image_newline``).
+    """
     import gguf
 
     reader = gguf.GGUFReader(str(ours))
@@ -55,7 +60,7 @@ def _write_third_party(ours: Path, checkpoint: Path, out: Path) -> Path:
             writer.add_uint32(key, int(value))
     writer.add_uint32("clip.vision.block_count", n_blocks)
     for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data))
+        writer.add_tensor((rename or {}).get(t.name, t.name), np.array(t.data))
     last = n_blocks - 1
     for part, short in _PARTS.items():
         for kind in ("weight", "bias"):
