@@ -27,7 +27,7 @@ ARCHITECTURES: dict[str, type[Converter]] = {}
 """Architecture name (``config.json``'s, or a family name such as ``"OmniFusion"`` for
 layouts a converter detects itself) -> converter class."""
 
-BUILTIN_MODULES: tuple[str, ...] = ("llava", "omnifusion", "qwen2vl")
+BUILTIN_MODULES: tuple[str, ...] = ("internvl", "llava", "omnifusion", "qwen2vl")
 """Modules of this package that register converters (imported on first lookup)."""
 
 Log = Callable[[str], None]

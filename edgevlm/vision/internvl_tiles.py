@@ -141,9 +141,34 @@ def _normalise(img: Image.Image, mean: np.ndarray, std: np.ndarray) -> np.ndarra
     return ((arr - mean) / std).transpose(2, 0, 1)
 
 
+def tile_images(img: Image.Image, plan: TilePlan) -> list[Image.Image]:
+    """Cut ``img`` into the 8-bit RGB tiles of ``plan`` (each exactly ``S x S``).
+
+    These are what libmtmd should be given, one bitmap per tile: an image of
+    exactly the tower's size goes through libmtmd's internvl preprocessing
+    unchanged (no slicing, no resize), whereas a larger image would be sliced
+    by libmtmd's own grid rule, which differs from transformers'.
+
+    Args:
+        img: The image (converted to RGB here).
+        plan: From :func:`plan_tiles` for this image's size.
+
+    Returns:
+        ``plan.n_tiles`` images: grid tiles row by row, then the thumbnail.
+    """
+    img = img.convert("RGB")
+    s = plan.tile_size
+    canvas = img if img.size == plan.canvas else img.resize(plan.canvas, Image.Resampling.BICUBIC)
+    tiles = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
+             for r in range(plan.rows) for c in range(plan.columns)]
+    if plan.thumbnail:
+        tiles.append(img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BICUBIC))
+    return tiles
+
+
 def tile_views(img: Image.Image, plan: TilePlan, mean: Sequence[float] = IMAGENET_MEAN,
                std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
-    """Cut ``img`` into the normalised views of ``plan``.
+    """Cut ``img`` into the normalised views of ``plan`` (transformers' ``pixel_values``).
 
     Args:
         img: The image (converted to RGB here).
@@ -153,16 +178,9 @@ def tile_views(img: Image.Image, plan: TilePlan, mean: Sequence[float] = IMAGENE
     Returns:
         ``(plan.n_tiles, 3, S, S)`` float32: grid tiles row by row, then the thumbnail.
     """
-    img = img.convert("RGB")
-    s = plan.tile_size
     m = np.asarray(mean, dtype=np.float32)
     d = np.asarray(std, dtype=np.float32)
-    canvas = img if img.size == plan.canvas else img.resize(plan.canvas, Image.Resampling.BICUBIC)
-    views = [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s))
-             for r in range(plan.rows) for c in range(plan.columns)]
-    if plan.thumbnail:
-        views.append(img if img.size == (s, s) else img.resize((s, s), Image.Resampling.BICUBIC))
-    return np.ascontiguousarray(np.stack([_normalise(v, m, d) for v in views]),
+    return np.ascontiguousarray(np.stack([_normalise(t, m, d) for t in tile_images(img, plan)]),
                                 dtype=np.float32)
 
 
