@@ -13,7 +13,10 @@ Measured on the tiny InternVL-hf fixture (f32 files, CPU):
   plus an overview, no tiling at all up to one tile) disagrees with transformers'
   grid for many sizes; feeding libmtmd the tiles of
   :func:`edgevlm.vision.internvl_tiles.tile_images` one by one matches.
-* LLM logits of a text prompt: max-abs <= 5e-3 (f32 GGUF, f32 KV).
+* LLM logits of a text prompt: max-abs <= 5e-3 (measured ~2e-6; f32 GGUF, f32 KV).
+* Next-token logits of a chat prompt with a 6-tile + thumbnail image, laid out as
+  InternVLProcessor does (``<img>``, all views' embeddings, ``</img>``): max-abs
+  <= 1e-2 (measured ~6e-4).
 """
 
 from __future__ import annotations
@@ -169,4 +172,43 @@ def test_llm_logits_match_transformers(mtmd, internvl_checkpoint):
     ref = hf_logits(internvl_checkpoint, FIXED_IDS)
     assert ours.shape == ref.shape
     assert float(np.abs(ref).max()) > 0.5, "degenerate reference logits"
+    print(f"InternVL LLM logits max-abs {float(np.abs(ours - ref).max()):.2e}")
     assert float(np.abs(ours - ref).max()) <= 5e-3
+
+
+def test_multimodal_next_token_logits_match(mtmd, internvl_checkpoint, record_property):
+    """The prompt layout of InternVLProcessor, rebuilt from our tiles + libmtmd embeddings.
+
+    Text up to and including ``<img>`` is decoded as tokens, then every view's
+    embeddings back to back, then ``</img>`` and the rest of the text.
+    """
+    import torch
+    from edgevlm.llm import ContextOptions, LlamaContext
+    from tests.fixtures.internvl import load_processor
+
+    img = _image(150, 100, seed=4)
+    proc = load_processor(internvl_checkpoint)
+    prompt = "<|im_start|>user\n<IMG_CONTEXT>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    inputs = proc(images=[img], text=[prompt], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    start, end = ids.index(proc.tokenizer.convert_tokens_to_ids("<img>")), ids.index(
+        proc.tokenizer.convert_tokens_to_ids("</img>"))
+    plan = plan_tiles(150, 100, 1, SIZES.max_tiles, SIZES.image_size)
+    embd = np.concatenate(mtmd.encode(tile_images(img, plan)))
+    assert len(embd) == end - start - 1
+    ctx = LlamaContext(mtmd.llm, ContextOptions(n_ctx=512, n_threads=2, n_gpu_layers=0,
+                                                kv_type="f32"))
+    try:
+        ctx.decode_tokens(ids[:start + 1], 0, logits_last=False)
+        ctx.decode_embeddings(embd, start + 1)
+        ctx.decode_tokens(ids[end:], end)
+        ours = ctx.logits()
+    finally:
+        ctx.close()
+    with torch.no_grad():
+        ref = hf_model(internvl_checkpoint)(input_ids=inputs["input_ids"],
+                                            pixel_values=inputs["pixel_values"]).logits[0, -1]
+    gap = float(np.abs(ours - ref.numpy()).max())
+    record_property("internvl_multimodal_logits_max_abs", gap)
+    print(f"InternVL multimodal next-token logits max-abs {gap:.2e}")
+    assert gap <= 1e-2
