@@ -199,10 +199,9 @@ class InternVLConfig:
         )
 
 
-def _flatten_leading(array: np.ndarray) -> np.ndarray:
-    """``(1, 1, h)`` CLS / ``(1, n, h)`` position tables -> 1-D / 2-D."""
-    return np.ascontiguousarray(array.reshape(array.shape[-2:]) if array.shape[1] > 1
-                                else array.reshape(-1))
+def _flatten_cls(array: np.ndarray) -> np.ndarray:
+    """``(1, 1, h)`` CLS token -> ``(h,)``."""
+    return np.ascontiguousarray(array.reshape(-1))
 
 
 def _cls_last_positions(array: np.ndarray) -> np.ndarray:
@@ -257,7 +256,9 @@ class InternVLConverter(Converter):
             if not ok:
                 raise UnsupportedModelError(f"this InternVL checkpoint has {what}; edgevlm "
                                             "cannot convert it for llama.cpp.")
-        self.n_vision_layers = feature_layer_count(v, cfg.vision_feature_layer)  # type: ignore[arg-type]
+        # feature_layer_count reads only num_hidden_layers, which InternVisionConfig has.
+        self.n_vision_layers = feature_layer_count(
+            v, cfg.vision_feature_layer)  # type: ignore[arg-type]
 
     # --- LLM ---------------------------------------------------------------
     def llm_tensors(self, ggml_type: str) -> list[TensorSpec]:
@@ -296,7 +297,7 @@ class InternVLConverter(Converter):
         if local in _TOWER_STATIC:
             name = _TOWER_STATIC[local]
             if name == "v.class_embd":
-                return TensorSpec(name, source, shape[-1:], "", _flatten_leading)
+                return TensorSpec(name, source, shape[-1:], "", _flatten_cls)
             if name == "v.position_embd.weight":
                 return TensorSpec(name, source, shape[-2:], "", _cls_last_positions)
             return TensorSpec(name, source, shape, "")

@@ -29,7 +29,8 @@ _PROJ = {"layer_norm": "mm.model.mlp.0", "linear_1": "mm.model.mlp.1",
          "linear_2": "mm.model.mlp.3"}
 
 
-def expected_internvl_mmproj(folder: Path, n_layers: int = SIZES.vision_layers) -> dict[str, np.ndarray]:
+def expected_internvl_mmproj(folder: Path,
+                             n_layers: int = SIZES.vision_layers) -> dict[str, np.ndarray]:
     """Reference projector tensors; the position table has CLS's row moved last."""
     out = {}
     for name, value in checkpoint_state(folder).items():

@@ -32,7 +32,7 @@ from PIL import Image
 from edgevlm.chunks import ImageChunk
 from edgevlm.vision.internvl_tiles import plan_tiles, tile_images
 from edgevlm.vision.images import load_image
-from tests.fixtures.internvl import InternVLSizes, image_processor
+from tests.fixtures.internvl import InternVLSizes, gradient_image, image_processor
 from tests.reference import cosine_rows, hf_logits, hf_model
 
 SIZES = InternVLSizes()
@@ -70,12 +70,6 @@ def mtmd(internvl_f32_result) -> Iterator[Mtmd]:
     yield from _load(internvl_f32_result)
 
 
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(xx * 3) % 256, (yy * 2) % 256, ((xx + yy) * 1.7) % 256], axis=-1)
-    return Image.fromarray((rgb + rng.integers(0, 40, rgb.shape)).clip(0, 255).astype("uint8"))
-
 
 def _hf_features(checkpoint: Path, img: Image.Image, tanh_gelu: bool = False) -> np.ndarray:
     """transformers' projected features of all views of ``img`` (n_views * tokens, width)."""
@@ -101,7 +95,7 @@ def _hf_features(checkpoint: Path, img: Image.Image, tanh_gelu: bool = False) ->
 
 
 def test_one_tile_matches_transformers(mtmd, internvl_checkpoint, record_property):
-    img = _image(SIZES.image_size, SIZES.image_size, seed=1)
+    img = gradient_image(SIZES.image_size, SIZES.image_size, seed=1)
     (ours,) = mtmd.encode([img])
     ref = _hf_features(internvl_checkpoint, img)
     assert ours.shape == ref.shape == (SIZES.tokens_per_tile, SIZES.text_hidden)
@@ -121,7 +115,7 @@ def test_one_tile_matches_transformers(mtmd, internvl_checkpoint, record_propert
 
 @pytest.mark.parametrize("size", [(170, 57), (100, 100), (640, 480), (40, 20)])
 def test_our_tiles_fed_one_by_one_match_transformers(mtmd, internvl_checkpoint, size):
-    img = _image(*size, seed=2)
+    img = gradient_image(*size, seed=2)
     plan = plan_tiles(*size, 1, SIZES.max_tiles, SIZES.image_size)
     ours = np.concatenate(mtmd.encode(tile_images(img, plan)))
     ref = _hf_features(internvl_checkpoint, img)
@@ -136,7 +130,7 @@ def test_libmtmd_own_tiling_differs_from_transformers(mtmd, record_property):
     counts = {}
     for size in sizes:
         plan = plan_tiles(*size, 1, SIZES.max_tiles, SIZES.image_size)
-        counts[size] = (len(mtmd.encode([_image(*size)])), plan.n_tiles)
+        counts[size] = (len(mtmd.encode([gradient_image(*size)])), plan.n_tiles)
     record_property("internvl_libmtmd_vs_hf_tiles", repr(counts))
     assert counts[(56, 56)] == (1, 1) and counts[(640, 480)] == (13, 13)
     assert any(ours != theirs for ours, theirs in counts.values())
@@ -151,7 +145,7 @@ def test_transformers_position_order_would_break_libmtmd(internvl_checkpoint, tm
     monkeypatch.setattr(family, "_cls_last_positions",
                         lambda a: np.ascontiguousarray(a.reshape(a.shape[-2:])))
     result = convert(internvl_checkpoint, tmp_path, quant="f32", vision_type="f32")
-    img = _image(SIZES.image_size, SIZES.image_size, seed=1)
+    img = gradient_image(SIZES.image_size, SIZES.image_size, seed=1)
     for pair in _load(result):
         (ours,) = pair.encode([img])
     cos = cosine_rows(ours, _hf_features(internvl_checkpoint, img))
@@ -186,7 +180,7 @@ def test_multimodal_next_token_logits_match(mtmd, internvl_checkpoint, record_pr
     from edgevlm.llm import ContextOptions, LlamaContext
     from tests.fixtures.internvl import load_processor
 
-    img = _image(150, 100, seed=4)
+    img = gradient_image(150, 100, seed=4)
     proc = load_processor(internvl_checkpoint)
     prompt = "<|im_start|>user\n<IMG_CONTEXT>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n"
     inputs = proc(images=[img], text=[prompt], return_tensors="pt")

@@ -11,24 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from edgevlm.errors import InvalidRequestError
 from edgevlm.vision.internvl_tiles import (budget_max_tiles, closest_grid, image_tokens,
                                            plan_tiles, tile_views, tokens_per_tile)
-from tests.fixtures.internvl import InternVLSizes, image_processor, load_processor
+from tests.fixtures.internvl import (InternVLSizes, gradient_image, image_processor,
+                                     load_processor)
 
 SIZES = InternVLSizes()
 S = SIZES.image_size
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-
-def _image(width: int, height: int, seed: int = 0) -> Image.Image:
-    """Smooth gradients plus noise, so resampling errors would show."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    rgb = np.stack([(xx * 3) % 256, (yy * 2) % 256, ((xx + yy) * 1.7) % 256], axis=-1)
-    return Image.fromarray((rgb + rng.integers(0, 40, rgb.shape)).clip(0, 255).astype("uint8"))
 
 
 @pytest.mark.parametrize(("size", "grid", "views"), [
@@ -40,7 +33,7 @@ def _image(width: int, height: int, seed: int = 0) -> Image.Image:
     ((45, 130), (1, 3), 4),    # tall
 ])
 def test_views_match_processor(size: tuple[int, int], grid: tuple[int, int], views: int) -> None:
-    img = _image(*size)
+    img = gradient_image(*size)
     plan = plan_tiles(*size, 1, SIZES.max_tiles, S)
     assert (plan.columns, plan.rows) == grid
     assert plan.n_tiles == views
@@ -74,7 +67,8 @@ def processor(internvl_checkpoint: Path):
                                   (640, 480), (30, 400)])
 def test_token_count_and_layout_match_processor(processor, size: tuple[int, int]) -> None:
     tok = processor.tokenizer
-    out = processor(images=[_image(*size)], text=["a <IMG_CONTEXT>\nb"], return_tensors="np")
+    out = processor(images=[gradient_image(*size)], text=["a <IMG_CONTEXT>\nb"],
+                    return_tensors="np")
     ids = list(out["input_ids"][0])
     n = image_tokens(*size, tile_size=S, patch_size=SIZES.patch_size, max_tiles=SIZES.max_tiles)
     context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -107,8 +101,8 @@ def test_max_tokens_lowers_max_tiles(processor) -> None:
     budget = 7 * per
     n = image_tokens(*size, tile_size=S, patch_size=SIZES.patch_size, max_tokens=budget)
     assert n <= budget
-    ref = image_processor(SIZES)(images=[_image(*size)], max_patches=budget_max_tiles(budget, per),
-                                 return_tensors="np")
+    ref = image_processor(SIZES)(images=[gradient_image(*size)],
+                                 max_patches=budget_max_tiles(budget, per), return_tensors="np")
     assert int(ref["num_patches"][0]) * per == n
 
 
