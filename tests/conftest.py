@@ -14,6 +14,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers' hub kernels download code at load time; tests are offline.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 @pytest.fixture(autouse=True)
