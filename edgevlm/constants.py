@@ -14,6 +14,7 @@ KEY_VISION_FEATURE_LAYER = "edgevlm.vision.feature_layer"  # int: HF vision_feat
 KEY_VISION_SELECT_STRATEGY = "edgevlm.vision.select_strategy"  # str: "default" (drop CLS) | "full"
 KEY_VISION_ACTIVATION = "edgevlm.vision.activation"  # str: HF hidden_act of the tower
 KEY_PROJECTOR_ACTIVATION = "edgevlm.projector.activation"  # str: HF projector_hidden_act
+KEY_POSITION_LAYOUT = "edgevlm.vision.position_layout"  # str: row order of v.position_embd ("cls-last": CLS row moved to the end)
 
 # --- file naming inside a converted model folder -----------------------------
 MMPROJ_PREFIX = "mmproj-"          # projector files start with this (llama.cpp convention)

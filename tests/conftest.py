@@ -45,6 +45,8 @@ def _import_installed_namesakes() -> None:
 
 _import_installed_namesakes()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers' hub kernels download code at load time; tests are offline.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
 
 
 @pytest.fixture(autouse=True)
@@ -232,4 +234,23 @@ def llava_next_f32_result(tmp_path_factory: pytest.TempPathFactory, llava_next_c
     from edgevlm.convert import convert
 
     return convert(llava_next_checkpoint, tmp_path_factory.mktemp("llava_next_f32"), quant="f32",
+                   vision_type="f32")
+
+
+# --- InternVL (transformers-native InternVLForConditionalGeneration) --------------------
+@pytest.fixture(scope="session")
+def internvl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """InternVL-hf checkpoint: InternViT (56-px tiles, 7-px patches, width 48, 2 layers),
+    pixel shuffle 0.5, Qwen2 LLM of width 64 (see tests/fixtures/internvl.py)."""
+    from tests.fixtures.internvl import build_internvl_checkpoint
+
+    return build_internvl_checkpoint(tmp_path_factory.mktemp("internvl") / "tiny-internvl-hf")
+
+
+@pytest.fixture(scope="session")
+def internvl_f32_result(tmp_path_factory: pytest.TempPathFactory, internvl_checkpoint: Path):
+    """f32/f32 conversion of the InternVL checkpoint (a ConversionResult)."""
+    from edgevlm.convert import convert
+
+    return convert(internvl_checkpoint, tmp_path_factory.mktemp("internvl_f32"), quant="f32",
                    vision_type="f32")
