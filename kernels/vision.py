@@ -89,6 +89,15 @@ class TowerConfig:
                                     f"file has {self.block_count}")
 
 
+#: Tensors the graphs never read, kept on the host for the runtime (learned embeddings the
+#: LLM receives directly: OmniFusion's special.*, LLaVA-NeXT's image newline).
+HOST_TENSORS = (C.TENSOR_IMAGE_NEWLINE, C.TENSOR_IMAGE_NEWLINE_LEGACY)
+
+
+def is_host_tensor(name: str) -> bool:
+    return name.startswith("special.") or name in HOST_TENSORS
+
+
 def projector_kind(meta: Mapping[str, Any]) -> str:
     """``"omnifusion"``, ``"mlp"`` or libmtmd's projector type name."""
     kind = meta.get(C.KEY_PROJECTOR_KIND)
@@ -189,8 +198,8 @@ class VisionTower:
         out_name = "adapter.proj.weight" if cfg.projector != "mlp" else "mm.2.weight"
         self.config = dataclasses.replace(cfg, output_width=tensors[out_name].ne[1])
         self.special = {name: np.asarray(t.data, dtype=np.float32).reshape(-1)
-                        for name, t in tensors.items() if name.startswith("special.")}
-        device_tensors = {n: t for n, t in tensors.items() if not n.startswith("special.")}
+                        for name, t in tensors.items() if is_host_tensor(name)}
+        device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}
         self.backend = Backend(device, n_threads=n_threads)
         self.weights = Weights(self.backend, device_tensors)
         self._graph: CompiledGraph | None = None

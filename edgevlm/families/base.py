@@ -34,10 +34,11 @@ from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.vision.images import LoadedImage
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgevlm.kernels.vision import TowerConfig
+    from edgevlm.kernels.vision import TowerConfig, VisionTower
     from edgevlm.llm import LlamaModel
     from edgevlm.prompt_layout import PromptLayout
     from edgevlm.vision.encoder import VisionEncoder
+    from edgevlm.vision.pipeline import KernelsPipeline
 
 FAMILIES: dict[str, type[Family]] = {}
 """Family name -> class, filled by :func:`register`."""
@@ -178,6 +179,12 @@ class Family:
         from edgevlm.vision.preprocess import tower_pixels
 
         return lambda image: tower_pixels(image, tower)
+
+    def kernels_pipeline(self, tower: VisionTower) -> KernelsPipeline:
+        """How the kernels engine plans and embeds an image (hook; default: one preprocessed view)."""
+        from edgevlm.vision.pipeline import SingleView
+
+        return SingleView(tower.config, self.image_processor(tower.config))
 
     # --- images in the context ---------------------------------------------
     def image_cost(self, width: int, height: int, encoder: VisionEncoder) -> ImageCost:

@@ -24,11 +24,13 @@ from edgevlm.errors import IncompatibleModelError, InvalidRequestError
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.vision.images import LoadedImage
 
-if TYPE_CHECKING:  # pragma: no cover
-    from edgevlm.kernels.vision import TowerConfig
+from edgevlm.vision.pipeline import KernelsPipeline, SingleView
 
-ProcessorFactory = Callable[["TowerConfig"], Callable[[LoadedImage], np.ndarray]]
-"""The family's image processor for a tower (``Family.image_processor``)."""
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm.kernels.vision import VisionTower
+
+PipelineFactory = Callable[["VisionTower"], KernelsPipeline]
+"""The family's image pipeline for a loaded tower (``Family.kernels_pipeline``)."""
 
 
 class KernelsEncoder:
@@ -37,7 +39,7 @@ class KernelsEncoder:
     Args:
         mmproj: projector GGUF.
         model: the LLM it feeds.
-        processor: the family's image processor factory (tower config -> pixels function).
+        pipeline: the family's image pipeline factory (tower -> plan and embed images).
         n_threads: CPU threads for the tower.
         device: ggml device for the tower ("auto", "cpu", "cuda", ...).
 
@@ -51,7 +53,7 @@ class KernelsEncoder:
     uses_mrope = False
     non_causal = False
 
-    def __init__(self, mmproj: Path, model: LlamaModel, *, processor: ProcessorFactory, n_threads: int,
+    def __init__(self, mmproj: Path, model: LlamaModel, *, pipeline: PipelineFactory, n_threads: int,
                  device: str = "auto") -> None:
         from edgevlm.kernels.vision import VisionTower
 
@@ -65,8 +67,7 @@ class KernelsEncoder:
                 f"projector {self.path.name} produces {cfg.output_width}-wide embeddings but the LLM "
                 f"{model.path.name} expects {model.n_embd_inp}; use the projector converted with this LLM")
         self.identity = file_identity(self.path)
-        self.pixels = processor(cfg)
-        self._variant = f"kernels:{cfg.resize}:{cfg.image_size}"
+        self.pipeline = pipeline(self.tower)
         self.n_encode_calls = 0
         self._lock = threading.Lock()
 
@@ -88,11 +89,17 @@ class KernelsEncoder:
             self.tower.close()
 
     # ------------------------------------------------------------------
+    def pixels(self, image: LoadedImage) -> np.ndarray:
+        """The single view's pixels (3, S, S) of a one-view pipeline (for tests and the torch reference)."""
+        if not isinstance(self.pipeline, SingleView):
+            raise InvalidRequestError("this model's images have several views; see its family's pipeline")
+        return self.pipeline.processor(image)
+
     def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
-        """The chunk of one image (one view)."""
-        n = self.tower.config.n_tokens
-        return [ImageChunk(key=f"{image.digest}/{self.identity}/{self._variant}/0", n_tokens=n, n_pos=n,
-                           image=image)]
+        """The chunk of one image: all its views, packed as the family plans them."""
+        plan = self.pipeline.plan(image.width, image.height)
+        return [ImageChunk(key=f"{image.digest}/{self.identity}/kernels:{plan.variant}/0",
+                           n_tokens=plan.n_tokens, n_pos=plan.n_tokens, image=image)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
         """Split ``prompt`` at media markers into text and image chunks.
@@ -117,9 +124,8 @@ class KernelsEncoder:
         """Run tower + projector: (n_tokens, n_embd_inp) float32."""
         if chunk.image is None:
             raise InvalidRequestError("an image chunk without its image cannot be encoded")
-        pixels = self.pixels(chunk.image)
         with self._lock:
-            out = self.tower.encode(pixels)
+            out = self.pipeline.embed(self.tower, chunk.image)
             self.n_encode_calls += 1
         return out
 

@@ -57,7 +57,7 @@ class MtmdEncoder:
     Args:
         mmproj: the projector GGUF.
         model: the LLM it feeds.
-        meta: the projector's metadata (from the model descriptor).
+        meta: the projector's metadata (from the model descriptor; read from the file if None).
         n_threads: CPU threads.
         use_gpu: let libmtmd put the tower on the GPU when the build has one.
 
@@ -67,12 +67,16 @@ class MtmdEncoder:
 
     name = C.VISION_ENGINE_MTMD
 
-    def __init__(self, mmproj: Path, model: LlamaModel, *, meta: Mapping[str, Any], n_threads: int,
-                 use_gpu: bool = True) -> None:
+    def __init__(self, mmproj: Path, model: LlamaModel, *, n_threads: int, use_gpu: bool = True,
+                 meta: Mapping[str, Any] | None = None) -> None:
         lib = native.mtmd()
         self._lib = lib
         self.path = Path(mmproj)
         self.model = model
+        if meta is None:
+            from edgevlm.gguf_info import read_metadata
+
+            meta = read_metadata(self.path)
         self._meta = dict(meta)
         self._device = "gpu" if use_gpu and bool(native.llama().llama_supports_gpu_offload()) else "CPU"
         self.identity = file_identity(self.path)

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from edgevlm.errors import InvalidModelError
-from edgevlm.kernels.anyres import encode_anyres, is_anyres, pack_anyres, read_anyres_spec
+from edgevlm.families.llava_next import encode_anyres, is_anyres, read_anyres_spec
+from edgevlm.kernels.anyres import pack_anyres
 from edgevlm.kernels.vision import VisionTower
 from edgevlm.vision.anyres import plan_anyres
 from tests.convert.test_llava_next import mtmd_embeddings
