@@ -14,7 +14,9 @@ remote URL or a value that is not an image reference at all):
 * only the formats in :data:`FORMATS` are opened (no Ghostscript-backed EPS,
   no rarely used plugins);
 * PIL warnings (decompression-bomb, truncated EXIF, palette transparency...)
-  are silenced while decoding: they never reach the caller.
+  are silenced while decoding: they never reach the caller. (This uses
+  ``warnings.catch_warnings``, which swaps the process-wide filters: another
+  thread warning during a decode may lose its warning too.)
 
 Pixels follow PIL's ``convert("RGB")`` -- what the Hugging Face processors do
 -- so alpha is dropped (not composited on white) and palette transparency is
