@@ -44,7 +44,7 @@ _LLAVA_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _get(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any], where: str,
+def config_field(data: Mapping[str, Any], key: str, defaults: Mapping[str, Any], where: str,
          kind: type | tuple[type, ...]) -> Any:
     """Fetch ``key`` (or its default) and check its type; name the key on failure."""
     if key in data and data[key] is not None:
@@ -130,29 +130,42 @@ class TextConfig:
         """
         w = "text_config."
         d = {**defaults, "tie_word_embeddings": tie_default}
-        heads = _get(data, "num_attention_heads", d, w, int)
-        hidden = _get(data, "hidden_size", d, w, int)
+        heads = config_field(data, "num_attention_heads", d, w, int)
+        hidden = config_field(data, "hidden_size", d, w, int)
         rope = data.get("rope_parameters") or {}
         scaling = data.get("rope_scaling") or (rope if rope.get("rope_type", "default")
                                                not in ("default", None) else None)
         theta = rope.get("rope_theta", data.get("rope_theta", d["rope_theta"]))
         return cls(
             model_type=str(data.get("model_type", model_type)),
-            vocab_size=_get(data, "vocab_size", d, w, int),
+            vocab_size=config_field(data, "vocab_size", d, w, int),
             hidden_size=hidden,
-            intermediate_size=_get(data, "intermediate_size", d, w, int),
-            num_hidden_layers=_get(data, "num_hidden_layers", d, w, int),
+            intermediate_size=config_field(data, "intermediate_size", d, w, int),
+            num_hidden_layers=config_field(data, "num_hidden_layers", d, w, int),
             num_attention_heads=heads,
-            num_key_value_heads=_get(data, "num_key_value_heads", {"num_key_value_heads": heads},
+            num_key_value_heads=config_field(data, "num_key_value_heads", {"num_key_value_heads": heads},
                                      w, int),
-            head_dim=_get(data, "head_dim", {"head_dim": hidden // max(heads, 1)}, w, int),
-            max_position_embeddings=_get(data, "max_position_embeddings", d, w, int),
-            rms_norm_eps=_get(data, "rms_norm_eps", d, w, float),
+            head_dim=config_field(data, "head_dim", {"head_dim": hidden // max(heads, 1)}, w, int),
+            max_position_embeddings=config_field(data, "max_position_embeddings", d, w, int),
+            rms_norm_eps=config_field(data, "rms_norm_eps", d, w, float),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            tie_word_embeddings=_get(data, "tie_word_embeddings", d, w, bool),
-            hidden_act=_get(data, "hidden_act", d, w, str),
+            tie_word_embeddings=config_field(data, "tie_word_embeddings", d, w, bool),
+            hidden_act=config_field(data, "hidden_act", d, w, str),
         )
+
+
+def check_tower_geometry(cfg: Any) -> None:
+    """Positive sizes, whole patches per side, whole heads: the checks every ViT config shares.
+
+    Raises:
+        ConversionError: naming the ``vision_config`` key.
+    """
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "image_size", "patch_size"):
+        _positive(getattr(cfg, key), f"vision_config.{key}")
+    _multiple(cfg, "vision_config", "image_size", "patch_size")
+    _multiple(cfg, "vision_config", "hidden_size", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -171,11 +184,7 @@ class VisionConfig:
     layer_norm_eps: float
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "image_size", "patch_size"):
-            _positive(getattr(self, key), f"vision_config.{key}")
-        _multiple(self, "vision_config", "image_size", "patch_size")
-        _multiple(self, "vision_config", "hidden_size", "num_attention_heads")
+        check_tower_geometry(self)
 
     @property
     def has_cls_token(self) -> bool:
@@ -208,7 +217,7 @@ class VisionConfig:
                 f"supported: {', '.join(sorted(_VISION_DEFAULTS))}.")
         d = _VISION_DEFAULTS[model_type]
         return cls(model_type=model_type,
-                   **{k: _get(data, k, d, w, type(d[k])) for k in (
+                   **{k: config_field(data, k, d, w, type(d[k])) for k in (
                        "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_channels", "image_size", "patch_size",
                        "hidden_act", "layer_norm_eps")})
@@ -263,12 +272,12 @@ class LlavaConfig:
             text=TextConfig.from_dict(data.get("text_config", {}),
                                       bool(data.get("tie_word_embeddings", False))),
             vision=VisionConfig.from_dict(data.get("vision_config", {})),
-            image_token_index=_get(data, "image_token_index", d, "", int),
-            projector_hidden_act=_get(data, "projector_hidden_act", d, "", str),
+            image_token_index=config_field(data, "image_token_index", d, "", int),
+            projector_hidden_act=config_field(data, "projector_hidden_act", d, "", str),
             vision_feature_layer=layer,
-            vision_feature_select_strategy=_get(data, "vision_feature_select_strategy", d, "",
+            vision_feature_select_strategy=config_field(data, "vision_feature_select_strategy", d, "",
                                                 str),
-            projector_bias=_get(data, "multimodal_projector_bias", d, "", bool),
+            projector_bias=config_field(data, "multimodal_projector_bias", d, "", bool),
             raw=data,
         )
 
@@ -347,7 +356,7 @@ class Qwen2VLVisionConfig:
         w, d = "vision_config.", _QWEN2VL_VISION_DEFAULTS
         if "in_channels" not in data and "in_chans" in data:  # transformers 4 spelling
             data = {**data, "in_channels": data["in_chans"]}
-        return cls(**{k: _get(data, k, d, w, type(d[k])) for k in d})
+        return cls(**{k: config_field(data, k, d, w, type(d[k])) for k in d})
 
 
 @dataclass(frozen=True)
@@ -401,7 +410,7 @@ class Qwen2VLConfig:
             vision=Qwen2VLVisionConfig.from_dict(data.get("vision_config", {})),
             mrope_section=section,
             use_sliding_window=bool(text.get("use_sliding_window", False)),
-            **{k: _get(data, k, d, "", int) for k in d},
+            **{k: config_field(data, k, d, "", int) for k in d},
             raw=data,
         )
 

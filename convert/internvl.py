@@ -41,7 +41,7 @@ from edgevlm import constants
 from edgevlm.errors import ConversionError, UnsupportedModelError
 
 from .base import Converter, register
-from .config import TextConfig, _get, _multiple, _positive
+from .config import TextConfig, check_tower_geometry, config_field
 from .llm_writer import llama_tensor_specs, write_llama_hparams
 from .projector_writer import (check_projector_shapes, feature_layer_count,
                                image_processor_config, vision_tensor_type, write_vision_hparams)
@@ -123,11 +123,7 @@ class InternVisionConfig:
     use_absolute_position_embeddings: bool
 
     def __post_init__(self) -> None:
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "image_size", "patch_size"):
-            _positive(getattr(self, key), f"vision_config.{key}")
-        _multiple(self, "vision_config", "image_size", "patch_size")
-        _multiple(self, "vision_config", "hidden_size", "num_attention_heads")
+        check_tower_geometry(self)
 
     @property
     def grid(self) -> int:
@@ -150,7 +146,7 @@ class InternVisionConfig:
                                           "not square; only square tiles are supported.")
                 data[key] = value[0]
         d = _VISION_DEFAULTS
-        return cls(**{k: _get(data, k, d, "vision_config.", type(d[k])) for k in d})
+        return cls(**{k: config_field(data, k, d, "vision_config.", type(d[k])) for k in d})
 
 
 @dataclass(frozen=True)
@@ -189,11 +185,11 @@ class InternVLConfig:
             text=TextConfig.from_dict(text, bool(data.get("tie_word_embeddings", False)),
                                       _QWEN2_DEFAULTS, "qwen2"),
             vision=InternVisionConfig.from_dict(data.get("vision_config", {})),
-            image_token_id=_get(data, "image_token_id", d, "", int),
-            downsample_ratio=_get(data, "downsample_ratio", d, "", float),
-            projector_hidden_act=_get(data, "projector_hidden_act", d, "", str),
-            vision_feature_layer=_get(data, "vision_feature_layer", d, "", int),
-            vision_feature_select_strategy=_get(data, "vision_feature_select_strategy", d, "",
+            image_token_id=config_field(data, "image_token_id", d, "", int),
+            downsample_ratio=config_field(data, "downsample_ratio", d, "", float),
+            projector_hidden_act=config_field(data, "projector_hidden_act", d, "", str),
+            vision_feature_layer=config_field(data, "vision_feature_layer", d, "", int),
+            vision_feature_select_strategy=config_field(data, "vision_feature_select_strategy", d, "",
                                                 str),
             raw=data,
         )

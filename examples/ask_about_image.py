@@ -24,14 +24,15 @@ def main(argv: list[str]) -> int:
     for i, question in enumerate(questions):
         content: list[dict] = [{"type": "image", "image": image}] if i == 0 else []
         messages.append({"role": "user", "content": content + [{"type": "text", "text": question}]})
-        stats: dict = {}
         print(f"> {question}")
-        reply = "".join(vlm.stream(messages, max_tokens=128, temperature=0, stats=stats))
-        print(reply)
-        pre = stats["prefill"]
-        print(f"  [{pre.evaluated_positions} of {pre.prompt_positions} positions evaluated, "
-              f"{pre.images_encoded} image(s) encoded, first token after {stats['ttft_ms']:.0f} ms]")
-        messages.append({"role": "assistant", "content": reply})
+        stream = vlm.stream(messages, max_tokens=128, temperature=0)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        reply = stream.reply()  # the whole text, token counts and timings
+        pre = reply.prefill
+        print(f"\n  [{pre.evaluated_positions} of {pre.prompt_positions} positions evaluated, "
+              f"{pre.images_encoded} image(s) encoded, first token after {reply.timings['ttft_ms']:.0f} ms]")
+        messages.append({"role": "assistant", "content": reply.text})
     return 0
 
 
