@@ -19,7 +19,7 @@ from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.families.base import Family, ImageCost, family_for
+from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.prompt import normalize_messages
@@ -61,7 +61,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
          n_gpu_layers: int = -1, kv_type: str = "f16", seed: int = 0,
          chat_template: str | None = None, chat_format: str | None = None,
          quant: str | None = None, revision: str | None = None, cache: bool = True,
-         vision_engine: str = "auto", vision_device: str | None = None) -> VLM:
+         vision_engine: str = "auto", vision_device: str | None = None,
+         max_image_tokens: int | None = None, tiles: str = "none") -> VLM:
     """Load a vision-language model.
 
     Args:
@@ -91,6 +92,14 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         vision_device: ggml device for the kernels engine ("auto", "cpu",
             "cuda", "metal", or a device name); default "cpu" when
             ``n_gpu_layers == 0``, else "auto".
+        max_image_tokens: default image-token budget per image (requests may
+            override it): LLaVA-NeXT picks the best grid within it, InternVL
+            uses fewer tiles, Qwen2-VL fewer pixels; models trained on one
+            view ignore it. None: the model's own choice, capped so that a
+            request's images and an answer fit the context.
+        tiles: "grid" adds LLaVA-NeXT-style tiles and an overview to models
+            trained on one view (LLaVA-1.5, OmniFusion; kernels engine): more
+            detail for more image tokens. "none" (default): one view.
 
     Returns:
         A ready :class:`VLM`.
@@ -105,7 +114,7 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of "
                                   f"{', '.join(C.VISION_ENGINES)}")
     described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
-    family = family_for(described)
+    family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, seed=seed)
@@ -128,7 +137,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
 
         store = EmbeddingStore() if encoder is not None else None
         snapshots = SnapshotStore(_snapshot_identity(described.files, ctx, encoder))
-    engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots)
+    engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots,
+                    max_image_tokens=max_image_tokens)
     return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
 
 
@@ -248,7 +258,7 @@ class VLM:
     def chat(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
              top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
              repeat_penalty: float = 1.0, seed: int | None = None,
-             stop: str | Sequence[str] | None = None) -> Reply:
+             stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None) -> Reply:
         """Answer the conversation ``messages``.
 
         Args:
@@ -257,6 +267,8 @@ class VLM:
                 ``{"type": "image_url", "image_url": {"url": "data:..."}}``.
             max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, seed,
             stop: sampling options as in the OpenAI API (temperature 0 = greedy).
+            max_image_tokens: this request's image-token budget per image
+                (overrides the one given to :func:`load`).
 
         Returns:
             A :class:`Reply` (``str(reply)`` is the text; it also carries
@@ -267,12 +279,12 @@ class VLM:
         """
         return self.stream(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                           stop=stop).reply()
+                           stop=stop, max_image_tokens=max_image_tokens).reply()
 
     def stream(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                repeat_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None) -> TextStream:
+               stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None) -> TextStream:
         """Like :meth:`chat`, yielding the reply piece by piece.
 
         Returns:
@@ -288,48 +300,58 @@ class VLM:
         options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                   stop=stops)
-        prompt = self.engine.prompt(normalize_messages(messages))
+        prompt = self.engine.prompt(normalize_messages(messages), max_image_tokens=max_image_tokens)
         return self.engine.generate(prompt, options)
 
     # ----------------------------------------------------------------- analysis
-    def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True) -> list[Chunk]:
+    def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True,
+                      max_image_tokens: int | None = None) -> list[Chunk]:
         """The chunks (text tokens, image chunks) the model sees for ``messages``."""
-        return self.engine.layout.chunks(normalize_messages(messages), gen=add_generation_prompt)
+        return self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt,
+                                  max_image_tokens=max_image_tokens).chunks
 
     def prompt_text(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
         """The rendered prompt, images shown as the media marker."""
         return self.engine.layout.text(normalize_messages(messages), gen=add_generation_prompt)
 
-    def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True) -> np.ndarray:
+    def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True,
+                          max_image_tokens: int | None = None) -> np.ndarray:
         """Logits (n_vocab,) of the token after the prompt (generation prompt added)."""
-        prompt = self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt)
+        prompt = self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt,
+                                    max_image_tokens=max_image_tokens)
         with self.engine.lock:
             self.engine.prefill(prompt)
             return self.engine.logits()
 
-    def embed_image(self, image: Any, *, cache: bool = True) -> np.ndarray:
+    def embed_image(self, image: Any, *, cache: bool = True, max_image_tokens: int | None = None) -> np.ndarray:
         """The projected image embeddings the LLM receives: (n_image_tokens, n_embd).
 
         Args:
             image: a path, bytes, data URL or PIL image.
             cache: look the embeddings up in (and add them to) the caches;
                 False runs the vision encoder every time (for timing it).
+            max_image_tokens: the image-token budget (as in :meth:`chat`).
 
         Raises:
             UnsupportedModelError: the model has no projector.
             ImageError: the image cannot be read.
         """
-        return self.engine.embed_image(load_image(image), cache=cache)
+        return self.engine.embed_image(load_image(image), cache=cache, max_image_tokens=max_image_tokens)
 
-    def image_cost(self, width: int, height: int) -> ImageCost:
+    def image_cost(self, width: int, height: int, *, max_image_tokens: int | None = None) -> ImageCost:
         """What an image of ``width`` x ``height`` pixels costs in the context, before encoding it.
+
+        Args:
+            width, height: the image's size.
+            max_image_tokens: the budget (as in :meth:`chat`; None: the load default).
 
         Raises:
             UnsupportedModelError: the model has no projector.
         """
         if self.engine.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
-        return self.engine.family.image_cost(width, height, self.engine.encoder)
+        budget = self.engine.image_budget(max_image_tokens, 1)
+        return self.engine.family.image_cost(width, height, self.engine.encoder, budget.tokens)
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""

@@ -82,6 +82,7 @@ class ImageChunk:
         n_pos: number of positions consumed (differs from n_tokens for M-RoPE).
         image: the decoded image the chunk comes from.
         native: the encoder's own handle for the chunk (libmtmd's chunk), if any.
+        budget: the image-token budget the chunk was planned under (None: the model's own).
     """
 
     key: str
@@ -89,6 +90,7 @@ class ImageChunk:
     n_pos: int
     image: LoadedImage | None = field(repr=False, default=None)
     native: object | None = field(repr=False, default=None)
+    budget: int | None = None
 
     @property
     def n_cells(self) -> int:

@@ -31,12 +31,16 @@ from edgevlm.families.base import Family
 from edgevlm.generation import SamplingOptions, TextStream, sample_reply
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
-from edgevlm.prompt import Message
-from edgevlm.prompt_layout import PromptLayout
+from edgevlm.prompt import ImagePart, Message
+from edgevlm.prompt_layout import ImageBudget, PromptLayout, enforce_image_budget
 from edgevlm.snapshots import SnapshotStore
 from edgevlm.stats import GenerationStats, PrefillStats
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import LoadedImage, preload_decoders
+
+#: Context kept free for the text and the answer when images are capped (tokens, at most
+#: a quarter of the context).
+ANSWER_RESERVE_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -58,16 +62,18 @@ class Engine:
         layout: how messages become chunks.
         embedding_store: the disk tier of image embeddings, or None.
         snapshots: the persistent KV snapshot store, or None.
+        max_image_tokens: the default image-token budget per image (None: the model's own).
     """
 
     def __init__(self, llm: LlamaModel, ctx: LlamaContext, family: Family, encoder: VisionEncoder | None,
                  layout: PromptLayout, *, embedding_store: EmbeddingStore | None = None,
-                 snapshots: SnapshotStore | None = None) -> None:
+                 snapshots: SnapshotStore | None = None, max_image_tokens: int | None = None) -> None:
         self.model = llm
         self.ctx = ctx
         self.family = family
         self.encoder = encoder
         self.layout = layout
+        self.max_image_tokens = max_image_tokens
         self.lock = threading.RLock()
         self.embeddings = ImageEmbeddings(encoder, llm.n_embd_inp, embedding_store) if encoder else None
         self.kv = KVPrefix(ctx, encoder, self.embeddings, snapshots)
@@ -76,11 +82,37 @@ class Engine:
             preload_decoders()  # one-time work belongs to load, not to the first request
 
     # ------------------------------------------------------------------ prompts
-    def prompt(self, messages: list[Message], *, gen: bool = True) -> Prompt:
-        """The request's chunks, plus the text-prefix hint when snapshots are on."""
-        chunks = self.layout.chunks(messages, gen=gen)
+    def prompt(self, messages: list[Message], *, gen: bool = True,
+               max_image_tokens: int | None = None) -> Prompt:
+        """The request's chunks, plus the text-prefix hint when snapshots are on.
+
+        Args:
+            messages: the normalised conversation.
+            gen: end with the reply's opening.
+            max_image_tokens: this request's budget per image (None: the load default).
+        """
+        n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.parts)
+        chunks = self.layout.chunks(messages, gen=gen, budget=self.image_budget(max_image_tokens, n_images))
         prefix = self.layout.text_prefix(messages) if self.kv.snapshots is not None else ()
         return Prompt(chunks, prefix)
+
+    def image_budget(self, requested: int | None, n_images: int) -> ImageBudget:
+        """Each image's budget: the request's, else the load default, capped by the context.
+
+        The cap leaves room for the text and an answer (a quarter of the
+        context, at most :data:`ANSWER_RESERVE_TOKENS`), shared by the images.
+
+        Raises:
+            InvalidRequestError: a budget below 1.
+        """
+        chosen = requested if requested is not None else self.max_image_tokens
+        if chosen is not None and chosen < 1:
+            raise InvalidRequestError(f"max_image_tokens must be at least 1, got {chosen}")
+        if n_images == 0:
+            return ImageBudget(chosen, chosen is not None)
+        n_ctx = self.ctx.n_ctx
+        cap = max(1, (n_ctx - min(ANSWER_RESERVE_TOKENS, n_ctx // 4)) // n_images)
+        return ImageBudget(min(chosen, cap) if chosen is not None else cap, chosen is not None)
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, prompt: Prompt) -> PrefillStats:
@@ -105,19 +137,24 @@ class Engine:
             yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, done)
 
     # ------------------------------------------------------------------ images
-    def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
-        """The chunks one image becomes.
+    def image_chunks(self, image: LoadedImage, max_image_tokens: int | None = None) -> list[ImageChunk]:
+        """The chunks one image becomes in a request (the same budget rules as a request).
 
         Raises:
             UnsupportedModelError: a model without a projector.
         """
         if self.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
-        return self.encoder.image_chunks(image)
+        budget = self.image_budget(max_image_tokens, 1)
+        prepared = self.family.prepare_image(image, budget.tokens, self.encoder)
+        chunks = self.encoder.image_chunks(prepared, max_tokens=budget.tokens)
+        enforce_image_budget(list(chunks), budget, self.family)
+        return chunks
 
-    def embed_image(self, image: LoadedImage, *, cache: bool = True) -> np.ndarray:
+    def embed_image(self, image: LoadedImage, *, cache: bool = True,
+                    max_image_tokens: int | None = None) -> np.ndarray:
         """What the LLM receives for ``image``: (n_tokens, n_embd), views concatenated in order."""
-        chunks = self.image_chunks(image)
+        chunks = self.image_chunks(image, max_image_tokens)
         if not chunks or self.embeddings is None:
             raise InvalidRequestError("the projector produced no image chunk for this image")
         with self.lock:  # the embedding caches are shared with running requests

@@ -8,14 +8,62 @@ with learned embeddings builds chunks itself (OmniFusion).
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from edgevlm import constants as C
-from edgevlm.chunks import Chunk, TextChunk
-from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk
+from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
 from edgevlm.llm import LlamaModel
 from edgevlm.prompt import ImagePart, Message, build_prompt, precompile
 from edgevlm.vision.encoder import VisionEncoder
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm.families.base import Family
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """The image-token budget of each image of a request.
+
+    Attributes:
+        tokens: embeddings one image may become (None: the model's own choice).
+        explicit: the user asked for it (``max_image_tokens``); otherwise it is
+            the cap that keeps the request's images and an answer in the context.
+    """
+
+    tokens: int | None = None
+    explicit: bool = False
+
+
+NO_BUDGET = ImageBudget()
+
+
+def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Family) -> None:
+    """Refuse an image over an explicit budget when the family plans views by budget.
+
+    Models trained on one view have a fixed cost and ignore the budget.
+
+    Raises:
+        ContextOverflowError: the smallest plan of an image needs more tokens
+            than the budget; the message says how many and what to change.
+    """
+    if budget.tokens is None or not budget.explicit or family.single_view:
+        return
+    per_image: dict[str, int] = {}
+    sources: dict[str, ImageChunk] = {}
+    for chunk in chunks:
+        if isinstance(chunk, ImageChunk) and chunk.image is not None:
+            per_image[chunk.image.digest] = per_image.get(chunk.image.digest, 0) + chunk.n_tokens
+            sources.setdefault(chunk.image.digest, chunk)
+    for digest, tokens in per_image.items():
+        if tokens > budget.tokens:
+            image = sources[digest].image
+            assert image is not None
+            raise ContextOverflowError(
+                f"{image.source}: a {image.width}x{image.height} image needs at least {tokens} image "
+                f"tokens with this model, more than the budget of {budget.tokens}; raise "
+                "--image-tokens / max_image_tokens= (and --ctx if needed)")
 
 
 class PromptLayout(Protocol):
@@ -23,7 +71,8 @@ class PromptLayout(Protocol):
 
     name: str
 
-    def chunks(self, messages: list[Message], *, gen: bool = True) -> list[Chunk]:
+    def chunks(self, messages: list[Message], *, gen: bool = True,
+               budget: ImageBudget = NO_BUDGET) -> list[Chunk]:
         """The chunks of a conversation (``gen``: end with the reply's opening)."""
         ...
 
@@ -47,16 +96,18 @@ class TemplateLayout:
     Args:
         llm: the language model (tokenizer, BOS/EOS).
         encoder: the vision encoder splitting text at markers, or None.
+        family: the model family (prepares images under a budget).
         template: a Jinja chat template (None: use ``chat_format``).
         chat_format: a key of ``edgevlm.prompt.CHAT_FORMATS``.
     """
 
     name = "chat-template"
 
-    def __init__(self, llm: LlamaModel, encoder: VisionEncoder | None, *, template: str | None,
-                 chat_format: str) -> None:
+    def __init__(self, llm: LlamaModel, encoder: VisionEncoder | None, family: Family, *,
+                 template: str | None, chat_format: str) -> None:
         self.llm = llm
         self.encoder = encoder
+        self.family = family
         self.template = template
         self.chat_format = chat_format
         self.marker = encoder.marker if encoder is not None else C.MEDIA_MARKER
@@ -69,20 +120,25 @@ class TemplateLayout:
         return build_prompt(messages, self.marker, template=self.template, chat_format=self.chat_format,
                             gen=gen, bos=self._bos, eos=self._eos)[0]
 
-    def chunks(self, messages: list[Message], *, gen: bool = True) -> list[Chunk]:
+    def chunks(self, messages: list[Message], *, gen: bool = True,
+               budget: ImageBudget = NO_BUDGET) -> list[Chunk]:
         """Render, then split at markers (images) or tokenise (text only).
 
         Raises:
             UnsupportedModelError: images given to a model without a projector.
+            ContextOverflowError: an image over an explicit budget.
         """
         text, images = build_prompt(messages, self.marker, template=self.template,
                                     chat_format=self.chat_format, gen=gen, bos=self._bos, eos=self._eos)
         if images and self.encoder is None:
             raise UnsupportedModelError(
                 "this model was loaded without a vision projector; pass mmproj=... / --mmproj")
-        if self.encoder is not None:
-            return self.encoder.tokenize(text, images, add_special=True)
-        return [TextChunk(tuple(self.llm.tokenize(text, add_special=True)))]
+        if self.encoder is None:
+            return [TextChunk(tuple(self.llm.tokenize(text, add_special=True)))]
+        prepared = [self.family.prepare_image(image, budget.tokens, self.encoder) for image in images]
+        chunks = self.encoder.tokenize(text, prepared, add_special=True, max_tokens=budget.tokens)
+        enforce_image_budget(chunks, budget, self.family)
+        return chunks
 
     def text_prefix(self, messages: list[Message]) -> tuple[int, ...]:
         users = [i for i, m in enumerate(messages) if m.role == "user"]

@@ -6,6 +6,8 @@ family of a loaded model's files.
 
 from __future__ import annotations
 
-from edgevlm.families.base import FAMILIES, Family, ImageCost, family_for, load_builtin_families, register
+from edgevlm.families.base import (FAMILIES, Family, FamilyOptions, ImageCost, family_for,
+                                   load_builtin_families, register)
 
-__all__ = ["FAMILIES", "Family", "ImageCost", "family_for", "load_builtin_families", "register"]
+__all__ = ["FAMILIES", "Family", "FamilyOptions", "ImageCost", "family_for", "load_builtin_families",
+           "register"]

@@ -72,7 +72,26 @@ def load_builtin_families() -> None:
             importlib.import_module(f"{__package__}.{module}")
 
 
-def family_for(model: ModelDescriptor) -> Family:
+@dataclass(frozen=True)
+class FamilyOptions:
+    """What the user chose that a family interprets.
+
+    Attributes:
+        tiles: "none" (the model's own image handling) or "grid" (tiles + an
+            overview for models trained on one view; kernels engine only).
+    """
+
+    tiles: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.tiles not in TILE_MODES:
+            raise InvalidRequestError(f"unknown tiles mode {self.tiles!r}; choose one of {', '.join(TILE_MODES)}")
+
+
+TILE_MODES = ("none", "grid")
+
+
+def family_for(model: ModelDescriptor, options: FamilyOptions | None = None) -> Family:
     """The family that runs ``model``: the highest-priority one whose ``matches`` accepts it.
 
     Raises:
@@ -82,7 +101,7 @@ def family_for(model: ModelDescriptor) -> Family:
     load_builtin_families()
     for cls in sorted(FAMILIES.values(), key=lambda c: (-c.priority, c.name)):
         if cls.matches(model):
-            return cls(model)
+            return cls(model, options or FamilyOptions())
     kind = model.projector.kind if model.projector else "none"
     known = ", ".join(f"{c.name} ({c.describes})" for c in sorted(FAMILIES.values(), key=lambda c: c.name))
     raise UnsupportedModelError(
@@ -137,8 +156,16 @@ class Family:
     chat_format: ClassVar[str] = "chatml"
     """Built-in template (``edgevlm.prompt.CHAT_FORMATS``) when the GGUF has none that works."""
 
-    def __init__(self, model: ModelDescriptor) -> None:
+    single_view: ClassVar[bool] = False
+    """Trained on one view per image: ``tiles="grid"`` may add tiles + an overview."""
+
+    def __init__(self, model: ModelDescriptor, options: FamilyOptions | None = None) -> None:
         self.model = model
+        self.options = options or FamilyOptions()
+        if self.options.tiles == "grid" and not self.single_view:
+            raise InvalidRequestError(
+                f"tiles='grid' adds tiles to models trained on one view; {self.describes} models "
+                "already choose their own views (use an image-token budget instead)")
 
     # --- recognition -----------------------------------------------------
     @classmethod
@@ -151,6 +178,13 @@ class Family:
         """The engines able to run this model's projector, preferred first (hook)."""
         return self.engines
 
+    def engines_for_options(self) -> tuple[str, ...]:
+        """:meth:`supported_engines`, narrowed by the options (grid tiles need the kernels)."""
+        engines = self.supported_engines()
+        if self.options.tiles == "grid":
+            return tuple(e for e in engines if e == C.VISION_ENGINE_KERNELS)
+        return engines
+
     def choose_engine(self, requested: str) -> str:
         """The engine for ``requested`` ("auto", "kernels" or "mtmd").
 
@@ -161,9 +195,9 @@ class Family:
         if requested not in C.VISION_ENGINES:
             raise InvalidRequestError(f"unknown vision engine {requested!r}; choose one of "
                                       f"{', '.join(C.VISION_ENGINES)}")
-        engines = self.supported_engines()
+        engines = self.engines_for_options()
         if not engines:
-            raise UnsupportedModelError(f"{self.describes} has no vision engine")
+            raise UnsupportedModelError(f"{self.describes} has no vision engine for these options")
         if requested == C.VISION_ENGINE_AUTO:
             return engines[0]
         if requested not in engines:
@@ -181,19 +215,35 @@ class Family:
         return lambda image: tower_pixels(image, tower)
 
     def kernels_pipeline(self, tower: VisionTower) -> KernelsPipeline:
-        """How the kernels engine plans and embeds an image (hook; default: one preprocessed view)."""
-        from edgevlm.vision.pipeline import SingleView
+        """How the kernels engine plans and embeds an image (hook).
 
-        return SingleView(tower.config, self.image_processor(tower.config))
+        Default: one preprocessed view; with ``tiles="grid"``, LLaVA-NeXT-style
+        tiles of the best grid within the token budget plus that view as the overview.
+        """
+        from edgevlm.vision.pipeline import GridPipeline, SingleView
+
+        single = SingleView(tower.config, self.image_processor(tower.config))
+        return GridPipeline(single) if self.options.tiles == "grid" else single
+
+    def prepare_image(self, image: LoadedImage, max_tokens: int | None, encoder: VisionEncoder) -> LoadedImage:
+        """The image handed to the encoder under ``max_tokens`` (hook; default: as it is).
+
+        Families whose encoder plans images itself (libmtmd's dynamic
+        resolution) meet a budget by downscaling here.
+        """
+        return image
 
     # --- images in the context ---------------------------------------------
-    def image_cost(self, width: int, height: int, encoder: VisionEncoder) -> ImageCost:
-        """What an image of ``width`` x ``height`` costs, before encoding (hook).
+    def image_cost(self, width: int, height: int, encoder: VisionEncoder,
+                   max_tokens: int | None = None) -> ImageCost:
+        """What an image of ``width`` x ``height`` costs under ``max_tokens``, before encoding (hook).
 
-        The default asks the encoder how it splits a blank image of that size
-        (exact for every engine, cheap: nothing is encoded).
+        The default prepares a blank image of that size as a request would and
+        asks the encoder how it splits it (exact for every engine, cheap:
+        nothing is encoded).
         """
-        chunks = encoder.image_chunks(blank_image(width, height))
+        image = self.prepare_image(blank_image(width, height), max_tokens, encoder)
+        chunks = encoder.image_chunks(image, max_tokens=max_tokens)
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),
                          cells=sum(c.n_cells for c in chunks), views=len(chunks))
@@ -211,5 +261,5 @@ class Family:
         """How messages become chunks (hook; default: the chat template with media markers)."""
         from edgevlm.prompt_layout import TemplateLayout
 
-        return TemplateLayout(llm, encoder, template=template,
+        return TemplateLayout(llm, encoder, self, template=template,
                               chat_format=chat_format or self.default_chat_format())

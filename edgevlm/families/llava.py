@@ -23,6 +23,7 @@ class LlavaFamily(Family):
     describes = "LLaVA-1.5 MLP"
     priority = 10
     chat_format = "llava-1.5"
+    single_view = True
 
     @classmethod
     def matches(cls, model: ModelDescriptor) -> bool:

@@ -27,8 +27,8 @@ from edgevlm import constants as C
 from edgevlm.descriptor import ModelDescriptor
 from edgevlm.errors import InvalidModelError
 from edgevlm.families.base import Family, register
-from edgevlm.vision.anyres import AnyresPlan, anyres_views, plan_anyres
-from edgevlm.vision.images import LoadedImage
+from edgevlm.vision.anyres import AnyresPlan, anyres_views, fit_anyres, plan_anyres
+from edgevlm.vision.images import LoadedImage, to_pil
 from edgevlm.vision.pipeline import ViewPlan
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,10 @@ class AnyresSpec:
     def plan(self, width: int, height: int, max_tokens: int | None = None) -> AnyresPlan:
         """:func:`edgevlm.vision.anyres.plan_anyres` with this file's geometry."""
         return plan_anyres(width, height, self.pinpoints, self.tile_size, self.patch_size, max_tokens)
+
+    def fit(self, width: int, height: int, max_tokens: int | None) -> AnyresPlan:
+        """:func:`edgevlm.vision.anyres.fit_anyres` with this file's geometry."""
+        return fit_anyres(width, height, self.pinpoints, self.tile_size, self.patch_size, max_tokens)
 
 
 def anyres_spec(meta: Mapping[str, Any], host_tensors: Mapping[str, np.ndarray], where: str) -> AnyresSpec:
@@ -115,9 +119,13 @@ def encode_anyres(tower: VisionTower, spec: AnyresSpec, image: Image.Image,
     Raises:
         InvalidModelError, ContextOverflowError: see ``plan_anyres`` / ``pack_anyres``.
     """
+    return embed_plan(tower, spec, image, spec.plan(*image.size, max_tokens=max_tokens))
+
+
+def embed_plan(tower: VisionTower, spec: AnyresSpec, image: Image.Image, plan: AnyresPlan) -> np.ndarray:
+    """The packed embeddings of ``image`` cut by ``plan`` (one batched tower run)."""
     from edgevlm.kernels.anyres import pack_anyres
 
-    plan = spec.plan(*image.size, max_tokens=max_tokens)
     cfg = tower.config
     views = anyres_views(image, plan, cfg.image_mean, cfg.image_std)
     return pack_anyres(tower.encode_views(views), plan, spec.newline)
@@ -129,16 +137,14 @@ class AnyresPipeline:
     def __init__(self, spec: AnyresSpec) -> None:
         self.spec = spec
 
-    def plan(self, width: int, height: int) -> ViewPlan:
-        plan = self.spec.plan(width, height)
+    def plan(self, width: int, height: int, max_tokens: int | None = None) -> ViewPlan:
+        plan = self.spec.fit(width, height, max_tokens)
         (ph, pw), (cols, rows) = plan.best_resolution, plan.grid
         return ViewPlan(plan.n_tokens, f"anyres:{pw}x{ph}:{cols}x{rows}", plan.n_views)
 
-    def embed(self, tower: VisionTower, image: LoadedImage) -> np.ndarray:
-        from PIL import Image
-
-        pil = Image.frombytes("RGB", (image.width, image.height), image.rgb)
-        return encode_anyres(tower, self.spec, pil)
+    def embed(self, tower: VisionTower, image: LoadedImage, max_tokens: int | None = None) -> np.ndarray:
+        plan = self.spec.fit(image.width, image.height, max_tokens)
+        return embed_plan(tower, self.spec, to_pil(image), plan)
 
 
 @register

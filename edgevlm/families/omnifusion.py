@@ -23,7 +23,7 @@ from edgevlm.errors import IncompatibleModelError, InvalidModelError, Unsupporte
 from edgevlm.families.base import Family, ImageCost, register
 from edgevlm.llm import LlamaModel
 from edgevlm.prompt import ImagePart, Message
-from edgevlm.prompt_layout import PromptLayout
+from edgevlm.prompt_layout import NO_BUDGET, ImageBudget, PromptLayout
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.kernels_encoder import KernelsEncoder
 
@@ -34,14 +34,16 @@ class OmniFusionFamily(Family):
     describes = "OmniFusion adapter"
     priority = 20
     engines = (C.VISION_ENGINE_KERNELS,)
+    single_view = True
 
     @classmethod
     def matches(cls, model: ModelDescriptor) -> bool:
         return model.projector is not None and model.projector.kind == C.PROJECTOR_KIND_OMNIFUSION
 
-    def image_cost(self, width: int, height: int, encoder: VisionEncoder) -> ImageCost:
-        """One 336-px view between the SOI and EOI embeddings."""
-        cost = super().image_cost(width, height, encoder)
+    def image_cost(self, width: int, height: int, encoder: VisionEncoder,
+                   max_tokens: int | None = None) -> ImageCost:
+        """The views between the SOI and EOI embeddings (the budget counts both)."""
+        cost = super().image_cost(width, height, encoder, _minus(max_tokens, 2))
         return ImageCost(tokens=cost.tokens + 2, positions=cost.positions + 2, cells=cost.cells + 2,
                          views=cost.views)
 
@@ -89,8 +91,12 @@ class OmniFusionLayout:
         tokens = self.llm.tokenize(text, add_special=False, parse_special=False) if text else []
         return [TextChunk(tuple(tokens))] if tokens else []
 
-    def chunks(self, messages: list[Message], *, gen: bool = True) -> list[Chunk]:
+    def chunks(self, messages: list[Message], *, gen: bool = True,
+               budget: ImageBudget = NO_BUDGET) -> list[Chunk]:
         """The chunks of a conversation (``gen``: end with BOT for the reply).
+
+        With ``tiles="grid"`` an image's views share one SOI ... EOI; the
+        budget counts those two delimiters too.
 
         Raises:
             UnsupportedModelError: a system message after the first.
@@ -109,8 +115,8 @@ class OmniFusionLayout:
             if message.role == "user":
                 for part in message.parts:
                     if isinstance(part, ImagePart):
-                        chunks += [self.special["SOI"], *self.encoder.image_chunks(part.image),
-                                   self.special["EOI"]]
+                        views = self.encoder.image_chunks(part.image, max_tokens=_minus(budget.tokens, 2))
+                        chunks += [self.special["SOI"], *views, self.special["EOI"]]
                 chunks.append(self.special["USER"])
             chunks += self._text(message.text)
             awaiting_bot = message.role == "user"
@@ -133,3 +139,7 @@ class OmniFusionLayout:
     def text_prefix(self, messages: list[Message]) -> tuple[int, ...]:
         """Text snapshots are not taken for OmniFusion prompts (every turn holds learned embeddings)."""
         return ()
+
+
+def _minus(tokens: int | None, n: int) -> int | None:
+    return None if tokens is None else max(tokens - n, 0)

@@ -203,6 +203,21 @@ def plan_anyres(width: int, height: int, pinpoints: Sequence[Sequence[int]], til
     return _plan_for(size, select_best_resolution(size, candidates), tile_size, patch_size)
 
 
+def fit_anyres(width: int, height: int, pinpoints: Sequence[Sequence[int]], tile_size: int,
+               patch_size: int, max_tokens: int | None) -> AnyresPlan:
+    """:func:`plan_anyres` within ``max_tokens`` if any pinpoint fits, else the plan with fewest tokens.
+
+    The caller decides whether a plan over the budget is an error (an explicit
+    budget) or acceptable (the context-derived default cap).
+    """
+    try:
+        return plan_anyres(width, height, pinpoints, tile_size, patch_size, max_tokens)
+    except ContextOverflowError:
+        size = (width, height)
+        plans = [_plan_for(size, p, tile_size, patch_size) for p in _check_pinpoints(pinpoints, tile_size)]
+        return min(plans, key=lambda plan: plan.n_tokens)
+
+
 def image_tokens(width: int, height: int, pinpoints: Sequence[Sequence[int]], tile_size: int,
                  patch_size: int, max_tokens: int | None = None) -> int:
     """Embeddings a ``width x height`` image becomes (LlavaNextProcessor's count).
@@ -216,7 +231,7 @@ def image_tokens(width: int, height: int, pinpoints: Sequence[Sequence[int]], ti
     return plan_anyres(width, height, pinpoints, tile_size, patch_size, max_tokens).n_tokens
 
 
-def _fit_and_pad(img: Image.Image, best: Pinpoint) -> Image.Image:
+def fit_and_pad(img: Image.Image, best: Pinpoint) -> Image.Image:
     """Aspect-preserving bicubic resize into ``best`` (h, w), pasted centred on black."""
     (th, tw), (w, h) = best, img.size
     if tw / w < th / h:
@@ -227,6 +242,14 @@ def _fit_and_pad(img: Image.Image, best: Pinpoint) -> Image.Image:
     canvas = Image.new("RGB", (tw, th), (0, 0, 0))
     canvas.paste(resized, ((tw - new_w) // 2, (th - new_h) // 2))
     return canvas
+
+
+def tile_crops(img: Image.Image, best: Pinpoint, tile_size: int) -> list[Image.Image]:
+    """``img`` fitted into ``best`` (h, w) on black, cut into ``tile_size`` tiles row-major."""
+    canvas = fit_and_pad(img, best)
+    s = tile_size
+    return [canvas.crop((x * s, y * s, x * s + s, y * s + s))
+            for y in range(best[0] // s) for x in range(best[1] // s)]
 
 
 def anyres_views(image: Image.Image, plan: AnyresPlan, mean: Sequence[float],
@@ -249,9 +272,6 @@ def anyres_views(image: Image.Image, plan: AnyresPlan, mean: Sequence[float],
         raise InvalidModelError(f"the anyres plan is for a {plan.image_size[0]}x{plan.image_size[1]} "
                                 f"image, not {img.size[0]}x{img.size[1]}; plan this image first.")
     s = plan.tile_size
-    views = [img.resize((s, s), Image.Resampling.BICUBIC)]
-    canvas = _fit_and_pad(img, plan.best_resolution)
-    cols, rows = plan.grid
-    views += [canvas.crop((x * s, y * s, x * s + s, y * s + s)) for y in range(rows) for x in range(cols)]
+    views = [img.resize((s, s), Image.Resampling.BICUBIC)] + tile_crops(img, plan.best_resolution, s)
     return np.stack([preprocess(v, size=s, mode="shortest-edge-crop", mean=mean, std=std)
                      for v in views])

@@ -54,12 +54,17 @@ class VisionEncoder(Protocol):
         """Where the tower runs ("CPU", "CUDA0", "gpu", ...)."""
         ...
 
-    def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
-        """The chunks one image becomes (one, or several for tiled models)."""
+    def image_chunks(self, image: LoadedImage, *, max_tokens: int | None = None) -> list[ImageChunk]:
+        """The chunks one image becomes (one, or several for tiled models).
+
+        ``max_tokens``: plan the image's views within this many embeddings when the
+        model can (tiled models pick a smaller grid; others ignore it).
+        """
         ...
 
-    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
-        """Split ``prompt`` at media markers into text and image chunks."""
+    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
+                 max_tokens: int | None = None) -> list[Chunk]:
+        """Split ``prompt`` at media markers into text and image chunks (``max_tokens`` per image)."""
         ...
 
     def encode(self, chunk: ImageChunk) -> np.ndarray:

@@ -419,3 +419,21 @@ def _sniff(prefix: bytes) -> str:
     if text and all(c.isprintable() or c in "\r\n\t" for c in text):
         return "it is a text file"
     return "not a format edgevlm opens"
+
+
+def resized(image: LoadedImage, width: int, height: int) -> LoadedImage:
+    """``image`` resized (bicubic) to ``width`` x ``height``, with its own digest (a new cache identity)."""
+    from PIL import Image
+
+    if (width, height) == (image.width, image.height):
+        return image
+    pil = Image.frombytes("RGB", (image.width, image.height), image.rgb)
+    rgb, digest = _pixels(pil.resize((max(1, width), max(1, height)), Image.Resampling.BICUBIC))
+    return LoadedImage(max(1, width), max(1, height), rgb, digest, image.source)
+
+
+def to_pil(image: LoadedImage) -> PILImage.Image:
+    """The image as a PIL RGB image (a copy of its pixels)."""
+    from PIL import Image
+
+    return Image.frombytes("RGB", (image.width, image.height), image.rgb)

@@ -95,13 +95,14 @@ class KernelsEncoder:
             raise InvalidRequestError("this model's images have several views; see its family's pipeline")
         return self.pipeline.processor(image)
 
-    def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
+    def image_chunks(self, image: LoadedImage, *, max_tokens: int | None = None) -> list[ImageChunk]:
         """The chunk of one image: all its views, packed as the family plans them."""
-        plan = self.pipeline.plan(image.width, image.height)
+        plan = self.pipeline.plan(image.width, image.height, max_tokens)
         return [ImageChunk(key=f"{image.digest}/{self.identity}/kernels:{plan.variant}/0",
-                           n_tokens=plan.n_tokens, n_pos=plan.n_tokens, image=image)]
+                           n_tokens=plan.n_tokens, n_pos=plan.n_tokens, image=image, budget=max_tokens)]
 
-    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
+    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
+                 max_tokens: int | None = None) -> list[Chunk]:
         """Split ``prompt`` at media markers into text and image chunks.
 
         Raises:
@@ -114,7 +115,7 @@ class KernelsEncoder:
         out: list[Chunk] = []
         for i, text in enumerate(parts):
             if i:
-                out.extend(self.image_chunks(images[i - 1]))
+                out.extend(self.image_chunks(images[i - 1], max_tokens=max_tokens))
             tokens = self.model.tokenize(text, add_special=add_special and i == 0) if text or i == 0 else []
             if tokens:
                 out.append(TextChunk(tuple(tokens)))
@@ -125,7 +126,7 @@ class KernelsEncoder:
         if chunk.image is None:
             raise InvalidRequestError("an image chunk without its image cannot be encoded")
         with self._lock:
-            out = self.pipeline.embed(self.tower, chunk.image)
+            out = self.pipeline.embed(self.tower, chunk.image, chunk.budget)
             self.n_encode_calls += 1
         return out
 

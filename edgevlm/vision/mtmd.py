@@ -118,12 +118,17 @@ class MtmdEncoder:
             pass
 
     # ------------------------------------------------------------------
-    def image_chunks(self, image: LoadedImage) -> list[ImageChunk]:
-        """The chunks libmtmd makes of one image (several for models it tiles)."""
+    def image_chunks(self, image: LoadedImage, *, max_tokens: int | None = None) -> list[ImageChunk]:
+        """The chunks libmtmd makes of one image (several for models it tiles).
+
+        libmtmd plans images itself: ``max_tokens`` is met by the family resizing
+        the image first (``Family.prepare_image``).
+        """
         return [c for c in self.tokenize(self.marker, [image], add_special=False) if isinstance(c, ImageChunk)]
 
-    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool) -> list[Chunk]:
-        """Split ``prompt`` at media markers into text and image chunks."""
+    def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
+                 max_tokens: int | None = None) -> list[Chunk]:
+        """Split ``prompt`` at media markers into text and image chunks (see :meth:`image_chunks`)."""
         lib = self._lib
         bitmaps = []
         try:
