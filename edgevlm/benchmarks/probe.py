@@ -25,7 +25,7 @@ from edgevlm.errors import RuntimeFailure
 
 #: The load() arguments a probe passes on.
 LOAD_KEYS = ("mmproj", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "cache", "vision_engine",
-             "vision_device")
+             "vision_device", "max_image_tokens", "tiles")
 
 
 def timed_turn(vlm: VLM, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:

@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--no-cache/--vision-engine."""
+    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--no-cache/--vision-engine/
+    --vision-device/--image-tokens/--tiles."""
     decorators = [
         click.option("-m", "--model", required=True,
                      help="Model folder, LLM .gguf file, or Hugging Face repo id."),
@@ -35,6 +36,12 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "auto (kernels for CLIP-tower LLaVA and OmniFusion, libmtmd otherwise)."),
         click.option("--vision-device", default=None,
                      help="ggml device for the kernels engine (auto, cpu, cuda, metal, CUDA0, ...)."),
+        click.option("--image-tokens", "max_image_tokens", type=click.IntRange(min=1), default=None,
+                     help="Image-token budget per image: tiled models use fewer tiles or pixels "
+                          "(default: the model's own, capped to fit the context)."),
+        click.option("--tiles", type=click.Choice(["none", "grid"]), default="none", show_default=True,
+                     help="grid: add tiles + an overview to models trained on one view "
+                          "(LLaVA-1.5, OmniFusion): more detail, more image tokens."),
     ]
     for deco in reversed(decorators):
         func = deco(func)
@@ -66,7 +73,8 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
             "n_threads": params["n_threads"], "n_gpu_layers": params["n_gpu_layers"],
             "kv_type": params["kv_type"], "cache": not params["no_cache"],
             "vision_engine": params.get("vision_engine") or "auto",
-            "vision_device": params.get("vision_device")}
+            "vision_device": params.get("vision_device"),
+            "max_image_tokens": params.get("max_image_tokens"), "tiles": params.get("tiles") or "none"}
 
 
 def load_from_options(params: dict[str, Any]) -> VLM:
