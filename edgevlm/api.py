@@ -19,10 +19,11 @@ from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
+from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, family_for
 from edgevlm.generation import SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.prompt import normalize_messages
+from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
 from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
@@ -351,7 +352,9 @@ class VLM:
         if self.engine.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
         budget = self.engine.image_budget(max_image_tokens, 1)
-        return self.engine.family.image_cost(width, height, self.engine.encoder, budget.tokens)
+        cost = self.engine.family.image_cost(width, height, self.engine.encoder, budget.tokens)
+        check_image_tokens(cost.tokens, budget, self.engine.family, blank_image(width, height))
+        return cost
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""

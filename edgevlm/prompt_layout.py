@@ -17,6 +17,7 @@ from edgevlm.errors import ContextOverflowError, InvalidRequestError, Unsupporte
 from edgevlm.llm import LlamaModel
 from edgevlm.prompt import ImagePart, Message, build_prompt, precompile
 from edgevlm.vision.encoder import VisionEncoder
+from edgevlm.vision.images import LoadedImage
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family
@@ -48,22 +49,28 @@ def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Famil
         ContextOverflowError: the smallest plan of an image needs more tokens
             than the budget; the message says how many and what to change.
     """
-    if budget.tokens is None or not budget.explicit or family.single_view:
-        return
     per_image: dict[str, int] = {}
-    sources: dict[str, ImageChunk] = {}
+    sources: dict[str, LoadedImage] = {}
     for chunk in chunks:
         if isinstance(chunk, ImageChunk) and chunk.image is not None:
             per_image[chunk.image.digest] = per_image.get(chunk.image.digest, 0) + chunk.n_tokens
-            sources.setdefault(chunk.image.digest, chunk)
+            sources.setdefault(chunk.image.digest, chunk.image)
     for digest, tokens in per_image.items():
-        if tokens > budget.tokens:
-            image = sources[digest].image
-            assert image is not None
-            raise ContextOverflowError(
-                f"{image.source}: a {image.width}x{image.height} image needs at least {tokens} image "
-                f"tokens with this model, more than the budget of {budget.tokens}; raise "
-                "--image-tokens / max_image_tokens= (and --ctx if needed)")
+        check_image_tokens(tokens, budget, family, sources[digest])
+
+
+def check_image_tokens(tokens: int, budget: ImageBudget, family: Family, image: LoadedImage) -> None:
+    """Raise when ``image``, costing ``tokens``, exceeds an explicit budget the family must meet.
+
+    Raises:
+        ContextOverflowError: saying how many tokens the image needs and what to change.
+    """
+    if budget.tokens is None or not budget.explicit or family.single_view or tokens <= budget.tokens:
+        return
+    raise ContextOverflowError(
+        f"{image.source}: a {image.width}x{image.height} image needs at least {tokens} image "
+        f"tokens with this model, more than the budget of {budget.tokens}; raise "
+        "--image-tokens / max_image_tokens= (and --ctx if needed)")
 
 
 class PromptLayout(Protocol):

@@ -40,7 +40,7 @@ def hf_image_inputs(checkpoint: Path, images: ImagePaths) -> dict:
         with Image.open(path) as img:
             pictures.append(img.convert("RGB"))
     out = AutoImageProcessor.from_pretrained(checkpoint)(images=pictures, return_tensors="pt")
-    return {k: v for k, v in out.items() if k in ("pixel_values", "image_grid_thw")}
+    return {k: v for k, v in out.items() if k in ("pixel_values", "image_grid_thw", "image_sizes")}
 
 
 def hf_pixel_values(checkpoint: Path, image_path: Path):

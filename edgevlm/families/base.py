@@ -200,6 +200,9 @@ class Family:
             raise UnsupportedModelError(f"{self.describes} has no vision engine for these options")
         if requested == C.VISION_ENGINE_AUTO:
             return engines[0]
+        if requested not in engines and requested in self.supported_engines():
+            raise InvalidRequestError(f"tiles='grid' runs on the kernels vision engine, not {requested!r}; "
+                                      "drop one of the two options")
         if requested not in engines:
             kind = self.model.projector.kind if self.model.projector else ""
             what = ("libmtmd cannot run" if requested == C.VISION_ENGINE_MTMD
@@ -246,7 +249,7 @@ class Family:
         chunks = encoder.image_chunks(image, max_tokens=max_tokens)
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),
-                         cells=sum(c.n_cells for c in chunks), views=len(chunks))
+                         cells=sum(c.n_cells for c in chunks), views=sum(c.n_views for c in chunks))
 
     # --- prompts -----------------------------------------------------------
     def default_chat_format(self) -> str:

@@ -65,7 +65,7 @@ def test_registering_a_taken_name_is_refused():
 def _actual_cost(vlm: edgevlm.VLM, image) -> ImageCost:
     chunks = vlm.engine.image_chunks(edgevlm.load_image(image))
     return ImageCost(tokens=sum(c.n_tokens for c in chunks), positions=sum(c.n_pos for c in chunks),
-                     cells=sum(c.n_cells for c in chunks), views=len(chunks))
+                     cells=sum(c.n_cells for c in chunks), views=sum(c.n_views for c in chunks))
 
 
 @pytest.mark.parametrize("size", [(32, 32), (61, 45), (40, 96)])
