@@ -109,8 +109,13 @@ def test_snapshot_restore_equals_full_evaluation(qwen2vl_f32_result, square_imag
 
 # --- KV cells, not positions, bound an M-RoPE context ------------------------------
 def test_prompt_needing_more_cells_than_the_context_is_refused(qwen2vl_f32_result, square_image):
-    """448x448 -> 256 image cells but only 16 positions: over a 256-cell context."""
-    messages = [{"role": "user", "content": [_image(square_image(448)), _text("What?")]}]
+    """448x448 -> 256 image cells but only 16 positions: over a 256-cell context.
+
+    The default image budget keeps the image to 3/4 of the context (192 cells); the long
+    question then takes the cells over 256.
+    """
+    question = " ".join(["What is in the picture, and what colours does it have?"] * 6)
+    messages = [{"role": "user", "content": [_image(square_image(448)), _text(question)]}]
     with edgevlm.load(qwen2vl_f32_result.llm_path.parent, n_ctx=256, n_threads=2,
                       cache=False) as vlm:
         assert sum(c.n_pos for c in vlm.prompt_chunks(messages)) < 256
