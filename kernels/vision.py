@@ -112,6 +112,11 @@ def kernels_can_run(meta: Mapping[str, Any]) -> bool:
         meta.get("clip.has_vision_encoder", True))
 
 
+def output_tensor(kind: str) -> str:
+    """The last projection matrix of a projector kind (its width is the LLM's input width)."""
+    return "adapter.proj.weight" if kind == C.PROJECTOR_KIND_OMNIFUSION else "mm.2.weight"
+
+
 def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
     """Build a :class:`TowerConfig` from GGUF metadata and tensor names.
 
@@ -134,10 +139,10 @@ def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
     act = HF_ACTIVATIONS.get(str(hf_act)) if hf_act else ("gelu" if meta.get("clip.use_gelu") else "gelu_quick")
     if act is None:
         raise UnsupportedModelError(f"vision activation {hf_act!r} is not supported by the kernels engine")
+    out_name = output_tensor(kind)
     if kind == C.PROJECTOR_KIND_OMNIFUSION:
-        out_name, proj_act = "adapter.proj.weight", str(meta.get(C.KEY_ADAPTER_ACTIVATION, "relu"))
+        proj_act = str(meta.get(C.KEY_ADAPTER_ACTIVATION, "relu"))
     else:
-        out_name = "mm.2.weight"
         proj_act = HF_ACTIVATIONS.get(str(meta.get(C.KEY_PROJECTOR_ACTIVATION, "gelu")), "gelu_erf")
     if out_name not in names:
         raise InvalidModelError(f"the projector file has no tensor {out_name!r}")
@@ -195,8 +200,7 @@ class VisionTower:
         self.flash_attn = flash_attn
         self.meta, tensors = read_gguf_tensors(self.path)
         cfg = read_tower_config(self.meta, set(tensors))
-        out_name = "adapter.proj.weight" if cfg.projector != "mlp" else "mm.2.weight"
-        self.config = dataclasses.replace(cfg, output_width=tensors[out_name].ne[1])
+        self.config = dataclasses.replace(cfg, output_width=tensors[output_tensor(cfg.projector)].ne[1])
         self.special = {name: np.asarray(t.data, dtype=np.float32).reshape(-1)
                         for name, t in tensors.items() if is_host_tensor(name)}
         device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}
