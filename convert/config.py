@@ -155,6 +155,17 @@ class TextConfig:
         )
 
 
+def check_sections(data: Mapping[str, Any], sections: tuple[str, ...] = ("text_config", "vision_config")) -> None:
+    """Refuse a ``config.json`` whose sub-configs are not objects.
+
+    Raises:
+        ConversionError: naming the section.
+    """
+    for section in sections:
+        if not isinstance(data.get(section, {}), Mapping):
+            raise ConversionError(f"config.json: {section} must be an object.")
+
+
 def check_tower_geometry(cfg: Any) -> None:
     """Positive sizes, whole patches per side, whole heads: the checks every ViT config shares.
 
@@ -256,9 +267,7 @@ class LlavaConfig:
         Raises:
             ConversionError: a section or field is missing or malformed.
         """
-        for section in ("text_config", "vision_config"):
-            if not isinstance(data.get(section, {}), Mapping):
-                raise ConversionError(f"config.json: {section} must be an object.")
+        check_sections(data)
         d = _LLAVA_DEFAULTS
         layer = data.get("vision_feature_layer", d["vision_feature_layer"])
         if isinstance(layer, list):
@@ -395,9 +404,7 @@ class Qwen2VLConfig:
         Raises:
             ConversionError: a section or field is missing or malformed.
         """
-        for section in ("text_config", "vision_config"):
-            if not isinstance(data.get(section, {}), Mapping):
-                raise ConversionError(f"config.json: {section} must be an object.")
+        check_sections(data)
         text = data.get("text_config") or {k: v for k, v in data.items() if k != "vision_config"}
         text, section = _split_mrope(text, data)
         archs = data.get("architectures") or ["?"]

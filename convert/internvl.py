@@ -41,7 +41,7 @@ from edgevlm import constants
 from edgevlm.errors import ConversionError, UnsupportedModelError
 
 from .base import Converter, register
-from .config import TextConfig, check_tower_geometry, config_field
+from .config import TextConfig, check_sections, check_tower_geometry, config_field
 from .llm_writer import llama_tensor_specs, write_llama_hparams
 from .projector_writer import (check_projector_shapes, feature_layer_count,
                                image_processor_config, vision_tensor_type, write_vision_hparams)
@@ -175,9 +175,7 @@ class InternVLConfig:
         Raises:
             ConversionError: a section or field is missing or malformed.
         """
-        for section in ("text_config", "vision_config"):
-            if not isinstance(data.get(section, {}), Mapping):
-                raise ConversionError(f"config.json: {section} must be an object.")
+        check_sections(data)
         d, archs = _TOP_DEFAULTS, data.get("architectures") or ["?"]
         text = data.get("text_config", {})
         return cls(

@@ -106,12 +106,6 @@ def projector_kind(meta: Mapping[str, Any]) -> str:
     return str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
 
 
-def kernels_can_run(meta: Mapping[str, Any]) -> bool:
-    """Whether :class:`VisionTower` supports this projector file's kind."""
-    return projector_kind(meta) in LLAVA_PROJECTORS + C.PROJECTOR_KINDS and bool(
-        meta.get("clip.has_vision_encoder", True))
-
-
 def output_tensor(kind: str) -> str:
     """The last projection matrix of a projector kind (its width is the LLM's input width)."""
     return "adapter.proj.weight" if kind == C.PROJECTOR_KIND_OMNIFUSION else "mm.2.weight"
