@@ -58,8 +58,8 @@ class RuntimeSettings:
 
 
 def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
-         n_ctx: int = 4096, n_batch: int = 512, n_threads: int | None = None,
-         n_gpu_layers: int = -1, kv_type: str = "f16", seed: int = 0,
+         n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
+         n_gpu_layers: int = -1, kv_type: str = "f16", flash_attn: bool | None = None, seed: int = 0,
          chat_template: str | None = None, chat_format: str | None = None,
          quant: str | None = None, revision: str | None = None, cache: bool = True,
          vision_engine: str = "auto", vision_device: str | None = None,
@@ -71,11 +71,16 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
             ``.gguf`` (projector via ``mmproj`` or found beside it), or a
             Hugging Face repo id (downloaded into the hub cache).
         mmproj: the vision projector GGUF (optional with a folder / repo).
-        n_ctx: context window in tokens.
+        n_ctx: context window in tokens (default: the model's training
+            context, at most 4096; more than it was trained for is refused).
         n_batch: prompt batch size (raised automatically for large images).
         n_threads: CPU threads (default: physical cores).
-        n_gpu_layers: LLM layers on the GPU (-1 all, 0 none); CPU-only builds ignore it.
+        n_gpu_layers: LLM layers on the GPU (-1 all, 0 none); a positive count
+            on a build without a GPU backend is refused.
         kv_type: KV cache type: "f16", "f32", "q8_0", "q4_0", "bf16".
+        flash_attn: llama.cpp's flash attention (None: off on the CPU, where
+            it makes reused prefixes bitwise equal to fresh ones, except for a
+            quantised KV cache, which needs it; llama.cpp's choice on a GPU).
         seed: default sampling seed.
         chat_template: a Jinja chat template overriding the GGUF's.
         chat_format: built-in template when there is no usable one
@@ -118,7 +123,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, kv_type=kv_type, seed=seed)
+                             n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
+    _check_gpu_layers(n_gpu_layers)
     llm = LlamaModel(described.files.llm, n_gpu_layers=n_gpu_layers)
     check_pair(described, llm.n_embd_inp)
     encoder = None
@@ -141,6 +147,20 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots,
                     max_image_tokens=max_image_tokens)
     return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def _check_gpu_layers(n_gpu_layers: int) -> None:
+    """Refuse GPU layers asked of a build without a GPU backend (llama.cpp would ignore them).
+
+    Raises:
+        InvalidRequestError: saying how to get a GPU build.
+    """
+    from edgevlm import native
+
+    if n_gpu_layers > 0 and not native.llama().llama_supports_gpu_offload():
+        raise InvalidRequestError(
+            f"--gpu-layers {n_gpu_layers}: this llama-cpp-python build has no GPU backend; reinstall it "
+            "with CMAKE_ARGS=\"-DGGML_CUDA=on\" (or -DGGML_METAL=on), see the README, or drop --gpu-layers")
 
 
 def _open_encoder(engine: str, model: ModelDescriptor, family: Family, llm: LlamaModel, device: str,

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.constants import KV_TYPES
-from edgevlm.errors import ContextOverflowError, InvalidModelError, RuntimeFailure
+from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, RuntimeFailure
 
 LOG = logging.getLogger("edgevlm")
 
@@ -29,18 +29,20 @@ class ContextOptions:
     """How the llama.cpp context is created.
 
     Attributes:
-        n_ctx: context window in tokens (0 = the model's training context).
+        n_ctx: context window in tokens (None = the model's training context, at
+            most :data:`DEFAULT_CTX`; 0 = the training context).
         n_batch: logical batch size; images are decoded in one batch, so it is
             raised to the largest image's token count when needed.
         n_threads: CPU threads for generation (None = physical cores).
         n_threads_batch: CPU threads for prompt processing (None = n_threads).
         n_gpu_layers: layers offloaded to the GPU (-1 = all, 0 = none).
         kv_type: KV cache element type ("f16", "f32", "q8_0", ...).
-        flash_attn: None = off on CPU, llama.cpp decides on GPU; True/False to force.
+        flash_attn: None = off on CPU (on for a quantised KV cache, which needs
+            it), llama.cpp decides on GPU; True/False to force.
         seed: default sampling seed.
     """
 
-    n_ctx: int = 4096
+    n_ctx: int | None = None
     n_batch: int = 512
     n_threads: int | None = None
     n_threads_batch: int | None = None
@@ -50,7 +52,7 @@ class ContextOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.n_ctx < 0:
+        if self.n_ctx is not None and self.n_ctx < 0:
             raise ValueError(f"n_ctx must be >= 0, got {self.n_ctx}")
         if self.n_batch < 1:
             raise ValueError(f"n_batch must be >= 1, got {self.n_batch}")
@@ -179,7 +181,7 @@ class LlamaContext:
         self.model = model
         self.options = options
         params = lib.llama_context_default_params()
-        params.n_ctx = options.n_ctx or model.n_ctx_train
+        params.n_ctx = context_size(options, model)
         params.n_batch = options.n_batch
         params.n_ubatch = options.n_batch
         params.n_seq_max = 1
@@ -337,16 +339,52 @@ class LlamaContext:
                 "eval_ms": data.t_eval_ms, "eval_tokens": data.n_eval}
 
 
+#: Context size when none is asked for (capped by the model's training context).
+DEFAULT_CTX = 4096
+#: KV types llama.cpp stores quantised; a quantised V cache needs flash attention.
+QUANTISED_KV_TYPES = ("q8_0", "q4_0")
+
+
+def context_size(options: ContextOptions, model: LlamaModel) -> int:
+    """The context to create: the asked size, else min(DEFAULT_CTX, the training context).
+
+    Raises:
+        InvalidRequestError: more than the model was trained for (its answers
+            degrade past it; llama.cpp would only log a line).
+    """
+    train = int(model.n_ctx_train)
+    if options.n_ctx is None:
+        return min(DEFAULT_CTX, train) if train > 0 else DEFAULT_CTX
+    if options.n_ctx == 0:
+        return train if train > 0 else DEFAULT_CTX
+    if 0 < train < options.n_ctx:
+        raise InvalidRequestError(
+            f"a context of {options.n_ctx} tokens is more than the {train} {model.path.name} was trained "
+            f"for; use --ctx {train} / n_ctx={train} or less")
+    return options.n_ctx
+
+
 def _flash_attn_type(lib: object, options: ContextOptions) -> int:
-    """-1 auto, 0 off, 1 on. CPU default: off.
+    """-1 auto, 0 off, 1 on. CPU default: off, except for a quantised KV cache.
 
     On the CPU backend flash attention rounds Q and the softmax through f16,
     so a follow-up evaluated on a reused prefix differs from a from-scratch
-    evaluation by ~1e-3; without it the two are bitwise equal. On GPUs
-    llama.cpp decides.
+    evaluation by ~1e-3; without it the two are bitwise equal. A quantised V
+    cache only works with flash attention, so it is turned on for one. On
+    GPUs llama.cpp decides.
+
+    Raises:
+        InvalidRequestError: a quantised KV cache with flash attention forced off.
     """
+    quantised = options.kv_type in QUANTISED_KV_TYPES
+    if options.flash_attn is False and quantised:
+        raise InvalidRequestError(f"a {options.kv_type} KV cache needs flash attention, which was turned "
+                                  "off; use --kv-type f16 or leave flash attention on")
     if options.flash_attn is not None:
         return 1 if options.flash_attn else 0
+    if quantised:
+        LOG.info("flash attention on: a %s KV cache needs it", options.kv_type)
+        return 1
     on_gpu = options.n_gpu_layers != 0 and bool(lib.llama_supports_gpu_offload())
     return -1 if on_gpu else 0
 
