@@ -64,6 +64,31 @@ class RawTensor:
         return cls(_NUMPY_TYPES[array.dtype], tuple(reversed(array.shape)) or (1,), array)
 
 
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process's resident set once they are copied.
+
+    The file's pages stay in the OS page cache; without this, a projector
+    uploaded from a memory-mapped GGUF would count twice in the peak RSS (the
+    mapped file and the backend buffer). A no-op for arrays that are not
+    file-mapped or on systems without ``madvise``.
+    """
+    import mmap
+
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    mapping = getattr(base, "_mmap", None) if isinstance(base, np.memmap) else None
+    if mapping is None or not hasattr(mapping, "madvise") or array.nbytes == 0:
+        return
+    start = array.ctypes.data - np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    page = mmap.PAGESIZE
+    first, last = (start // page) * page, start + array.nbytes
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    except (OSError, ValueError):
+        pass
+
+
 class Weights:
     """Named tensors uploaded into one buffer of ``backend``.
 
@@ -98,6 +123,7 @@ class Weights:
         for name, raw in tensors.items():
             data = np.ascontiguousarray(raw.data)
             g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
+            release_mapped_pages(raw.data)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
