@@ -22,7 +22,7 @@ if libmtmd cannot run it) + tests.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -218,15 +218,38 @@ class Family:
         return lambda image: tower_pixels(image, tower)
 
     def kernels_pipeline(self, tower: VisionTower) -> KernelsPipeline:
-        """How the kernels engine plans and embeds an image (hook).
+        """How the kernels engine plans and embeds an image on a loaded tower."""
+        return self.pipeline_for(tower.config, tower.special)
+
+    def pipeline_for(self, config: TowerConfig, host_tensors: Mapping[str, np.ndarray]) -> KernelsPipeline:
+        """The kernels image pipeline for a tower configuration (hook).
 
         Default: one preprocessed view; with ``tiles="grid"``, LLaVA-NeXT-style
-        tiles of the best grid within the token budget plus that view as the overview.
+        tiles of the best grid within the token budget plus that view as the
+        overview. ``host_tensors`` are the projector's learned vectors (empty
+        when planning without the weights).
         """
         from edgevlm.vision.pipeline import GridPipeline, SingleView
 
-        single = SingleView(tower.config, self.image_processor(tower.config))
+        single = SingleView(config, self.image_processor(config))
         return GridPipeline(single) if self.options.tiles == "grid" else single
+
+    def planned_image_cost(self, width: int, height: int, max_tokens: int | None,
+                           engine: str) -> ImageCost | None:
+        """What an image costs, from the headers alone (no weights loaded), or None if unknown.
+
+        Known for the kernels engine (its pipelines plan from the tower's
+        metadata); libmtmd plans images itself, so the planner then prices the
+        budget instead.
+        """
+        if engine != C.VISION_ENGINE_KERNELS or self.model.projector is None:
+            return None
+        from edgevlm.kernels.vision import read_tower_config
+
+        proj = self.model.projector
+        plan = self.pipeline_for(read_tower_config(proj.metadata, set(proj.tensor_names)), {}).plan(
+            width, height, max_tokens)
+        return ImageCost(tokens=plan.n_tokens, positions=plan.n_tokens, cells=plan.n_tokens, views=plan.n_views)
 
     def prepare_image(self, image: LoadedImage, max_tokens: int | None, encoder: VisionEncoder) -> LoadedImage:
         """The image handed to the encoder under ``max_tokens`` (hook; default: as it is).

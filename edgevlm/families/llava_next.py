@@ -34,7 +34,7 @@ from edgevlm.vision.pipeline import ViewPlan
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
 
-    from edgevlm.kernels.vision import VisionTower
+    from edgevlm.kernels.vision import TowerConfig, VisionTower
 
 #: Where a projector keeps the newline vector: clip.cpp's name, then the legacy converter's.
 NEWLINE_TENSORS = (C.TENSOR_IMAGE_NEWLINE, C.TENSOR_IMAGE_NEWLINE_LEGACY)
@@ -159,5 +159,11 @@ class LlavaNextFamily(Family):
     def matches(cls, model: ModelDescriptor) -> bool:
         return model.projector is not None and is_anyres(model.projector.metadata)
 
-    def kernels_pipeline(self, tower: VisionTower) -> AnyresPipeline:
-        return AnyresPipeline(anyres_spec(tower.meta, tower.special, tower.path.name))
+    def pipeline_for(self, config: TowerConfig, host_tensors: Mapping[str, np.ndarray]) -> AnyresPipeline:
+        """Anyres planning; without the weights (planning) a zero newline stands in for the learned one."""
+        assert self.model.projector is not None
+        where = self.model.projector.path.name
+        if not host_tensors:
+            width = self.model.projector.output_width or 1
+            host_tensors = {C.TENSOR_IMAGE_NEWLINE: np.zeros(width, np.float32)}
+        return AnyresPipeline(anyres_spec(self.model.projector.metadata, host_tensors, where))
