@@ -100,12 +100,14 @@ def print_report(report: DoctorReport) -> None:
               help="ggml device for the self-test graph (auto, cpu, cuda, metal, CUDA0, ...).")
 @click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None,
               help="CPU threads of the self-test (default: physical cores).")
-def doctor(as_json: bool, device: str, n_threads: int | None) -> None:
+@click.option("--seconds", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="How long the self-test keeps timing its graph (at least 3 runs).")
+def doctor(as_json: bool, device: str, n_threads: int | None, seconds: float) -> None:
     """Check this installation without loading a model: versions, build, devices, CPU
     features, kernels, cache folder, and a short self-test. Exits non-zero when something is wrong."""
     import edgevlm
 
-    report = edgevlm.doctor(device=device, n_threads=n_threads)
+    report = edgevlm.doctor(device=device, n_threads=n_threads, self_test_seconds=seconds)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
