@@ -7,6 +7,7 @@ Public API::
     vlm.chat(messages)
     for piece in vlm.stream(messages): ...
     edgevlm.convert.convert("path/to/llava-1.5-7b-hf", "out/llava", quant="q4_k_m")
+    edgevlm.doctor().problems   # is this install healthy? (no model is loaded)
 
 Importing edgevlm is cheap and has no side effects: llama.cpp is loaded on
 first use.
@@ -21,17 +22,18 @@ from edgevlm.errors import EdgeVLMError
 __version__ = "0.1.0"
 
 __all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "convert",
-           "__version__"]
+           "doctor", "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
          "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
-         "load_image": "edgevlm.vision.images"}
+         "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
     from edgevlm.api import VLM, load
     from edgevlm.disk_cache import DiskCache
     from edgevlm.generation import TextStream
+    from edgevlm.health import doctor
     from edgevlm.stats import Reply
     from edgevlm.vision.images import load_image
 

@@ -63,3 +63,7 @@ class HubError(EdgeVLMError, OSError):
 
 class KernelsUnavailableError(EdgeVLMError, RuntimeError):
     """edgevlm.kernels cannot run: ggml libraries missing or not the pinned layout."""
+
+
+class UnhealthyInstallError(EdgeVLMError, RuntimeError):
+    """``edgevlm doctor`` found a problem with this installation (libraries, cache folder, kernels)."""

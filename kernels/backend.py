@@ -50,6 +50,31 @@ def available_devices() -> list[DeviceInfo]:
     return [info for _, info in _devices()]
 
 
+@dataclass(frozen=True)
+class BackendRegistration:
+    """One ggml backend compiled into (or loaded by) this build, e.g. ``CPU`` or ``CUDA``."""
+
+    name: str
+    n_devices: int
+
+
+def registered_backends() -> list[BackendRegistration]:
+    """The backends in ggml's registry, in registration order."""
+    g = ggml.lib()
+    out = []
+    for i in range(g.ggml_backend_reg_count()):
+        reg = g.ggml_backend_reg_get(i)
+        out.append(BackendRegistration((g.ggml_backend_reg_name(reg) or b"?").decode(),
+                                       int(g.ggml_backend_reg_dev_count(reg))))
+    return out
+
+
+def ggml_build() -> tuple[str, str]:
+    """The loaded ggml's version and the commit it was built from (``("0.25.3", "0c1e570")``)."""
+    g = ggml.lib()
+    return ((g.ggml_version() or b"?").decode(), (g.ggml_commit() or b"?").decode())
+
+
 def _pick(device: str) -> tuple[int, DeviceInfo]:
     devices = _devices()
     wanted = device.strip().lower()

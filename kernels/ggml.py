@@ -129,6 +129,13 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_dev_type": ("base", c_int, [P]),
     "ggml_backend_dev_memory": ("base", None, [P, POINTER(c_size_t), POINTER(c_size_t)]),
     "ggml_backend_dev_init": ("base", P, [P, c_char_p]),
+    # build information (edgevlm doctor)
+    "ggml_version": ("base", c_char_p, []),
+    "ggml_commit": ("base", c_char_p, []),
+    "ggml_backend_reg_count": ("ggml", c_size_t, []),
+    "ggml_backend_reg_get": ("ggml", P, [c_size_t]),
+    "ggml_backend_reg_name": ("base", c_char_p, [P]),
+    "ggml_backend_reg_dev_count": ("base", c_size_t, [P]),
     "ggml_backend_cpu_init": ("cpu", P, []),
     "ggml_backend_is_cpu": ("cpu", c_bool, [P]),
     "ggml_backend_cpu_set_n_threads": ("cpu", None, [P, c_int]),

@@ -191,6 +191,10 @@ class GraphBuilder:
             raise InvalidModelError(f"unknown activation {kind!r}; supported: {', '.join(ACTIVATIONS)}")
         return fn(self.ctx, x)
 
+    def softmax(self, x: object, scale: float = 1.0) -> object:
+        """``softmax(scale * x)`` over the fastest dimension."""
+        return self.g.ggml_soft_max_ext(self.ctx, x, None, scale, 0.0)
+
     # ---------------------------------------------------------------- layers
     def linear(self, x: object, w: object, b: object | None = None) -> object:
         """``x @ W.T + b`` for ``x`` [in, n] and ``w`` [in, out] -> [out, n]."""
@@ -234,7 +238,7 @@ class GraphBuilder:
             g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n, B]
             return self.linear(self._merge_heads(fused, d, n, batch), *out)
         vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads, B]
-        scores = g.ggml_soft_max_ext(ctx, g.ggml_mul_mat(ctx, kh, qh), None, 1.0 / math.sqrt(dh), 0.0)
+        scores = self.softmax(g.ggml_mul_mat(ctx, kh, qh), 1.0 / math.sqrt(dh))
         ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads, B]
         merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n, B]
         return self.linear(self._merge_heads(merged, d, n, batch), *out)
@@ -325,14 +329,22 @@ class CompiledGraph:
                 raise RuntimeFailure(f"graph input {name!r}: {data.nbytes} bytes for a "
                                      f"{shape(tensor)} tensor of {g.ggml_nbytes(tensor)} bytes")
             g.ggml_backend_tensor_set(tensor, data.ctypes.data, 0, data.nbytes)
-        status = g.ggml_backend_graph_compute(self.backend.ptr, self.graph)
-        if status != ggml.GGML_STATUS_SUCCESS:
-            raise RuntimeFailure(f"ggml graph compute failed on {self.backend.name} (status {status})")
+        self.compute()
         if self.output.contents.type != ggml.GGML_TYPE_F32:
             raise RuntimeFailure("graph output is not float32")
         out = np.empty(tuple(reversed(self.output_shape)), dtype=np.float32)
         g.ggml_backend_tensor_get(self.output, out.ctypes.data_as(ctypes.c_void_p), 0, out.nbytes)
         return out
+
+    def compute(self) -> None:
+        """Compute the graph on the inputs already set (by :meth:`run`), leaving the output on the backend.
+
+        Raises:
+            RuntimeFailure: the backend reported a failure.
+        """
+        status = self.g.ggml_backend_graph_compute(self.backend.ptr, self.graph)
+        if status != ggml.GGML_STATUS_SUCCESS:
+            raise RuntimeFailure(f"ggml graph compute failed on {self.backend.name} (status {status})")
 
     def close(self) -> None:
         if getattr(self, "allocator", None):

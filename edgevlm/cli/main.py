@@ -50,13 +50,14 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgevlm.cli import bench, cache_cmd, chat, convert_cmd, inspect_cmd
+    from edgevlm.cli import bench, cache_cmd, chat, convert_cmd, doctor_cmd, inspect_cmd
 
     cli.add_command(chat.chat)
     cli.add_command(convert_cmd.convert)
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(bench.bench)
     cli.add_command(cache_cmd.cache)
+    cli.add_command(doctor_cmd.doctor)
 
 
 _register()
