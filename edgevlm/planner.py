@@ -150,3 +150,228 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise InvalidRequestError(f"{text!r} is not a memory size; write e.g. 800MiB, 1.5GiB or 4G")
     return int(value * units[unit])
+
+
+@dataclass(frozen=True)
+class LLMShape:
+    """The LLM's sizes that memory depends on (from its header)."""
+
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    n_ctx_train: int
+
+    @classmethod
+    def of(cls, model: ModelDescriptor) -> LLMShape:
+        def key(name: str, default: int = 0) -> int:
+            value = model.llm_key(name)
+            if isinstance(value, list):  # per-layer arrays (hybrid models): the largest
+                value = max(value) if value else default
+            return int(value) if value is not None else default
+
+        n_embd, n_head = key("embedding_length"), max(key("attention.head_count", 1), 1)
+        head_dim = n_embd // n_head
+        tokens = model.llm_metadata.get("tokenizer.ggml.tokens")
+        n_vocab = getattr(tokens, "length", None) or (len(tokens) if isinstance(tokens, list) else 0)
+        return cls(n_layer=key("block_count"), n_embd=n_embd, n_ff=key("feed_forward_length"),
+                   n_head=n_head, n_head_kv=key("attention.head_count_kv", n_head),
+                   head_dim_k=key("attention.key_length", head_dim), head_dim_v=key("attention.value_length", head_dim),
+                   n_vocab=int(n_vocab), n_ctx_train=key("context_length"))
+
+    def kv_bytes_per_position(self, kv_type: str) -> float:
+        return self.n_layer * self.n_head_kv * (self.head_dim_k + self.head_dim_v) * KV_BYTES[kv_type]
+
+
+def _layer_of(name: str) -> int | None:
+    if name.startswith("blk."):
+        try:
+            return int(name.split(".")[1])
+        except ValueError:
+            return None
+    return None
+
+
+def llm_weight_parts(model: ModelDescriptor, shape: LLMShape, n_gpu_layers: int, gpu: str | None) -> list[MemoryPart]:
+    """Weights per device: the last ``n_gpu_layers`` blocks (and the output layer when all are) on the GPU."""
+    offloaded = 0 if gpu is None else (shape.n_layer + 1 if n_gpu_layers < 0 else min(n_gpu_layers, shape.n_layer + 1))
+    first_gpu = shape.n_layer - min(offloaded, shape.n_layer)
+    cpu = dev = 0
+    for info in model.llm.tensors:
+        layer = _layer_of(info.name)
+        on_gpu = gpu is not None and ((layer is not None and layer >= first_gpu)
+                                      or (info.name.startswith("output") and offloaded > shape.n_layer))
+        if on_gpu:
+            dev += tensor_bytes(info)
+        else:
+            cpu += tensor_bytes(info)
+    parts = [MemoryPart("llm weights", "CPU", cpu, f"{shape.n_layer - min(offloaded, shape.n_layer)} of "
+                        f"{shape.n_layer} layers, token embeddings (memory-mapped)")]
+    if dev:
+        parts.append(MemoryPart("llm weights", gpu or "GPU", dev, f"{min(offloaded, shape.n_layer)} layers"))
+    return parts
+
+
+def llm_compute_bytes(shape: LLMShape, n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
+    """llama.cpp's compute buffer for one ubatch (fitted to its own log lines, within a few %)."""
+    f32 = 4
+    attention = 0 if flash_attn else shape.n_head * n_ctx * n_ubatch * f32
+    attention += n_ubatch * (shape.n_ff + 1.5 * shape.n_embd) * f32
+    output = n_ubatch * (shape.n_vocab + 2 * shape.n_embd) * f32
+    return int(max(attention, output))
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan for.
+
+    Attributes:
+        n_ctx: context (None: the training context, at most 4096).
+        n_batch: prompt batch (ubatch = batch).
+        kv_type: KV cache type.
+        flash_attn: None: llama.cpp's CPU default (off, on for a quantised KV cache).
+        n_gpu_layers: layers offloaded (-1 all; ignored without a GPU).
+        image_size: the largest image (w, h); None: the largest the budget allows.
+        max_image_tokens: the image-token budget.
+        cache: disk caches on (snapshots copy the KV state).
+        vision_engine: "auto", "kernels" or "mtmd".
+        tiles: "none" or "grid".
+        memory_budget: bytes the process may take (None: no limit).
+        gpu: the GPU device name when the build has one and layers go there.
+    """
+
+    n_ctx: int | None = None
+    n_batch: int = 512
+    kv_type: str = "f16"
+    flash_attn: bool | None = None
+    n_gpu_layers: int = -1
+    image_size: tuple[int, int] | None = None
+    max_image_tokens: int | None = None
+    cache: bool = True
+    vision_engine: str = C.VISION_ENGINE_AUTO
+    tiles: str = "none"
+    memory_budget: int | None = None
+    gpu: str | None = None
+
+
+#: Images tried when no size is given: the largest plan over these is priced.
+LARGEST_IMAGES = ((4096, 4096), (4096, 2048), (2048, 4096), (4096, 1024), (1024, 4096), (4096, 3072))
+#: Positions of text around an image counted for KV copies (snapshots, parking).
+TEXT_AROUND_IMAGE = 256
+
+
+def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
+                process_bytes: int) -> MemoryPlan:
+    """Price a model, its context and its largest image, without loading weights.
+
+    Args:
+        model: both headers.
+        family: the model's family (views and image tokens).
+        request: the settings.
+        process_bytes: the interpreter and libraries (measured by the caller).
+
+    Returns:
+        The plan (``fits`` against ``request.memory_budget``).
+    """
+    shape = LLMShape.of(model)
+    n_ctx = request.n_ctx or (min(DEFAULT_CTX, shape.n_ctx_train) if shape.n_ctx_train else DEFAULT_CTX)
+    flash = request.flash_attn if request.flash_attn is not None else request.kv_type in ("q8_0", "q4_0")
+    gpu = request.gpu if request.n_gpu_layers != 0 else None
+    parts = [MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured")]
+    parts += llm_weight_parts(model, shape, request.n_gpu_layers, gpu)
+    kv = int(shape.kv_bytes_per_position(request.kv_type) * n_ctx)
+    parts.append(MemoryPart("kv cache", gpu or "CPU", kv, f"{shape.n_layer} layers x {n_ctx} cells, {request.kv_type}"))
+    n_ubatch = request.n_batch
+    cost, views, engine = _image_plan(model, family, request, n_ctx)
+    parts.append(MemoryPart("llm compute", gpu or "CPU", llm_compute_bytes(shape, n_ctx, n_ubatch, flash),
+                            f"ubatch {n_ubatch}, flash attention {'on' if flash else 'off'}"))
+    parts.append(MemoryPart("llm output", "CPU", shape.n_vocab * 4, "logits of one position"))
+    if model.projector is not None:
+        parts += _vision_parts(model, shape, request, cost, views, engine)
+    settings = PlanSettings(n_ctx=n_ctx, n_batch=request.n_batch, n_ubatch=n_ubatch, kv_type=request.kv_type,
+                            flash_attn=flash, n_gpu_layers=request.n_gpu_layers if gpu else 0,
+                            image_tokens=cost, image_views=views, vision_device=engine, cache=request.cache)
+    plan = MemoryPlan(tuple(parts), settings, request.memory_budget)
+    return plan if plan.fits else MemoryPlan(plan.parts, settings, request.memory_budget,
+                                             tuple(suggest(model, family, request, process_bytes, plan)))
+
+
+def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_ctx: int) -> tuple[int, int, str]:
+    """(image tokens, views, engine) of the largest image the request allows."""
+    if model.projector is None:
+        return 0, 0, "none"
+    engine = family.choose_engine(request.vision_engine)
+    cap = max(1, n_ctx - min(512, n_ctx // 4))
+    budget = min(request.max_image_tokens, cap) if request.max_image_tokens else cap
+    sizes = [request.image_size] if request.image_size else list(LARGEST_IMAGES)
+    best: tuple[int, int] | None = None
+    for width, height in sizes:
+        cost = family.planned_image_cost(width, height, budget, engine)
+        if cost is not None and (best is None or cost.tokens > best[0]):
+            best = (cost.tokens, cost.views)
+    if best is None:  # libmtmd plans it: price the budget, in views of the tower's size
+        per_view = _tower_tokens(model)
+        tokens = budget if family.single_view is False else per_view
+        best = (tokens, max(1, math.ceil(tokens / max(per_view, 1))))
+    return best[0], best[1], engine
+
+
+def _tower_tokens(model: ModelDescriptor) -> int:
+    meta = model.projector.metadata if model.projector else {}
+    size, patch = int(meta.get("clip.vision.image_size", 336)), int(meta.get("clip.vision.patch_size", 14))
+    return max(1, (size // max(patch, 1)) ** 2)
+
+
+def _vision_parts(model: ModelDescriptor, shape: LLMShape, request: PlanRequest, tokens: int, views: int,
+                  engine: str) -> list[MemoryPart]:
+    """Projector weights, the tower's compute for ``views`` views, the image and its embeddings."""
+    assert model.projector is not None
+    meta = model.projector.metadata
+    weights = sum(tensor_bytes(t) for t in model.projector.header.tensors)
+    width = int(meta.get("clip.vision.embedding_length", 1024))
+    n_ff = int(meta.get("clip.vision.feed_forward_length", 4 * width))
+    per_view = (_tower_tokens(model) + 1) * (n_ff + 4 * width) * 4
+    w, h = request.image_size or (4096, 3072)
+    scale = min(1.0, 4096 / max(w, h))
+    pixels = int(w * scale) * int(h * scale)
+    embd = tokens * shape.n_embd * 4 * (2 if request.cache else 1)
+    kv_copies = int(shape.kv_bytes_per_position(request.kv_type) * (tokens + TEXT_AROUND_IMAGE)) * 2
+    parts = [MemoryPart("projector weights", "CPU", weights, f"{engine} engine"),
+             MemoryPart("vision compute", "CPU", per_view * views, f"{views} view(s) of the tower"),
+             MemoryPart("image decode", "CPU", pixels * 3 * 2, f"{int(w * scale)}x{int(h * scale)} RGB"),
+             MemoryPart("image embeddings", "CPU", embd, f"{tokens} tokens")]
+    if request.cache:
+        parts.append(MemoryPart("kv snapshot copies", "CPU", kv_copies, "the image prefix's KV state, saved once"))
+    return parts
+
+
+def suggest(model: ModelDescriptor, family: Family, request: PlanRequest, process_bytes: int,
+            plan: MemoryPlan) -> list[str]:
+    """The cheapest changes that would fit the budget (each tried alone), cheapest first."""
+    import dataclasses
+
+    if request.memory_budget is None:
+        return []
+    tries: list[tuple[str, PlanRequest]] = []
+    for n_ctx in (2048, 1024, 512):
+        if n_ctx < plan.settings.n_ctx:
+            tries.append((f"--ctx {n_ctx}", dataclasses.replace(request, n_ctx=n_ctx)))
+    if plan.settings.image_tokens > 576:
+        tries.append(("--image-tokens 576", dataclasses.replace(request, max_image_tokens=576)))
+    if request.kv_type in ("f16", "f32", "bf16"):
+        tries.append(("--kv-type q8_0", dataclasses.replace(request, kv_type="q8_0")))
+    if request.cache:
+        tries.append(("--no-cache", dataclasses.replace(request, cache=False)))
+    out = []
+    for label, changed in tries:
+        candidate = plan_memory(model, family, dataclasses.replace(changed, memory_budget=None), process_bytes)
+        if candidate.ram_bytes + sum(candidate.vram_bytes.values()) <= request.memory_budget:
+            out.append(label)
+    weights = plan.by_name("llm weights")
+    if weights > 0.3 * request.memory_budget:
+        out.append("a q4_k_m file (`edgevlm convert ... --quant q4_k_m`)")
+    return out[:3] or ["a smaller model or a q4_k_m file"]
