@@ -176,8 +176,10 @@ class MtmdEncoder:
         if len(made) != len(views):
             raise ImageError(f"{image.source}: libmtmd made {len(made)} image chunks of {len(views)} views; "
                              f"every view must be exactly the projector's input size")
+        # the chunks keep the original image (not its views' pixels) for budget checks and messages
+        original = LoadedImage(image.width, image.height, image.rgb, image.digest, image.source)
         return [ImageChunk(key=f"{image.digest}/{self.identity}/{image.plan}/{i}", n_tokens=c.n_tokens,
-                           n_pos=c.n_pos, image=image, native=c.native, budget=max_tokens)
+                           n_pos=c.n_pos, image=original, native=c.native, budget=max_tokens)
                 for i, c in enumerate(made)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
