@@ -15,8 +15,8 @@ bitmap) and lays the prompt out as ``InternVLProcessor`` writes it: the chat
 template's ``<IMG_CONTEXT>`` becomes ``<img>``, every view's embeddings back to
 back, ``</img>``.
 
-The image-token budget counts the views' embeddings; an image's cost
-(:meth:`InternVLFamily.image_cost`) adds the ``<img>`` / ``</img>`` tokens.
+An image's cost (:meth:`InternVLFamily.image_cost`) and its image-token budget
+count the views' embeddings plus the ``<img>`` / ``</img>`` tokens around them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from edgevlm.errors import IncompatibleModelError, InvalidModelError, InvalidReq
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, register
 from edgevlm.llm import LlamaModel
 from edgevlm.prompt import ImagePart, Message, build_prompt, render_parts
-from edgevlm.prompt_layout import NO_BUDGET, ImageBudget, TemplateLayout, enforce_image_budget
+from edgevlm.prompt_layout import NO_BUDGET, ImageBudget, TemplateLayout, check_image_tokens
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import LoadedImage, load_image, to_pil
 from edgevlm.vision.internvl_tiles import (DEFAULT_MAX_TILES, DEFAULT_MIN_TILES, TilePlan,
@@ -95,7 +95,7 @@ class Tiling:
         if max_tokens is None:
             return self.max_tiles
         if max_tokens < smallest:
-            return self.min_tiles  # an explicit budget is refused by enforce_image_budget
+            return self.min_tiles  # an explicit budget is refused by the layout (check_image_tokens)
         return budget_max_tiles(max_tokens, per_view, self.min_tiles, self.max_tiles, self.use_thumbnail)
 
     def plan(self, width: int, height: int, max_tokens: int | None, per_view: int) -> TilePlan:
@@ -167,8 +167,10 @@ class InternVLFamily(Family):
         return self._delimiters[key]
 
     def plan(self, width: int, height: int, max_tokens: int | None, encoder: VisionEncoder) -> TilePlan:
-        """The tiles of a ``width`` x ``height`` image under ``max_tokens`` view tokens."""
-        return self.tiling.plan(width, height, max_tokens, self.view_cost(as_mtmd(encoder))[0])
+        """The tiles of a ``width`` x ``height`` image whose views and delimiters fit ``max_tokens``."""
+        mtmd = as_mtmd(encoder)
+        views_budget = None if max_tokens is None else max_tokens - self.delimiter_tokens(mtmd.model)
+        return self.tiling.plan(width, height, views_budget, self.view_cost(mtmd)[0])
 
     def prepare_image(self, image: LoadedImage, max_tokens: int | None, encoder: VisionEncoder) -> TiledImage:
         """The image cut into the processor's tiles (each tile one libmtmd bitmap)."""
@@ -196,7 +198,7 @@ class InternVLFamily(Family):
         """Views x one tile's tokens, plus the ``<img>`` / ``</img>`` tokens around them."""
         mtmd = as_mtmd(encoder)
         tokens, positions = self.view_cost(mtmd)
-        plan = self.tiling.plan(width, height, max_tokens, tokens)
+        plan = self.plan(width, height, max_tokens, mtmd)
         delimiters = self.delimiter_tokens(mtmd.model)
         return ImageCost(tokens=plan.n_tiles * tokens + delimiters,
                          positions=plan.n_tiles * positions + delimiters,
@@ -228,6 +230,7 @@ class InternVLLayout(TemplateLayout):
                  template: str | None, chat_format: str) -> None:
         super().__init__(llm, encoder, family, template=template, chat_format=chat_format)
         self.mtmd = encoder
+        self.delimiters = family.delimiter_tokens(llm)
 
     def render(self, messages: list[Message], gen: bool) -> tuple[str, str, list[LoadedImage]]:
         """(prompt text, the string standing for each image in it, the images in order)."""
@@ -250,7 +253,7 @@ class InternVLLayout(TemplateLayout):
 
         Raises:
             InvalidRequestError: the text itself holds image placeholders.
-            ContextOverflowError: an image over an explicit budget.
+            ContextOverflowError: an image (views and delimiters) over an explicit budget.
         """
         text, at, images = self.render(messages, gen)
         if not images:
@@ -267,6 +270,8 @@ class InternVLLayout(TemplateLayout):
                 out.append(TextChunk(tuple(tokens)))
             if i < len(images):
                 tiled = self.family.prepare_image(images[i], budget.tokens, self.mtmd)
-                out.extend(self.mtmd.image_chunks(tiled, max_tokens=budget.tokens))
-        enforce_image_budget(out, budget, self.family)
+                views = self.mtmd.image_chunks(tiled, max_tokens=budget.tokens)
+                check_image_tokens(sum(c.n_tokens for c in views) + self.delimiters, budget, self.family,
+                                   images[i])
+                out.extend(views)
         return out

@@ -4,8 +4,9 @@
   cosine >= 0.9999 against ``get_image_features`` (measured >= 0.99999).
 * prompts: token ids identical to ``InternVLProcessor``'s ``input_ids``; next-token
   logits max-abs <= 5e-3 (measured ~6e-4, GELU: ggml's tanh form vs erf).
-* budgets: ``image_cost`` is what a request uses; the tiles are the processor's with
-  ``max_patches`` lowered by the budget; budgets never share chunk keys.
+* budgets: ``image_cost`` is what a request uses (views + ``<img>`` / ``</img>``, all
+  counted by the budget); the tiles are the processor's with ``max_patches`` lowered by
+  the budget; budgets never share chunk keys.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from tests.reference import cosine_rows, hf_model
 
 SIZES = InternVLSizes()
 PER_TILE = SIZES.tokens_per_tile
+FRAME = 2
+"""``<img>`` and ``</img>``: one token each."""
 QUESTION = "what is it?"
 
 
@@ -137,16 +140,19 @@ def _request_cost(vlm: edgevlm.VLM, img: Any, budget: int | None) -> tuple[int, 
 def test_image_cost_is_what_a_request_uses(vlm, size):
     img = gradient_image(*size)
     seen = []
-    for budget in (None, 13 * PER_TILE, 7 * PER_TILE, 5 * PER_TILE, 4 * PER_TILE, 2 * PER_TILE, PER_TILE):
+    budgets = (None, 13 * PER_TILE + FRAME, 13 * PER_TILE, 7 * PER_TILE + FRAME, 5 * PER_TILE + FRAME,
+               4 * PER_TILE, 2 * PER_TILE + FRAME, PER_TILE + FRAME)
+    for budget in budgets:
         cost = vlm.image_cost(*size, max_image_tokens=budget)
         tokens, views, view_tokens = _request_cost(vlm, img, budget)
         assert (cost.tokens, cost.views) == (tokens, views), (size, budget)
+        assert tokens == view_tokens + FRAME
         assert cost.positions == cost.cells == cost.tokens  # 1-D positions
         if budget is not None:
-            assert view_tokens <= budget
+            assert cost.tokens <= budget
             # the tiles are the processor's with max_patches lowered by the budget
             ref = image_processor(SIZES)(images=[img], return_tensors="np",
-                                         max_patches=budget_max_tiles(budget, PER_TILE))
+                                         max_patches=budget_max_tiles(budget - FRAME, PER_TILE))
             assert int(ref["num_patches"][0]) == views
         seen.append(views)
     assert seen == sorted(seen, reverse=True) and seen[-1] == 1
@@ -155,15 +161,15 @@ def test_image_cost_is_what_a_request_uses(vlm, size):
 def test_a_smaller_budget_means_fewer_tiles_and_never_shares_embeddings(vlm, internvl_checkpoint):
     img = gradient_image(640, 480, seed=8)
     big = vlm.engine.image_chunks(edgevlm.load_image(img))
-    small = vlm.engine.image_chunks(edgevlm.load_image(img), max_image_tokens=5 * PER_TILE)
+    small = vlm.engine.image_chunks(edgevlm.load_image(img), max_image_tokens=5 * PER_TILE + FRAME)
     assert (len(big), len(small)) == (13, 5)   # 4x3 + thumbnail vs 2x2 + thumbnail
     assert not {c.key for c in big} & {c.key for c in small}
     messages = _messages(("user", [img], QUESTION))[0]
     vlm.next_token_logits(messages)
     assert vlm.last_prefill.images_encoded == 13
-    vlm.next_token_logits(messages, max_image_tokens=5 * PER_TILE)
+    vlm.next_token_logits(messages, max_image_tokens=5 * PER_TILE + FRAME)
     assert vlm.last_prefill.images_encoded == 5, "the second budget must encode its own tiles"
-    emb = vlm.embed_image(img, max_image_tokens=5 * PER_TILE)
+    emb = vlm.embed_image(img, max_image_tokens=5 * PER_TILE + FRAME)
     ref = _hf_features(internvl_checkpoint, img, max_patches=budget_max_tiles(5 * PER_TILE, PER_TILE))
     assert emb.shape == ref.shape == (5 * PER_TILE, SIZES.text_hidden)
     assert cosine_rows(emb, ref).min() >= 0.9999
@@ -171,10 +177,13 @@ def test_a_smaller_budget_means_fewer_tiles_and_never_shares_embeddings(vlm, int
 
 def test_a_budget_below_one_tile_is_refused(vlm):
     img = gradient_image(100, 100)
-    with pytest.raises(ContextOverflowError, match=f"needs at least {PER_TILE} image tokens") as info:
-        vlm.next_token_logits(_messages(("user", [img], QUESTION))[0], max_image_tokens=PER_TILE - 1)
-    assert "--image-tokens" in str(info.value)
-    with pytest.raises(ContextOverflowError, match="budget of 15"):
+    smallest = PER_TILE + FRAME
+    with pytest.raises(ContextOverflowError, match=f"needs at least {smallest} image tokens") as info:
+        vlm.next_token_logits(_messages(("user", [img], QUESTION))[0], max_image_tokens=smallest - 1)
+    assert "--image-tokens" in str(info.value) and "budget of 17" in str(info.value)
+    with pytest.raises(ContextOverflowError, match=f"needs at least {smallest} image tokens"):
+        vlm.image_cost(100, 100, max_image_tokens=smallest - 1)
+    with pytest.raises(ContextOverflowError, match="budget of 15"):  # the embeddings alone
         vlm.embed_image(img, max_image_tokens=PER_TILE - 1)
 
 
@@ -193,4 +202,4 @@ def test_a_follow_up_about_the_same_image_encodes_nothing(vlm):
     family, encoder, loaded = vlm.engine.family, vlm.engine.encoder, edgevlm.load_image(img)
     tiled = family.prepare_image(loaded, None, encoder)
     assert family.prepare_image(loaded, None, encoder).views is tiled.views
-    assert family.prepare_image(loaded, PER_TILE, encoder).views is not tiled.views
+    assert family.prepare_image(loaded, PER_TILE + FRAME, encoder).views is not tiled.views
