@@ -176,9 +176,7 @@ def render_template(template: str, messages: list[Message], marker: str, *, gen:
     attempts = (
         ([{"role": m.role, "content": "".join(marker if isinstance(p, ImagePart) else p
                                               for p in m.parts)} for m in messages], None),
-        ([{"role": m.role, "content": [{"type": "image"} if isinstance(p, ImagePart)
-                                       else {"type": "text", "text": p} for p in m.parts]}
-          for m in messages], "<image>"),
+        (part_lists(messages), "<image>"),
     )
     for payload, placeholder in attempts:
         try:
@@ -197,6 +195,39 @@ def render_template(template: str, messages: list[Message], marker: str, *, gen:
                 text = text[len(bos):]  # the tokenizer adds BOS itself
             return text
     return None
+
+
+def part_lists(messages: list[Message]) -> list[dict[str, Any]]:
+    """Messages as transformers-style part lists: ``{"type": "image"}`` per image, text parts as they are."""
+    return [{"role": m.role, "content": [{"type": "image"} if isinstance(p, ImagePart)
+                                         else {"type": "text", "text": p} for p in m.parts]}
+            for m in messages]
+
+
+def render_parts(template: str, messages: list[Message], *, gen: bool, bos: str = "",
+                 eos: str = "") -> str | None:
+    """Render :func:`part_lists` with a chat template, images as the template itself writes them.
+
+    For families whose template emits the model's own image placeholder (e.g.
+    InternVL's ``<IMG_CONTEXT>``) where the processor expands it. A leading
+    ``bos`` is removed (the tokenizer adds BOS itself).
+
+    Returns:
+        The text, or None when the template cannot take part lists or drops a text part.
+
+    Raises:
+        InvalidRequestError: the template refused the messages (``raise_exception``).
+    """
+    try:
+        text = _compile(template).render(messages=part_lists(messages), add_generation_prompt=gen,
+                                         bos_token=bos, eos_token=eos)
+    except InvalidRequestError:
+        raise
+    except Exception:  # noqa: BLE001 - a template that cannot take this shape
+        return None
+    if not all(p.strip() in text for m in messages for p in m.parts if isinstance(p, str) and p.strip()):
+        return None
+    return text[len(bos):] if bos and text.startswith(bos) else text
 
 
 def build_prompt(messages: list[Message], marker: str, *, template: str | None, chat_format: str,

@@ -5,6 +5,11 @@ Qwen2-VL, SmolVLM, ...). It tokenises a prompt with media markers into chunks,
 preprocesses images (resize, tiling where the model has it) and runs the
 vision tower. edgevlm keeps its own chunk identities on top so that the KV
 prefix and embedding caches work across requests.
+
+Families whose own tiling differs from libmtmd's (InternVL) cut the image
+themselves and hand the encoder a :class:`TiledImage`: libmtmd then encodes
+every view as one bitmap of exactly the tower's size, and the family lays out
+the text around the views.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import ctypes
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,25 @@ class _OwnedChunk:
             except Exception:
                 pass
             self.ptr = None
+
+
+@dataclass(frozen=True)
+class TiledImage(LoadedImage):
+    """An image its family has already cut into views (libmtmd must not tile it again).
+
+    The inherited fields describe the original image (its digest is the
+    image's cache identity); :meth:`MtmdEncoder.image_chunks` encodes each view
+    as one bitmap.
+
+    Attributes:
+        views: the views in the order the LLM receives them, each exactly the
+            tower's input size.
+        plan: names the cut (e.g. ``internvl:3x2+t:448``); part of every chunk
+            key, so another plan (another budget) never reuses these embeddings.
+    """
+
+    views: tuple[LoadedImage, ...] = field(repr=False)
+    plan: str
 
 
 class MtmdEncoder:
@@ -122,13 +147,52 @@ class MtmdEncoder:
         """The chunks libmtmd makes of one image (several for models it tiles).
 
         libmtmd plans images itself: ``max_tokens`` is met by the family resizing
-        the image first (``Family.prepare_image``).
+        the image first (``Family.prepare_image``). A :class:`TiledImage` gives
+        one chunk per view instead (see :meth:`view_chunks`).
         """
+        if isinstance(image, TiledImage):
+            return self.view_chunks(image, max_tokens=max_tokens)
         return [c for c in self.tokenize(self.marker, [image], add_special=False) if isinstance(c, ImageChunk)]
+
+    def view_chunks(self, image: TiledImage, *, max_tokens: int | None = None) -> list[ImageChunk]:
+        """One image chunk per view of ``image``, without libmtmd's text around each bitmap.
+
+        Keys are ``digest/projector identity/plan/view index`` of the original image.
+
+        Args:
+            image: the views cut by the family.
+            max_tokens: the budget the views were planned under (recorded on the chunks).
+
+        Returns:
+            ``len(image.views)`` chunks, in the views' order.
+
+        Raises:
+            ImageError: libmtmd made other than one chunk of a view (a view that
+                is not the tower's input size).
+        """
+        views = list(image.views)
+        made = [c for c in self.tokenize(self.marker * len(views), views, add_special=False)
+                if isinstance(c, ImageChunk)]
+        if len(made) != len(views):
+            raise ImageError(f"{image.source}: libmtmd made {len(made)} image chunks of {len(views)} views; "
+                             f"every view must be exactly the projector's input size")
+        # the chunks keep the original image (not its views' pixels) for budget checks and messages
+        original = LoadedImage(image.width, image.height, image.rgb, image.digest, image.source)
+        return [ImageChunk(key=f"{image.digest}/{self.identity}/{image.plan}/{i}", n_tokens=c.n_tokens,
+                           n_pos=c.n_pos, image=original, native=c.native, budget=max_tokens)
+                for i, c in enumerate(made)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
                  max_tokens: int | None = None) -> list[Chunk]:
-        """Split ``prompt`` at media markers into text and image chunks (see :meth:`image_chunks`)."""
+        """Split ``prompt`` at media markers into text and image chunks (see :meth:`image_chunks`).
+
+        Raises:
+            RuntimeFailure: a :class:`TiledImage` (its family lays its views out).
+            ImageError: libmtmd could not take or preprocess an image.
+        """
+        if any(isinstance(img, TiledImage) for img in images):
+            raise RuntimeFailure("an image already cut into views is laid out by its model family's "
+                                 "prompt layout, not by libmtmd's tokenizer")
         lib = self._lib
         bitmaps = []
         try:
