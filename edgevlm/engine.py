@@ -148,7 +148,7 @@ class Engine:
         budget = self.image_budget(max_image_tokens, 1)
         prepared = self.family.prepare_image(image, budget.tokens, self.encoder)
         chunks = self.encoder.image_chunks(prepared, max_tokens=budget.tokens)
-        enforce_image_budget(list(chunks), budget, self.family)
+        enforce_image_budget(list(chunks), budget, self.family, self.family.delimiter_tokens(self.model))
         return chunks
 
     def embed_image(self, image: LoadedImage, *, cache: bool = True,

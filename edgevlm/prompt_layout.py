@@ -40,10 +40,11 @@ class ImageBudget:
 NO_BUDGET = ImageBudget()
 
 
-def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Family) -> None:
+def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Family, delimiters: int = 0) -> None:
     """Refuse an image over an explicit budget when the family plans views by budget.
 
     Models trained on one view have a fixed cost and ignore the budget.
+    ``delimiters``: tokens around each image that its budget also counts.
 
     Raises:
         ContextOverflowError: the smallest plan of an image needs more tokens
@@ -56,7 +57,7 @@ def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Famil
             per_image[chunk.image.digest] = per_image.get(chunk.image.digest, 0) + chunk.n_tokens
             sources.setdefault(chunk.image.digest, chunk.image)
     for digest, tokens in per_image.items():
-        check_image_tokens(tokens, budget, family, sources[digest])
+        check_image_tokens(tokens + delimiters, budget, family, sources[digest])
 
 
 def check_image_tokens(tokens: int, budget: ImageBudget, family: Family, image: LoadedImage) -> None:

@@ -251,6 +251,10 @@ class Family:
             width, height, max_tokens)
         return ImageCost(tokens=plan.n_tokens, positions=plan.n_tokens, cells=plan.n_tokens, views=plan.n_views)
 
+    def delimiter_tokens(self, llm: LlamaModel) -> int:
+        """Tokens the prompt layout puts around each image, counted in its budget (hook; default 0)."""
+        return 0
+
     def prepare_image(self, image: LoadedImage, max_tokens: int | None, encoder: VisionEncoder) -> LoadedImage:
         """The image handed to the encoder under ``max_tokens`` (hook; default: as it is).
 

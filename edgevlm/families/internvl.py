@@ -21,6 +21,8 @@ count the views' embeddings plus the ``<img>`` / ``</img>`` tokens around them.
 
 from __future__ import annotations
 
+import logging
+
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -133,6 +135,10 @@ class InternVLFamily(Family):
         proj = model.projector
         where = model.files.mmproj.name if model.files.mmproj else "the projector"
         self.tiling = Tiling.from_meta(proj.metadata if proj else {}, where)
+        if proj is not None and proj.metadata.get(C.KEY_POSITION_LAYOUT) != "cls-last":
+            LOG.warning("%s was not converted by edgevlm: libmtmd adds InternViT's class embedding after "
+                        "the patches, so with positions in transformers' order its image features are wrong "
+                        "(cosine ~0.45 measured); reconvert the checkpoint with `edgevlm convert`", where)
         self._view_costs: dict[str, tuple[int, int]] = {}
         self._delimiters: dict[str, int] = {}
         self._tiles: OrderedDict[tuple[str, str], tuple[LoadedImage, ...]] = OrderedDict()

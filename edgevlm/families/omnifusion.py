@@ -40,6 +40,10 @@ class OmniFusionFamily(Family):
     def matches(cls, model: ModelDescriptor) -> bool:
         return model.projector is not None and model.projector.kind == C.PROJECTOR_KIND_OMNIFUSION
 
+    def delimiter_tokens(self, llm: LlamaModel) -> int:
+        """SOI and EOI."""
+        return 2
+
     def image_cost(self, width: int, height: int, encoder: VisionEncoder,
                    max_tokens: int | None = None) -> ImageCost:
         """The views between the SOI and EOI embeddings (the budget counts both)."""

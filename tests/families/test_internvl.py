@@ -203,3 +203,18 @@ def test_a_follow_up_about_the_same_image_encodes_nothing(vlm):
     tiled = family.prepare_image(loaded, None, encoder)
     assert family.prepare_image(loaded, None, encoder).views is tiled.views
     assert family.prepare_image(loaded, PER_TILE + FRAME, encoder).views is not tiled.views
+
+
+def test_embed_image_refuses_a_budget_a_request_refuses(internvl_f32_result, tmp_path):
+    """The budget counts <img> and </img>: embed_image and requests agree on the smallest one."""
+    import edgevlm
+    from edgevlm.errors import ContextOverflowError
+    from PIL import Image
+
+    path = tmp_path / "one.png"
+    Image.new("RGB", (56, 56), (30, 60, 90)).save(path)
+    with edgevlm.load(internvl_f32_result.llm_path.parent, n_ctx=512, n_threads=2, cache=False) as vlm:
+        smallest = vlm.image_cost(56, 56).tokens
+        vlm.embed_image(path, max_image_tokens=smallest)
+        with pytest.raises(ContextOverflowError, match=f"needs at least {smallest} image tokens"):
+            vlm.embed_image(path, max_image_tokens=smallest - 1)
