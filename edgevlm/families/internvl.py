@@ -43,6 +43,7 @@ from edgevlm.vision.internvl_tiles import (DEFAULT_MAX_TILES, DEFAULT_MIN_TILES,
                                            budget_max_tiles, plan_tiles, tile_images)
 from edgevlm.vision.mtmd import MtmdEncoder, TiledImage
 
+LOG = logging.getLogger("edgevlm")
 INTERNVL_PROJECTOR_TYPES = ("internvl",)
 
 # InternVLProcessor's image tokens (tokenizer_config.json "extra_special_tokens" of the
