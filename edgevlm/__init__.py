@@ -21,16 +21,16 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "convert",
+__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "plan", "convert",
            "doctor", "__version__"]
 
-_LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
+_LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
          "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
          "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
-    from edgevlm.api import VLM, load
+    from edgevlm.api import VLM, load, plan
     from edgevlm.disk_cache import DiskCache
     from edgevlm.generation import TextStream
     from edgevlm.health import doctor

@@ -18,10 +18,11 @@ from edgevlm import constants as C
 from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
-from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedModelError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, family_for
 from edgevlm.generation import SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
+from edgevlm.planner import MemoryPlan, PlanRequest, gib, parse_size, plan_memory
 from edgevlm.prompt import normalize_messages
 from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
@@ -63,7 +64,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
          chat_template: str | None = None, chat_format: str | None = None,
          quant: str | None = None, revision: str | None = None, cache: bool = True,
          vision_engine: str = "auto", vision_device: str | None = None,
-         max_image_tokens: int | None = None, tiles: str = "none") -> VLM:
+         max_image_tokens: int | None = None, tiles: str = "none",
+         memory_budget: int | str | None = None) -> VLM:
     """Load a vision-language model.
 
     Args:
@@ -106,6 +108,9 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         tiles: "grid" adds LLaVA-NeXT-style tiles and an overview to models
             trained on one view (LLaVA-1.5, OmniFusion; kernels engine): more
             detail for more image tokens. "none" (default): one view.
+        memory_budget: bytes (or "1.5GiB", "800M") the process may take: the
+            model is priced first (:func:`plan`) and refused, before anything is
+            loaded, when it would not fit.
 
     Returns:
         A ready :class:`VLM`.
@@ -114,6 +119,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         ModelNotFoundError, InvalidModelError, IncompatibleModelError,
         UnsupportedModelError, HubError, InvalidRequestError: see the message
         for what to do.
+        MemoryBudgetError: the plan does not fit ``memory_budget`` (the message
+            has the numbers and the cheapest ways to fit).
     """
     t0 = time.perf_counter()
     if vision_engine not in C.VISION_ENGINES:
@@ -122,6 +129,11 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
+    if memory_budget is not None:
+        request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
+                              n_gpu_layers=n_gpu_layers, max_image_tokens=max_image_tokens, cache=cache,
+                              vision_engine=vision_engine, tiles=tiles, memory_budget=_bytes(memory_budget))
+        _refuse_over_budget(_plan(described, family, request, _process_bytes()))
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
     _check_gpu_layers(n_gpu_layers)
@@ -147,6 +159,90 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots,
                     max_image_tokens=max_image_tokens)
     return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
+
+
+def plan(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
+         quant: str | None = None, revision: str | None = None, n_ctx: int | None = None,
+         n_batch: int = 512, kv_type: str = "f16", flash_attn: bool | None = None, n_gpu_layers: int = -1,
+         image_size: tuple[int, int] | None = None, max_image_tokens: int | None = None, cache: bool = True,
+         vision_engine: str = "auto", tiles: str = "none",
+         memory_budget: int | str | None = None) -> MemoryPlan:
+    """Price a model before loading it: the bytes each part takes, where, and the totals.
+
+    Args:
+        model, mmproj, quant, revision: as in :func:`load` (a hub repo id
+            downloads the files; nothing is loaded).
+        n_ctx, n_batch, kv_type, flash_attn, n_gpu_layers, max_image_tokens,
+        cache, vision_engine, tiles: as in :func:`load`.
+        image_size: the largest image (width, height) to price; None: the
+            largest the budget and the context allow.
+        memory_budget: bytes (or "1.5GiB") to check the plan against.
+
+    Returns:
+        A :class:`~edgevlm.planner.MemoryPlan` (``ram_bytes``, ``vram_bytes``,
+        ``parts``, ``settings``, ``fits``, ``suggestions``).
+
+    Raises:
+        ModelNotFoundError, InvalidModelError, UnsupportedModelError, InvalidRequestError.
+    """
+    process = _process_bytes()
+    described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
+    family = family_for(described, FamilyOptions(tiles=tiles))
+    request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
+                          n_gpu_layers=n_gpu_layers, image_size=image_size, max_image_tokens=max_image_tokens,
+                          cache=cache, vision_engine=vision_engine, tiles=tiles,
+                          memory_budget=_bytes(memory_budget) if memory_budget is not None else None)
+    return _plan(described, family, request, process)
+
+
+def _bytes(size: int | str) -> int:
+    return parse_size(size) if isinstance(size, str) else int(size)
+
+
+def _process_bytes() -> int:
+    """This process's resident memory with llama.cpp and libmtmd loaded (what a load starts from)."""
+    import psutil
+
+    from edgevlm import native
+
+    native.llama()
+    native.mtmd()
+    return int(psutil.Process().memory_info().rss)
+
+
+def _plan(model: ModelDescriptor, family: Family, request: PlanRequest, process: int) -> MemoryPlan:
+    """The plan with the process's measured footprint and this build's GPU, if any."""
+    import dataclasses
+
+    gpu = _gpu_device() if request.n_gpu_layers != 0 else None
+    return plan_memory(model, family, dataclasses.replace(request, gpu=gpu), process)
+
+
+def _gpu_device() -> str | None:
+    """The first GPU device of this build (None on CPU-only builds)."""
+    from edgevlm import native
+
+    if not native.llama().llama_supports_gpu_offload():
+        return None
+    try:
+        from edgevlm.kernels.backend import available_devices
+
+        return next((d.name for d in available_devices() if d.kind in ("gpu", "igpu")), "GPU")
+    except Exception:  # noqa: BLE001 - the kernels are optional for planning
+        return "GPU"
+
+
+def _refuse_over_budget(plan: MemoryPlan) -> None:
+    """Raise the one-line refusal of a plan over its budget.
+
+    Raises:
+        MemoryBudgetError: with the numbers and the cheapest ways to fit.
+    """
+    if plan.fits or plan.budget_bytes is None:
+        return
+    tries = ", ".join(plan.suggestions)
+    raise MemoryBudgetError(f"{plan.summary()}; the memory budget is {gib(plan.budget_bytes)}"
+                            + (f"; try {tries}" if tries else ""))
 
 
 def _check_gpu_layers(n_gpu_layers: int) -> None:

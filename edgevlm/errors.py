@@ -67,3 +67,7 @@ class KernelsUnavailableError(EdgeVLMError, RuntimeError):
 
 class UnhealthyInstallError(EdgeVLMError, RuntimeError):
     """``edgevlm doctor`` found a problem with this installation (libraries, cache folder, kernels)."""
+
+
+class MemoryBudgetError(EdgeVLMError, MemoryError):
+    """The model, its context and its images would not fit the memory budget (nothing was loaded)."""

@@ -38,8 +38,8 @@ MiB = 1 << 20
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: Context llama.cpp creates when none is asked for (see edgevlm.llm.DEFAULT_CTX).
 DEFAULT_CTX = 4096
-#: Threads' stacks, allocator slack and small buffers not counted elsewhere (measured: 8-20 MiB).
-RUNTIME_SLACK = 16 * MiB
+#: Threads' stacks, allocator slack and small buffers not counted elsewhere (measured: 5-10 MiB).
+RUNTIME_SLACK = 8 * MiB
 
 
 @dataclass(frozen=True)
@@ -217,10 +217,20 @@ def llm_weight_parts(model: ModelDescriptor, shape: LLMShape, n_gpu_layers: int,
 
 
 def llm_compute_bytes(shape: LLMShape, n_ctx: int, n_ubatch: int, flash_attn: bool) -> int:
-    """llama.cpp's compute buffer for one ubatch (fitted to its own log lines, within a few %)."""
+    """llama.cpp's CPU compute buffer for one ubatch: the larger of its attention and output phases.
+
+    Fitted to llama.cpp 0.3.36's ``compute buffer size`` log lines (0.5B- and
+    tiny-shaped Llamas, contexts 512-4096, ubatches 256-2048: within 3 %):
+    without flash attention the KQ scores and the f32 mask (``n_head + 1``
+    f32 per row and cell) plus 7 hidden rows; with it an f16 mask plus 12
+    hidden rows (or the FFN's, if wider); the output phase holds the logits
+    of every row of the ubatch.
+    """
     f32 = 4
-    attention = 0 if flash_attn else shape.n_head * n_ctx * n_ubatch * f32
-    attention += n_ubatch * (shape.n_ff + 1.5 * shape.n_embd) * f32
+    if flash_attn:
+        attention = n_ubatch * n_ctx * 2 + n_ubatch * max(12 * shape.n_embd, 2 * shape.n_ff + 2 * shape.n_embd) * f32
+    else:
+        attention = n_ubatch * n_ctx * (shape.n_head + 1) * f32 + n_ubatch * 7 * shape.n_embd * f32
     output = n_ubatch * (shape.n_vocab + 2 * shape.n_embd) * f32
     return int(max(attention, output))
 

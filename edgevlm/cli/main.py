@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from edgevlm import __version__
-from edgevlm.errors import EdgeVLMError
+from edgevlm.errors import EdgeVLMError, MemoryBudgetError
 
 
 class EdgeVLMGroup(click.Group):
@@ -21,7 +21,7 @@ class EdgeVLMGroup(click.Group):
         except EdgeVLMError as exc:
             message = " ".join(str(exc).split())
             click.echo(f"edgevlm: error: {message}", err=True)
-            sys.exit(2 if isinstance(exc, ValueError) else 1)
+            sys.exit(2 if isinstance(exc, (ValueError, MemoryBudgetError)) else 1)
         except KeyboardInterrupt:
             click.echo("edgevlm: interrupted", err=True)
             sys.exit(130)
@@ -50,7 +50,7 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgevlm.cli import bench, cache_cmd, chat, convert_cmd, doctor_cmd, inspect_cmd
+    from edgevlm.cli import bench, cache_cmd, chat, convert_cmd, doctor_cmd, inspect_cmd, plan_cmd
 
     cli.add_command(chat.chat)
     cli.add_command(convert_cmd.convert)
@@ -58,6 +58,7 @@ def _register() -> None:
     cli.add_command(bench.bench)
     cli.add_command(cache_cmd.cache)
     cli.add_command(doctor_cmd.doctor)
+    cli.add_command(plan_cmd.plan)
 
 
 _register()

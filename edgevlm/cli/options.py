@@ -39,6 +39,8 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--image-tokens", "max_image_tokens", type=click.IntRange(min=1), default=None,
                      help="Image-token budget per image: tiled models use fewer tiles or pixels "
                           "(default: the model's own, capped to fit the context)."),
+        click.option("--memory-budget", default=None,
+                     help="Refuse, before loading, a model that would take more (e.g. 1.5GiB, 800M)."),
         click.option("--tiles", type=click.Choice(["none", "grid"]), default="none", show_default=True,
                      help="grid: add tiles + an overview to models trained on one view "
                           "(LLaVA-1.5, OmniFusion): more detail, more image tokens."),
@@ -74,7 +76,8 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
             "kv_type": params["kv_type"], "cache": not params["no_cache"],
             "vision_engine": params.get("vision_engine") or "auto",
             "vision_device": params.get("vision_device"),
-            "max_image_tokens": params.get("max_image_tokens"), "tiles": params.get("tiles") or "none"}
+            "max_image_tokens": params.get("max_image_tokens"), "tiles": params.get("tiles") or "none",
+            "memory_budget": params.get("memory_budget")}
 
 
 def load_from_options(params: dict[str, Any]) -> VLM:

@@ -1,0 +1,145 @@
+"""The memory planner: parts add up, match llama.cpp's own accounting, predict the peak RSS of a one-shot
+chat within 15 % on two model sizes, and a budget refuses before anything is loaded."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+import edgevlm
+from edgevlm.errors import InvalidRequestError, MemoryBudgetError
+from edgevlm.planner import parse_size
+
+PEAK = ("import sys, runpy\n"
+        "sys.argv = ['edgevlm'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('edgevlm.cli.main', run_name='__main__')\n"
+        "except SystemExit as exc:\n    code = exc.code\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+        "print('PEAK_KB', hwm.split()[1], file=sys.stderr)\n")
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """A LLaVA-1.5-shaped model big enough for its parts to matter (LLM 512 wide, 4 layers)."""
+    from tests.conftest import _build, _convert
+
+    src = _build(tmp_path_factory, "llava_medium", tower="clip", text_hidden=512, text_ffn=1376,
+                 text_layers=4, text_heads=8, text_kv_heads=8)
+    return _convert(tmp_path_factory, src, "medium_f32", quant="f32", vision_type="f32")
+
+
+def _llama_log(model, **kwargs) -> list[str]:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    log = logging.getLogger("edgevlm.llama")
+    handler, level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        edgevlm.load(model, cache=False, n_threads=2, **kwargs).close()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    return records
+
+
+def _mib(records: list[str], what: str) -> float:
+    line = next(r for r in records if what in r)
+    return float(line.split("=")[1].split("MiB")[0])
+
+
+def test_parts_add_up_for_every_fixture_model(siglip_f32, clip_f32, omnifusion_f32, qwen2vl_f32_result,
+                                              llava_next_f32_result, internvl_f32_result):
+    for folder in (siglip_f32, clip_f32, omnifusion_f32, qwen2vl_f32_result.llm_path.parent,
+                   llava_next_f32_result.llm_path.parent, internvl_f32_result.llm_path.parent):
+        plan = edgevlm.plan(folder)
+        assert plan.ram_bytes == sum(p.nbytes for p in plan.parts if p.device == "CPU")
+        assert all(p.nbytes >= 0 for p in plan.parts) and plan.vram_bytes == {}
+        names = {p.name for p in plan.parts}
+        assert {"process", "llm weights", "kv cache", "llm compute", "projector weights",
+                "vision compute", "image embeddings"} <= names, folder
+        files = sum(f.stat().st_size for f in folder.glob("*.gguf"))
+        assert 0.9 * files < plan.by_name("llm weights") + plan.by_name("projector weights") <= files
+        assert plan.settings.image_tokens > 0 and plan.fits
+        assert plan.as_json()["ram_bytes"] == plan.ram_bytes
+
+
+@pytest.mark.parametrize("n_ctx, kv_type, flash", [(4096, "f16", None), (1024, "f32", None), (2048, "q8_0", None),
+                                                   (4096, "f16", True)])
+def test_kv_and_compute_match_llama_cpp(medium, n_ctx, kv_type, flash):
+    records = _llama_log(medium, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
+    plan = edgevlm.plan(medium, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
+    kv, compute = _mib(records, "KV buffer size"), _mib(records, "CPU compute buffer size")
+    assert plan.by_name("kv cache") / 2**20 == pytest.approx(kv, rel=0.01)
+    assert plan.by_name("llm compute") / 2**20 == pytest.approx(compute, rel=0.08)
+
+
+def test_text_only_model_has_no_vision_parts(clip_f32):
+    llm = next(p for p in clip_f32.glob("*.gguf") if not p.name.startswith("mmproj"))
+    plan = edgevlm.plan(llm)
+    assert plan.by_name("projector weights") > 0  # the projector beside it is found, as load() does
+
+
+@pytest.mark.parametrize("which", ["tiny", "medium"])
+def test_prediction_within_15_percent_of_a_one_shot_chat(which, siglip_f32, medium, painting):
+    """The plan is for a full context: the chat's prompt (an image and a long question) fills most of it."""
+    model = siglip_f32 if which == "tiny" else medium
+    question = " ".join(["Describe the painting, its colours, its shapes and its light."] * 30)
+    planned = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "plan", "--model", str(model), "--json",
+                              "--image", "64x48", "--no-cache", "--ctx", "512"],
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    predicted = json.loads(planned.stdout)["ram_bytes"]
+    proc = subprocess.run([sys.executable, "-c", PEAK, "chat", "--model", str(model), "--image", str(painting),
+                           "-p", question, "--max-tokens", "4", "--threads", "2", "--no-cache",
+                           "--ctx", "512"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "PEAK_KB" in proc.stderr, proc.stderr
+    measured = int(proc.stderr.split("PEAK_KB")[1].split()[0]) * 1024
+    print(f"plan vs one-shot chat ({which}): predicted {predicted / 2**20:.0f} MiB, "
+          f"measured {measured / 2**20:.0f} MiB ({predicted / measured - 1:+.1%})")
+    assert abs(predicted / measured - 1) <= 0.15
+
+
+def test_refused_budget_loads_nothing(siglip_f32, monkeypatch):
+    import edgevlm.api
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the budget refused it")
+
+    monkeypatch.setattr(edgevlm.api, "LlamaModel", forbidden)
+    with pytest.raises(MemoryBudgetError, match=r"needs \d+ MiB of RAM \(.*\); the memory budget is 20 MiB"):
+        edgevlm.load(siglip_f32, memory_budget="20MiB")
+
+
+def test_cli_budget_refusal_and_fit(siglip_f32, painting):
+    base = [sys.executable, "-m", "edgevlm.cli.main", "chat", "--model", str(siglip_f32), "--image",
+            str(painting), "-p", "Genre?", "--max-tokens", "2", "--threads", "2", "--no-cache"]
+    refused = subprocess.run(base + ["--memory-budget", "20M"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and refused.stdout == ""
+    line = refused.stderr.strip()
+    assert line.count("\n") == 0 and "needs" in line and "budget is 20 MiB" in line and "try" in line
+    fits = subprocess.run(base + ["--memory-budget", "2GiB"], capture_output=True, text=True, timeout=300)
+    assert fits.returncode == 0 and fits.stdout.strip()
+    planned = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "plan", "--model", str(siglip_f32),
+                              "--json", "--image", "4000x3072"], capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0 and '"ram_bytes"' in planned.stdout
+
+
+@pytest.mark.parametrize("text, value", [("800M", 800 << 20), ("1.5GiB", int(1.5 * (1 << 30))), ("4G", 4 << 30),
+                                         ("123456", 123456), ("2 gb", 2 * 10**9)])
+def test_sizes(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-5M", "3 parsecs"])
+def test_bad_sizes(text):
+    with pytest.raises(InvalidRequestError, match="not a memory size"):
+        parse_size(text)
