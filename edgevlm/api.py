@@ -22,7 +22,7 @@ from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedMo
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, family_for
 from edgevlm.generation import SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
-from edgevlm.planner import MemoryPlan, PlanRequest, gib, parse_size, plan_memory
+from edgevlm.planner import MemoryPlan, PlanRequest, parse_size, plan_memory
 from edgevlm.prompt import normalize_messages
 from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
@@ -238,11 +238,8 @@ def _refuse_over_budget(plan: MemoryPlan) -> None:
     Raises:
         MemoryBudgetError: with the numbers and the cheapest ways to fit.
     """
-    if plan.fits or plan.budget_bytes is None:
-        return
-    tries = ", ".join(plan.suggestions)
-    raise MemoryBudgetError(f"{plan.summary()}; the memory budget is {gib(plan.budget_bytes)}"
-                            + (f"; try {tries}" if tries else ""))
+    if not plan.fits:
+        raise MemoryBudgetError(plan.refusal())
 
 
 def _check_gpu_layers(n_gpu_layers: int) -> None:

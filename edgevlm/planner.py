@@ -113,6 +113,22 @@ class MemoryPlan:
                 "budget_bytes": self.budget_bytes, "parts": [asdict(p) for p in self.parts],
                 "settings": asdict(self.settings), "suggestions": list(self.suggestions)}
 
+    def refusal(self) -> str:
+        """The one-line refusal of a plan over its budget: the numbers and the cheapest ways to fit."""
+        tries = ", ".join(self.suggestions)
+        return (f"{self.summary()}; the memory budget is {gib(self.budget_bytes or 0)}"
+                + (f"; try {tries}" if tries else ""))
+
+    def table(self) -> list[str]:
+        """Human-readable lines: settings, parts (largest first), totals."""
+        s = self.settings
+        lines = [f"context {s.n_ctx} ({s.kv_type} KV), batch {s.n_batch}, largest image {s.image_tokens} "
+                 f"tokens in {s.image_views} view(s) on {s.vision_device}"]
+        lines += [f"  {p.name:20s} {p.device:6s} {gib(p.nbytes):>10s}  {p.detail}"
+                  for p in sorted(self.parts, key=lambda p: -p.nbytes)]
+        lines.append(f"RAM {gib(self.ram_bytes)}" + "".join(f", {d} {gib(n)}" for d, n in self.vram_bytes.items()))
+        return lines
+
     def summary(self) -> str:
         """One line: the total and the main parts (for refusals)."""
         order = sorted(self.parts, key=lambda p: -p.nbytes)[:5]

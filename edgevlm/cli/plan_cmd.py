@@ -40,22 +40,10 @@ def plan(model: str, image_size: str | None, no_cache: bool, memory_budget: str 
          **options: Any) -> None:
     """Price MODEL before loading it: bytes per part and device; exit 2 if over --memory-budget."""
     import edgevlm
-    from edgevlm.planner import gib
+    from edgevlm.errors import MemoryBudgetError
 
     result = edgevlm.plan(model, image_size=_size(image_size), cache=not no_cache,
                           memory_budget=memory_budget, **options)
-    if as_json:
-        click.echo(json.dumps(result.as_json(), indent=2))
-    else:
-        s = result.settings
-        click.echo(f"context {s.n_ctx} ({s.kv_type} KV), batch {s.n_batch}, largest image {s.image_tokens} "
-                   f"tokens in {s.image_views} view(s) on {s.vision_device}")
-        for part in sorted(result.parts, key=lambda p: -p.nbytes):
-            click.echo(f"  {part.name:20s} {part.device:6s} {gib(part.nbytes):>10s}  {part.detail}")
-        click.echo(f"RAM {gib(result.ram_bytes)}" + "".join(f", {d} {gib(n)}" for d, n in result.vram_bytes.items()))
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else "\n".join(result.table()))
     if not result.fits:
-        from edgevlm.errors import MemoryBudgetError
-
-        tries = ", ".join(result.suggestions)
-        raise MemoryBudgetError(f"{result.summary()}; the memory budget is {gib(result.budget_bytes or 0)}"
-                                + (f"; try {tries}" if tries else ""))
+        raise MemoryBudgetError(result.refusal())
