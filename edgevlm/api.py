@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 import time
@@ -31,6 +32,7 @@ from edgevlm.stats import PrefillStats, Reply
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import load_image
 
+LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
 
 #: Batch size for projectors whose image tokens attend to each other (non-causal).
@@ -129,6 +131,8 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
+    if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
+        n_gpu_layers, vision_device = _fit_gpu(described, family, gpu, n_ctx, n_batch, kv_type, vision_device)
     if memory_budget is not None:
         request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
                               n_gpu_layers=n_gpu_layers, max_image_tokens=max_image_tokens, cache=cache,
@@ -216,6 +220,20 @@ def _plan(model: ModelDescriptor, family: Family, request: PlanRequest, process:
 
     gpu = _gpu_device() if request.n_gpu_layers != 0 else None
     return plan_memory(model, family, dataclasses.replace(request, gpu=gpu), process)
+
+
+def _fit_gpu(model: ModelDescriptor, family: Family, gpu: str, n_ctx: int | None, n_batch: int,
+             kv_type: str, vision_device: str | None) -> tuple[int, str | None]:
+    """GPU layers and the projector's device that fit the GPU's free memory (as llama-server's --fit)."""
+    from edgevlm.kernels.backend import available_devices
+    from edgevlm.planner import fit_gpu
+
+    free = next((d.free_bytes for d in available_devices() if d.name == gpu), 0)
+    request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, gpu=gpu)
+    fit = fit_gpu(model, family, request, free, _process_bytes())
+    LOG.info("%s: %d MiB free; %d layers and the projector on %s (%d MiB)", gpu, free >> 20,
+             fit.n_gpu_layers, gpu if fit.projector_on_gpu else "the CPU", fit.vram_bytes >> 20)
+    return fit.n_gpu_layers, vision_device or ("auto" if fit.projector_on_gpu else "cpu")
 
 
 def _gpu_device() -> str | None:

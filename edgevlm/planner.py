@@ -268,6 +268,7 @@ class PlanRequest:
         tiles: "none" or "grid".
         memory_budget: bytes the process may take (None: no limit).
         gpu: the GPU device name when the build has one and layers go there.
+        projector_on_gpu: the vision tower runs on that GPU.
     """
 
     n_ctx: int | None = None
@@ -282,6 +283,7 @@ class PlanRequest:
     tiles: str = "none"
     memory_budget: int | None = None
     gpu: str | None = None
+    projector_on_gpu: bool = False
 
 
 #: Images tried when no size is given: the largest plan over these is priced.
@@ -310,7 +312,11 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     parts = [MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured")]
     parts += llm_weight_parts(model, shape, request.n_gpu_layers, gpu)
     kv = int(shape.kv_bytes_per_position(request.kv_type) * n_ctx)
-    parts.append(MemoryPart("kv cache", gpu or "CPU", kv, f"{shape.n_layer} layers x {n_ctx} cells, {request.kv_type}"))
+    on_gpu = 0 if gpu is None else (shape.n_layer if request.n_gpu_layers < 0 else min(request.n_gpu_layers, shape.n_layer))
+    for device, layers in (("CPU", shape.n_layer - on_gpu), (gpu, on_gpu)):
+        if layers and device:  # each layer's KV lives with the layer
+            parts.append(MemoryPart("kv cache", device, kv * layers // max(shape.n_layer, 1),
+                                    f"{layers} layers x {n_ctx} cells, {request.kv_type}"))
     n_ubatch = request.n_batch
     cost, views, engine = _image_plan(model, family, request, n_ctx)
     parts.append(MemoryPart("llm compute", gpu or "CPU", llm_compute_bytes(shape, n_ctx, n_ubatch, flash),
@@ -366,8 +372,9 @@ def _vision_parts(model: ModelDescriptor, shape: LLMShape, request: PlanRequest,
     pixels = int(w * scale) * int(h * scale)
     embd = tokens * shape.n_embd * 4 * (2 if request.cache else 1)
     kv_copies = int(shape.kv_bytes_per_position(request.kv_type) * (tokens + TEXT_AROUND_IMAGE)) * 2
-    parts = [MemoryPart("projector weights", "CPU", weights, f"{engine} engine"),
-             MemoryPart("vision compute", "CPU", per_view * views, f"{views} view(s) of the tower"),
+    device = request.gpu if request.projector_on_gpu and request.gpu else "CPU"
+    parts = [MemoryPart("projector weights", device, weights, f"{engine} engine"),
+             MemoryPart("vision compute", device, per_view * views, f"{views} view(s) of the tower"),
              MemoryPart("image decode", "CPU", pixels * 3 * 2, f"{int(w * scale)}x{int(h * scale)} RGB"),
              MemoryPart("image embeddings", "CPU", embd, f"{tokens} tokens")]
     if request.cache:
@@ -401,3 +408,39 @@ def suggest(model: ModelDescriptor, family: Family, request: PlanRequest, proces
     if weights > 0.3 * request.memory_budget:
         out.append("a q4_k_m file (`edgevlm convert ... --quant q4_k_m`)")
     return out[:3] or ["a smaller model or a q4_k_m file"]
+
+
+#: Device memory left free when layers are fitted (llama-server's --fit keeps 1 GiB too).
+GPU_MARGIN = 1 << 30
+
+
+@dataclass(frozen=True)
+class GpuFit:
+    """How much of a model goes to the GPU: layers, and whether the projector fits beside them."""
+
+    n_gpu_layers: int
+    projector_on_gpu: bool
+    vram_bytes: int
+
+
+def fit_gpu(model: ModelDescriptor, family: Family, request: PlanRequest, free_bytes: int,
+            process_bytes: int, margin: int = GPU_MARGIN) -> GpuFit:
+    """The most LLM layers that fit ``free_bytes - margin`` of ``request.gpu``, then the projector if it fits too.
+
+    Layers come first (they decide generation speed); the projector goes on
+    the GPU only when it fits beside them, otherwise it runs on the CPU.
+    """
+    import dataclasses
+
+    shape = LLMShape.of(model)
+    room = max(free_bytes - margin, 0)
+
+    def vram(layers: int, projector: bool) -> int:
+        changed = dataclasses.replace(request, n_gpu_layers=layers, projector_on_gpu=projector, memory_budget=None)
+        return sum(plan_memory(model, family, changed, process_bytes).vram_bytes.values())
+
+    layers = shape.n_layer + 1
+    while layers > 0 and vram(layers, False) > room:
+        layers -= 1
+    projector = model.projector is not None and vram(layers, True) <= room
+    return GpuFit(layers, projector, vram(layers, projector))

@@ -143,3 +143,30 @@ def test_sizes(text, value):
 def test_bad_sizes(text):
     with pytest.raises(InvalidRequestError, match="not a memory size"):
         parse_size(text)
+
+
+def test_gpu_fit_puts_layers_first_then_the_projector(medium):
+    """Pure planning with a pretend GPU: the most layers that fit, the projector only beside them."""
+    from edgevlm.descriptor import describe_model
+    from edgevlm.families import family_for
+    from edgevlm.planner import LLMShape, PlanRequest, fit_gpu, plan_memory
+    from edgevlm.resolve import resolve
+
+    model = describe_model(resolve(medium))
+    family = family_for(model)
+    request = PlanRequest(n_ctx=2048, gpu="CUDA0", image_size=(640, 480))
+    n_layer = LLMShape.of(model).n_layer
+    everything = plan_memory(model, family, PlanRequest(n_ctx=2048, gpu="CUDA0", image_size=(640, 480),
+                                                        projector_on_gpu=True), 50 << 20)
+    assert set(everything.vram_bytes) == {"CUDA0"} and everything.by_name("kv cache") > 0
+    roomy = fit_gpu(model, family, request, free_bytes=(8 << 30), process_bytes=50 << 20)
+    assert roomy.n_gpu_layers == n_layer + 1 and roomy.projector_on_gpu
+    assert roomy.vram_bytes == sum(everything.vram_bytes.values())
+    all_layers = fit_gpu(model, family, request, free_bytes=(1 << 30) + roomy.vram_bytes - 1, process_bytes=50 << 20)
+    assert all_layers.n_gpu_layers == n_layer + 1 and not all_layers.projector_on_gpu
+    half = plan_memory(model, family, PlanRequest(n_ctx=2048, gpu="CUDA0", n_gpu_layers=n_layer // 2,
+                                                  image_size=(640, 480)), 50 << 20)
+    some = fit_gpu(model, family, request, free_bytes=(1 << 30) + sum(half.vram_bytes.values()), process_bytes=50 << 20)
+    assert 0 < some.n_gpu_layers < n_layer and not some.projector_on_gpu
+    none = fit_gpu(model, family, request, free_bytes=(1 << 30), process_bytes=50 << 20)
+    assert none.n_gpu_layers == 0 and none.vram_bytes == 0
