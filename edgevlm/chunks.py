@@ -83,6 +83,7 @@ class ImageChunk:
         image: the decoded image the chunk comes from.
         native: the encoder's own handle for the chunk (libmtmd's chunk), if any.
         budget: the image-token budget the chunk was planned under (None: the model's own).
+        n_views: views the vision tower encodes for the chunk (tiles + overview).
     """
 
     key: str
@@ -91,6 +92,7 @@ class ImageChunk:
     image: LoadedImage | None = field(repr=False, default=None)
     native: object | None = field(repr=False, default=None)
     budget: int | None = None
+    n_views: int = 1
 
     @property
     def n_cells(self) -> int:

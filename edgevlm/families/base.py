@@ -246,7 +246,7 @@ class Family:
         chunks = encoder.image_chunks(image, max_tokens=max_tokens)
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),
-                         cells=sum(c.n_cells for c in chunks), views=len(chunks))
+                         cells=sum(c.n_cells for c in chunks), views=sum(c.n_views for c in chunks))
 
     # --- prompts -----------------------------------------------------------
     def default_chat_format(self) -> str:

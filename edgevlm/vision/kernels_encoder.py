@@ -99,7 +99,8 @@ class KernelsEncoder:
         """The chunk of one image: all its views, packed as the family plans them."""
         plan = self.pipeline.plan(image.width, image.height, max_tokens)
         return [ImageChunk(key=f"{image.digest}/{self.identity}/kernels:{plan.variant}/0",
-                           n_tokens=plan.n_tokens, n_pos=plan.n_tokens, image=image, budget=max_tokens)]
+                           n_tokens=plan.n_tokens, n_pos=plan.n_tokens, image=image, budget=max_tokens,
+                           n_views=plan.n_views)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
                  max_tokens: int | None = None) -> list[Chunk]:
