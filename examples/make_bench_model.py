@@ -2,6 +2,7 @@
 
 Usage (from a source checkout, with the test extras installed):
     python examples/make_bench_model.py OUT_DIR [--family llava|llava-next] [--tower ...] [--keep-checkpoint]
+    python examples/make_bench_model.py --photo photo.jpg   # a 4000x3072 photo-like JPEG
 
 The llava-hf checkpoint has random weights in the shapes that decide speed:
 a CLIP ViT-B/16 tower (hidden 768, 12 layers, 12 heads, 224 px, 196 image
@@ -112,15 +113,49 @@ def make_bench_model(out_dir: Path, *, shape: dict[str, Any] | None = None, quan
     return out_dir
 
 
+def make_photo(path: Path, width: int = 4000, height: int = 3072, seed: int = 0, quality: int = 90) -> Path:
+    """Write a photo-like JPEG (smooth colour gradients, a few soft blobs, sensor-like noise).
+
+    Its JPEG size and decode time are those of a 12-megapixel camera picture
+    (a few MB); the content does not matter to the timings.
+
+    Returns:
+        ``path``.
+    """
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xx / width, yy / height
+    rgb = np.stack([200 * u + 40 * np.sin(7 * v), 60 + 150 * v * (1 - u), 90 + 120 * np.cos(3 * u + 2 * v)], -1)
+    for _ in range(6):  # soft blobs
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.2) * width
+        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+        rgb = rgb * (1 - 0.6 * blob) + 0.6 * blob * rng.uniform(0, 255, 3)
+    rgb += rng.normal(0, 12, rgb.shape)
+    img = Image.fromarray(rgb.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    img.save(path, quality=quality)
+    return Path(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("out_dir", type=Path, nargs="?")
+    parser.add_argument("--photo", type=Path, default=None,
+                        help="Also (or only, without OUT_DIR) write a 4000x3072 photo-like JPEG here.")
     parser.add_argument("--keep-checkpoint", action="store_true")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="llava")
     parser.add_argument("--tower", choices=sorted(TOWERS), default=None,
                         help="Vision tower shape (default: clip-b16-224 for llava, clip-l14-336 for llava-next).")
     parser.add_argument("--vision-type", choices=("f32", "f16", "bf16", "q8_0"), default="f16")
     args = parser.parse_args(argv)
+    if args.photo is not None:
+        print(f"{make_photo(args.photo)}  {args.photo.stat().st_size / 2**20:.1f} MiB")
+    if args.out_dir is None:
+        if args.photo is None:
+            parser.error("give OUT_DIR (the model folder) and/or --photo PATH")
+        return 0
     try:
         shape = family_shape(args.family, args.tower)
     except ValueError as exc:
