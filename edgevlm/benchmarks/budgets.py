@@ -19,6 +19,7 @@ from edgevlm import load_image
 from edgevlm.api import VLM
 from edgevlm.benchmarks.probe import image_question, timed_turn
 from edgevlm.benchmarks.vision import time_encoder
+from edgevlm.errors import ContextOverflowError
 
 
 def image_figures(vlm: VLM, image: str, repeats: int, max_image_tokens: int | None = None) -> dict[str, Any]:
@@ -67,20 +68,27 @@ def budget_sweep(vlm: VLM, image: str, budgets: list[int], prompt: str, max_toke
     Returns:
         One dict per budget: ``max_image_tokens``, ``image_tokens``, ``views``,
         ``image_encode_ms``, ``ttft_ms`` (the turn: image encoded, prompt
-        prefilled, first token), ``prompt_tokens`` and ``images_encoded``.
+        prefilled, first token), ``prompt_tokens`` and ``images_encoded``; or,
+        for a budget the model cannot meet (or a prompt over the context),
+        ``max_image_tokens`` and ``error`` (the message).
 
     Raises:
         UnsupportedModelError: the model has no projector.
-        ContextOverflowError: a budget the model cannot meet, or an image that
-            does not fit the context.
     """
     rows = []
     for budget in budgets:
-        figures = image_figures(vlm, image, repeats, budget)
-        with vlm.isolated_caches():
-            turn = timed_turn(vlm, image_question(image, prompt), max_tokens, max_image_tokens=budget)
-        rows.append({"max_image_tokens": budget, "image_tokens": figures["image_tokens"],
-                     "views": figures["image_views"], "image_encode_ms": figures["image_encode_ms"],
-                     "ttft_ms": round(turn["ttft_ms"], 1), "prompt_tokens": turn["prompt_positions"],
-                     "images_encoded": turn["images_encoded"]})
+        try:
+            rows.append(_budget_row(vlm, image, budget, prompt, max_tokens, repeats))
+        except ContextOverflowError as exc:  # the model cannot make the image that small
+            rows.append({"max_image_tokens": budget, "error": str(exc)})
     return rows
+
+
+def _budget_row(vlm: VLM, image: str, budget: int, prompt: str, max_tokens: int,
+                repeats: int) -> dict[str, Any]:
+    figures = image_figures(vlm, image, repeats, budget)  # the first encode also sets the graph up
+    with vlm.isolated_caches():
+        turn = timed_turn(vlm, image_question(image, prompt), max_tokens, max_image_tokens=budget)
+    return {"max_image_tokens": budget, "image_tokens": figures["image_tokens"], "views": figures["image_views"],
+            "image_encode_ms": figures["image_encode_ms"], "ttft_ms": round(turn["ttft_ms"], 1),
+            "prompt_tokens": turn["prompt_positions"], "images_encoded": turn["images_encoded"]}

@@ -93,5 +93,8 @@ def _echo_text(report: dict[str, Any]) -> None:
     if report.get("budgets"):
         click.echo(f"\n{'budget':>8s} {'tokens':>7s} {'views':>6s} {'encode ms':>10s} {'TTFT ms':>9s}")
         for row in report["budgets"]:
+            if "error" in row:
+                click.echo(f"{row['max_image_tokens']:8d} {row['error']}")
+                continue
             click.echo(f"{row['max_image_tokens']:8d} {row['image_tokens']:7d} {row['views']:6d} "
                        f"{row['image_encode_ms']:10.1f} {row['ttft_ms']:9.1f}")

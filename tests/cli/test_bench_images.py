@@ -45,12 +45,14 @@ def test_image_tokens_sets_the_budget_and_views_come_from_image_cost(next_folder
 def test_budgets_report_each_budget_cold(next_folder, painting):
     budgets = [200, 60, 40]
     costs = _costs(next_folder, (128, 96), budgets)
-    res = _bench("--model", str(next_folder), "--image", str(painting), "--budgets", ",".join(map(str, budgets)))
+    res = _bench("--model", str(next_folder), "--image", str(painting), "--budgets", ",".join(map(str, budgets + [17])))
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert "time_to_first_token_ms" in report  # the conversation still runs
     rows = report["budgets"]
-    assert [r["max_image_tokens"] for r in rows] == budgets
+    assert [r["max_image_tokens"] for r in rows] == budgets + [17]
+    too_small = rows.pop()  # the smallest plan is 36 tokens: a clear error, the other rows still measured
+    assert set(too_small) == {"max_image_tokens", "error"} and "at least 36 image tokens" in too_small["error"]
     for row in rows:
         cost = costs[row["max_image_tokens"]]
         assert (row["image_tokens"], row["views"]) == (cost.tokens, cost.views)
