@@ -13,7 +13,6 @@ from __future__ import annotations
 import platform
 import resource
 import sys
-import time
 from typing import Any
 
 from edgevlm.api import VLM
@@ -31,7 +30,8 @@ def probe_spec(model: str, load_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_bench(vlm: VLM, image: str | None, prompt: str, follow_up: str, max_tokens: int,
-              load_spec: dict[str, Any] | None = None, encode_repeats: int = 3) -> dict[str, Any]:
+              load_spec: dict[str, Any] | None = None, encode_repeats: int = 3,
+              with_conversation: bool = True) -> dict[str, Any]:
     """Run the benchmark conversation on a loaded VLM; returns the report dict.
 
     Args:
@@ -42,20 +42,22 @@ def run_bench(vlm: VLM, image: str | None, prompt: str, follow_up: str, max_toke
         load_spec: how to load the model in a probe process (:func:`probe_spec`);
             with an image and caching on, a fresh process then asks the
             follow-up about the same image and its figures are reported.
+        encode_repeats: timed encodes of the image (see
+            :func:`edgevlm.benchmarks.budgets.image_figures`).
+        with_conversation: False: the model and image figures only.
     """
     report: dict[str, Any] = {"model": str(vlm.model_path),
                               "mmproj": str(vlm.mmproj_path) if vlm.mmproj_path else None,
-                              "machine": platform.machine(), "model_load_ms": round(vlm.load_ms, 1)}
+                              "family": vlm.family, "machine": platform.machine(),
+                              "model_load_ms": round(vlm.load_ms, 1)}
     if image is not None:
-        with vlm.isolated_caches():
-            from edgevlm.benchmarks.vision import time_encoder
+        from edgevlm.benchmarks.budgets import image_figures
 
-            t0 = time.perf_counter()
-            emb = vlm.embed_image(image)
-            report["image_encode_first_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
-            report["image_tokens"] = int(emb.shape[0])
-            report["vision_engine"] = vlm.vision_engine
-            report["image_encode_ms"] = time_encoder(vlm, image, encode_repeats)
+        report["vision_engine"] = vlm.vision_engine
+        report.update(image_figures(vlm, image, encode_repeats))
+    if not with_conversation:
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        return report
     with vlm.isolated_caches() as root:
         first, second = conversation(vlm, image, prompt, follow_up, max_tokens)
         report.update(_conversation_report(first, second))

@@ -28,20 +28,22 @@ LOAD_KEYS = ("mmproj", "n_ctx", "n_threads", "n_gpu_layers", "kv_type", "cache",
              "vision_device", "max_image_tokens", "tiles")
 
 
-def timed_turn(vlm: VLM, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+def timed_turn(vlm: VLM, messages: list[dict[str, Any]], max_tokens: int,
+               max_image_tokens: int | None = None) -> dict[str, Any]:
     """One greedy reply, timed from the call (prompt building included) to the first token.
 
     Args:
         vlm: an :class:`edgevlm.VLM`.
         messages: the conversation.
         max_tokens: reply length limit.
+        max_image_tokens: the request's image-token budget (None: the load default).
 
     Returns:
         text, ttft_ms, total_ms, completion_tokens, decode_tps and the prefill
         figures (PrefillStats fields).
     """
     t0 = time.perf_counter()
-    stream = vlm.stream(messages, max_tokens=max_tokens, temperature=0.0)
+    stream = vlm.stream(messages, max_tokens=max_tokens, temperature=0.0, max_image_tokens=max_image_tokens)
     reply = stream.reply()
     wall_ms = (time.perf_counter() - t0) * 1e3
     stats = stream.stats

@@ -25,12 +25,16 @@ _PARTS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
           "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}
 
 
-def time_encoder(vlm: VLM, image: str, repeats: int) -> float:
-    """Median time (ms) of ``repeats`` encodes of ``image`` with the loaded engine (no caches)."""
+def time_encoder(vlm: VLM, image: str, repeats: int, max_image_tokens: int | None = None) -> float:
+    """Median time (ms) of ``repeats`` encodes of ``image`` with the loaded engine (no caches).
+
+    Each encode decodes the image file too (as a request does); ``max_image_tokens``
+    is the budget the image is planned under (None: the load default).
+    """
     times = []
     for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
-        vlm.embed_image(image, cache=False)
+        vlm.embed_image(image, cache=False, max_image_tokens=max_image_tokens)
         times.append((time.perf_counter() - t0) * 1e3)
     return round(statistics.median(times), 1)
 

@@ -10,6 +10,20 @@ import click
 from edgevlm.cli.options import load_from_options, load_kwargs, model_options
 
 
+def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int]:
+    """``--budgets 2880,1152,576`` -> [2880, 1152, 576] (positive integers, in the given order)."""
+    if not value:
+        return []
+    try:
+        budgets = [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of token counts "
+                                 "(e.g. 2880,1152,576)") from None
+    if not budgets or min(budgets) < 1:
+        raise click.BadParameter(f"{value!r}: each budget must be a positive number of image tokens")
+    return budgets
+
+
 @click.command()
 @model_options
 @click.option("-i", "--image", "image", type=click.Path(), default=None, help="Image to use.")
@@ -26,20 +40,34 @@ from edgevlm.cli.options import load_from_options, load_kwargs, model_options
               help="With --compare: cold/restart process pairs (the best of each is reported).")
 @click.option("--encode-repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Timed image encodes after the first (image_encode_ms is their median).")
+@click.option("--budgets", callback=parse_budgets, default=None, metavar="N,N,...",
+              help="Image-token budgets (e.g. 2880,1152,576): for each, the image's tokens, views, "
+                   "encode time and a cold first turn's TTFT (needs --image).")
+@click.option("--encode-only", is_flag=True,
+              help="Image figures (and --budgets) only: skip the two-turn conversation.")
 @click.option("--reference", type=click.Choice(["torch"]), default=None,
               help="Also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compare: str | None,
           batch_size: int, prefix_tokens: int, restart_rounds: int, encode_repeats: int,
-          reference: str | None, as_json: bool, **params: Any) -> None:
+          budgets: list[int], encode_only: bool, reference: str | None, as_json: bool,
+          **params: Any) -> None:
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     from edgevlm.benchmarks.conversation import probe_spec, run_bench
 
+    if (budgets or encode_only) and image is None:
+        raise click.UsageError("--budgets and --encode-only measure an image: give one with --image")
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
     report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
-                       encode_repeats=encode_repeats)
+                       encode_repeats=encode_repeats, with_conversation=not encode_only)
     report["threads"] = params["n_threads"]
+    report["max_image_tokens"] = params["max_image_tokens"]
+    report["tiles"] = params["tiles"]
+    if budgets and image is not None:
+        from edgevlm.benchmarks.budgets import budget_sweep
+
+        report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
     if reference and image is not None and vlm.mmproj_path is not None:
         from edgevlm.benchmarks.vision import reference_pixels, torch_reference_times
 
@@ -54,5 +82,19 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    _echo_text(report)
+
+
+def _echo_text(report: dict[str, Any]) -> None:
+    """The report as aligned ``key value`` lines; the budget sweep as a small table."""
     for key, value in report.items():
-        click.echo(f"{key:36s} {value}")
+        if key != "budgets":
+            click.echo(f"{key:36s} {value}")
+    if report.get("budgets"):
+        click.echo(f"\n{'budget':>8s} {'tokens':>7s} {'views':>6s} {'encode ms':>10s} {'TTFT ms':>9s}")
+        for row in report["budgets"]:
+            if "error" in row:
+                click.echo(f"{row['max_image_tokens']:8d} {row['error']}")
+                continue
+            click.echo(f"{row['max_image_tokens']:8d} {row['image_tokens']:7d} {row['views']:6d} "
+                       f"{row['image_encode_ms']:10.1f} {row['ttft_ms']:9.1f}")

@@ -81,6 +81,27 @@ def test_image_cost_is_what_the_encoder_makes(siglip_vlm, qwen2vl_vlm, square_im
     assert big.cells > big.positions
 
 
+def test_tiled_image_cost_counts_the_views_the_tower_encodes(llava_next_f32_result, clip_f32):
+    from edgevlm.vision.anyres import fit_anyres
+    from tests.fixtures.llava_next import TINY_PINPOINTS
+
+    folder = llava_next_f32_result.llm_path.parent
+    with edgevlm.load(folder, n_ctx=2048, n_threads=2, cache=False, vision_engine="kernels") as vlm:
+        for size, budget in (((64, 64), None), ((300, 100), None), ((64, 64), 40)):
+            plan = fit_anyres(*size, [tuple(p) for p in TINY_PINPOINTS], 32, 8, budget)
+            cost = vlm.image_cost(*size, max_image_tokens=budget)
+            assert (cost.tokens, cost.views) == (plan.n_tokens, plan.n_views), (size, budget)
+        assert vlm.image_cost(64, 64).views == 5  # the 2x2 grid + the base view
+    with edgevlm.load(folder, n_ctx=2048, n_threads=2, cache=False, vision_engine="mtmd") as vlm:
+        assert vlm.image_cost(64, 64).views == 5  # libmtmd: one chunk per view
+    with edgevlm.load(clip_f32, n_ctx=2048, n_threads=2, cache=False) as vlm:
+        per_view = vlm.image_cost(64, 32).tokens
+    with edgevlm.load(clip_f32, n_ctx=2048, n_threads=2, cache=False, tiles="grid") as vlm:
+        wide = vlm.image_cost(64, 32)  # the 1x2 grid + the overview
+        assert (wide.views, wide.tokens) == (3, 3 * per_view)
+        assert vlm.image_cost(64, 32, max_image_tokens=per_view).views == 1  # the overview alone
+
+
 def test_omnifusion_image_cost_counts_its_delimiters(omnifusion_f32, wide_png):
     with edgevlm.load(omnifusion_f32, n_ctx=1024, n_threads=2, cache=False) as vlm:
         cost = vlm.image_cost(70, 45)
