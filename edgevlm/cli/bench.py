@@ -45,18 +45,23 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
                    "encode time and a cold first turn's TTFT (needs --image).")
 @click.option("--encode-only", is_flag=True,
               help="Image figures (and --budgets) only: skip the two-turn conversation.")
-@click.option("--reference", type=click.Choice(["torch"]), default=None,
-              help="Also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights).")
+@click.option("--reference", type=click.Choice(["torch", "transformers"]), default=None,
+              help="torch: also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights); "
+                   "transformers: the first turn's TTFT through transformers f32/bf16 (needs --hf).")
+@click.option("--hf", "hf_checkpoint", type=click.Path(file_okay=False), default=None,
+              help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compare: str | None,
           batch_size: int, prefix_tokens: int, restart_rounds: int, encode_repeats: int,
-          budgets: list[int], encode_only: bool, reference: str | None, as_json: bool,
-          **params: Any) -> None:
+          budgets: list[int], encode_only: bool, reference: str | None, hf_checkpoint: str | None,
+          as_json: bool, **params: Any) -> None:
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     from edgevlm.benchmarks.conversation import probe_spec, run_bench
 
-    if (budgets or encode_only) and image is None:
-        raise click.UsageError("--budgets and --encode-only measure an image: give one with --image")
+    if (budgets or encode_only or reference) and image is None:
+        raise click.UsageError("--budgets, --encode-only and --reference measure an image: give one with --image")
+    if reference == "transformers" and hf_checkpoint is None:
+        raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH")
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
     report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
@@ -68,7 +73,12 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
         from edgevlm.benchmarks.budgets import budget_sweep
 
         report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
-    if reference and image is not None and vlm.mmproj_path is not None:
+    if reference == "transformers" and image is not None and hf_checkpoint is not None:
+        from edgevlm.benchmarks.transformers_ref import transformers_first_turn
+
+        report.update(transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch,
+                                              encode_repeats))
+    if reference == "torch" and image is not None and vlm.mmproj_path is not None:
         from edgevlm.benchmarks.vision import reference_pixels, torch_reference_times
 
         report.update(torch_reference_times(vlm.mmproj_path, reference_pixels(vlm.mmproj_path, image),

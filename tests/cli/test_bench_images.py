@@ -93,3 +93,24 @@ def test_text_output_shows_the_budget_table(clip_f32, painting):
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "image_views" in res.output and "budget  tokens  views" in res.output
+
+
+def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, painting):
+    """The first turn through transformers f32 and bf16 on the checkpoint the pair came from."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgevlm.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting), "--json",
+                                   "--max-tokens", "2", "--threads", "2", "--no-cache", "--encode-only",
+                                   "--encode-repeats", "1", "--reference", "transformers",
+                                   "--hf", str(llava_siglip_checkpoint)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    for key in ("transformers_f32_ttft_ms", "transformers_bf16_ttft_ms", "transformers_f32_ttft_first_ms"):
+        assert report[key] > 0
+    missing = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting),
+                                       "--reference", "transformers"])
+    assert missing.exit_code == 2 and "--hf" in missing.output

@@ -1,0 +1,81 @@
+"""``edgevlm bench --reference transformers``: the first turn through transformers, same image, prompt, threads.
+
+The Hugging Face checkpoint the GGUF pair was converted from (``--hf PATH``;
+``examples/make_bench_model.py --keep-checkpoint`` keeps the bench model's
+in ``OUT/hf``) is loaded with transformers in float32 and in bfloat16, and the
+same question about the same image is answered with one greedy token. Time to
+first token counts what edgevlm's counts: from the call (image loading,
+chat template, processor) to the first sampled token. Each dtype is run once
+to warm up and then ``repeats`` times; the median and the first call are
+reported. torch and transformers are needed only for this option.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+
+
+def _load(checkpoint: Path, dtype: Any) -> tuple[Any, Any]:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise UnsupportedModelError("--reference transformers needs torch and transformers "
+                                    "(pip install -e '.[test]')") from exc
+    import json
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # the bench's output stays the report
+    config = json.loads((checkpoint / "config.json").read_text())
+    arch = (config.get("architectures") or [""])[0]
+    model_cls = getattr(transformers, arch, None)
+    if model_cls is None:
+        raise UnsupportedModelError(f"transformers has no {arch!r} to run {checkpoint} as the reference")
+    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    return model_cls.from_pretrained(checkpoint, dtype=dtype).eval(), processor
+
+
+def _first_token_ms(model: Any, processor: Any, image: str, question: str) -> float:
+    import torch
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    with Image.open(image) as img:
+        picture = img.convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=[picture], return_tensors="pt")
+    inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def transformers_first_turn(checkpoint: str | Path, image: str, question: str, threads: int,
+                            repeats: int = 2) -> dict[str, float]:
+    """First-turn TTFT of transformers f32 and bf16 (ms): ``transformers_{f32,bf16}_ttft_ms`` (median) and
+    ``..._first_ms`` (the first call in the process).
+
+    Raises:
+        InvalidRequestError: no checkpoint folder.
+        UnsupportedModelError: torch / transformers missing, or an architecture they lack.
+    """
+    folder = Path(checkpoint).expanduser()
+    if not (folder / "config.json").is_file():
+        raise InvalidRequestError(f"--hf {folder}: not a Hugging Face checkpoint folder (no config.json)")
+    import torch
+
+    torch.set_num_threads(threads)
+    out: dict[str, float] = {}
+    for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        model, processor = _load(folder, dtype)
+        first = _first_token_ms(model, processor, image, question)
+        times = [_first_token_ms(model, processor, image, question) for _ in range(max(1, repeats))]
+        out[f"transformers_{label}_ttft_first_ms"] = round(first, 1)
+        out[f"transformers_{label}_ttft_ms"] = round(statistics.median(times), 1)
+        del model
+    return out
