@@ -12,6 +12,7 @@ from typing import Any
 from edgevlm.constants import GGUF_SUFFIX, MMPROJ_PREFIX
 
 from .base import check_source_folder, converter_class, detect_architecture
+from .progress import ConvertProgress, Stage, as_progress, begin
 from .quantize import quant_type, vision_type as check_vision_type
 
 
@@ -71,7 +72,8 @@ def _atomic_outputs(*finals: Path) -> Iterator[tuple[Path, ...]]:
 
 def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
             vision_type: str = "f16", architecture: str | None = None, name: str | None = None,
-            progress: Callable[[str], None] | None = None, **options: Any) -> ConversionResult:
+            progress: ConvertProgress | Callable[[str], None] | None = None,
+            **options: Any) -> ConversionResult:
     """Convert a Hugging Face vision-language checkpoint into an LLM GGUF and an mmproj GGUF.
 
     Args:
@@ -82,7 +84,9 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
         vision_type: Projector matrix type: one of ``VISION_QUANT_TYPES``.
         architecture: Override the detected architecture (``config.json["architectures"][0]``).
         name: Base file name; defaults to the lower-cased source folder name.
-        progress: Called with one human-readable line per step.
+        progress: A :class:`~edgevlm.convert.progress.ConvertProgress` (steps, the total
+            work, each tensor done: what a progress bar needs), or a callable receiving
+            one line per step and per tensor written.
         options: Family-specific options (``Converter.options`` of the family;
             ``edgevlm.convert.family_options()`` lists them): e.g. OmniFusion's
             ``vision_tower`` (local CLIP folder, required) and ``adapter_heads``.
@@ -99,24 +103,31 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
         UnsupportedModelError: unknown architecture or unsupported variant.
         RuntimeFailure: llama.cpp quantisation failed.
     """
-    log = progress or (lambda _msg: None)
+    report = as_progress(progress)
     qtype = quant_type(quant)
     vtype = check_vision_type(vision_type)
     folder = check_source_folder(Path(source))
     arch = architecture or detect_architecture(folder)
     given = {key: value for key, value in options.items() if value is not None}
-    converter = converter_class(arch)(folder, log, **given)
+    converter = converter_class(arch)(folder, report.step, **given)
     out = Path(output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     base = name or folder.resolve().name.lower()
     llm_path, mmproj_path = output_paths(out, base, qtype.label, vtype)
-    from .llm_writer import write_llm
+    from .llm_writer import plan_llm, write_llm
     from .projector_writer import write_projector
 
+    llm_specs = plan_llm(converter, qtype)
+    stages = [Stage(report, "LLM", llm_specs),
+              Stage(report, f"quantising to {qtype.label}", llm_specs, quantise_to=qtype.label),
+              Stage(report, "projector", converter.projector_tensors(vtype))]
+    if qtype.direct:
+        del stages[1]
+    begin(report, stages)
     with _atomic_outputs(llm_path, mmproj_path) as (llm_tmp, mmproj_tmp):
-        log(f"writing {llm_path.name}")
-        llm_bytes = write_llm(converter, llm_tmp, qtype)
-        log(f"writing {mmproj_path.name}")
-        mmproj_bytes = write_projector(converter, mmproj_tmp, vtype)
+        report.step(f"writing {llm_path.name}")
+        llm_bytes = write_llm(converter, llm_tmp, qtype, stages[0], None if qtype.direct else stages[1])
+        report.step(f"writing {mmproj_path.name}")
+        mmproj_bytes = write_projector(converter, mmproj_tmp, vtype, stages[-1])
     return ConversionResult(llm_path, mmproj_path, arch, qtype.name, vtype, llm_bytes,
                             mmproj_bytes, tuple(converter.notes))

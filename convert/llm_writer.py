@@ -20,6 +20,7 @@ from .tensors import TensorSpec, check_shape, permute_rotary, write_gguf
 
 if TYPE_CHECKING:
     from .base import Converter
+    from .progress import Stage
 
 LLAMA_ARCH = "llama"
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -166,36 +167,52 @@ def fallback_note(specs: list[TensorSpec], quant: QuantType) -> str | None:
             f"their rows are not multiples of {quant.block} (e.g. {odd[0]}).")
 
 
-def write_llm(converter: Converter, path: Path, quant: QuantType) -> int:
+def float_type(converter: Converter, quant: QuantType) -> str:
+    """The type the LLM's matrices are written in: ``quant`` itself, or the lossless input of the quantiser."""
+    return quant.label if quant.direct else converter.reader.widest_float()
+
+
+def plan_llm(converter: Converter, quant: QuantType) -> list[TensorSpec]:
+    """The LLM tensors to write for ``quant`` (notes the ones llama.cpp will store in another type).
+
+    Raises:
+        ConversionError: from the converter's plan.
+    """
+    specs = converter.llm_tensors(float_type(converter, quant))
+    note = fallback_note(specs, quant)
+    if note:
+        converter.note(note)
+    return specs
+
+
+def write_llm(converter: Converter, path: Path, quant: QuantType, written: Stage,
+              quantised: Stage | None = None) -> int:
     """Write the LLM GGUF of ``converter`` to ``path`` in ``quant``.
 
     Args:
         converter: A converter for the checkpoint.
         path: Output file; a sibling ``.f-<pid>`` intermediate is used for quantised types.
         quant: Target type.
+        written: The tensors (:func:`plan_llm`), reported as each is written.
+        quantised: With a quantised type, reported as llama.cpp's quantiser logs each tensor.
 
     Returns:
         Size of the written file in bytes.
 
     Raises:
-        ConversionError / RuntimeFailure: from planning, writing or quantising.
+        ConversionError / RuntimeFailure: from writing or quantising.
     """
     import gguf
 
-    float_type = quant.label if quant.direct else converter.reader.widest_float()
-    specs = converter.llm_tensors(float_type)
-    note = fallback_note(specs, quant)
-    if note:
-        converter.note(note)
     target = path if quant.direct else path.with_name(f"{path.name}.f-{os.getpid()}")
     writer = gguf.GGUFWriter(None, converter.llm_arch)
     converter.write_llm_metadata(writer)
-    writer.add_file_type(file_type(float_type))
+    writer.add_file_type(file_type(float_type(converter, quant)))
     try:
-        write_gguf(target, writer, converter.reader, specs, converter.log)
+        write_gguf(target, writer, converter.reader, written.plan, written.tensor)
         if not quant.direct:
             converter.log(f"quantising to {quant.label} with llama.cpp")
-            llama_quantize(target, path, quant)
+            llama_quantize(target, path, quant, on_line=quantised.quantiser_line if quantised else None)
     finally:
         if target != path:
             target.unlink(missing_ok=True)

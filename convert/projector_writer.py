@@ -31,6 +31,7 @@ from .tensors import TensorSpec, write_gguf
 
 if TYPE_CHECKING:
     from .base import Converter
+    from .progress import Stage
 
 CLIP_ARCH = "clip"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -294,24 +295,24 @@ def image_normalisation(folder: Path, cfg: VisionConfig) -> tuple[list[float], l
     return list(SIGLIP_MEAN), list(SIGLIP_STD)
 
 
-def write_projector(converter: Converter, path: Path, vision_type: str) -> int:
+def write_projector(converter: Converter, path: Path, vision_type: str, written: Stage) -> int:
     """Write the projector GGUF of ``converter`` to ``path``.
 
     Args:
         converter: A converter for the checkpoint.
         path: Output file.
         vision_type: ``f32``, ``f16`` or ``q8_0``.
+        written: The tensors (``converter.projector_tensors(vision_type)``), reported as each is written.
 
     Returns:
         Size of the written file in bytes.
     """
     import gguf
 
-    specs = converter.projector_tensors(vision_type)
     writer = gguf.GGUFWriter(None, CLIP_ARCH)
     converter.write_projector_metadata(writer)
     file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                   "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_file_type(int(file_types[vision_type]))
-    write_gguf(path, writer, converter.projector_reader, specs, converter.log)
+    write_gguf(path, writer, converter.projector_reader, written.plan, written.tensor)
     return path.stat().st_size

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from edgevlm import native
 
 from edgevlm.constants import LLM_QUANT_TYPES, VISION_QUANT_TYPES
 from edgevlm.errors import ConversionError, RuntimeFailure
@@ -82,31 +85,33 @@ def vision_type(name: str) -> str:
     return lowered
 
 
-def llama_quantize(src: Path, dst: Path, quant: QuantType, nthread: int | None = None) -> None:
+def llama_quantize(src: Path, dst: Path, quant: QuantType, nthread: int | None = None,
+                   on_line: Callable[[str], None] | None = None) -> None:
     """Quantise the GGUF ``src`` into ``dst`` with llama.cpp.
+
+    The quantiser's log (a line per tensor) goes where all of llama.cpp's logs
+    go (:mod:`edgevlm.native`: the ``edgevlm.llama`` logger), not to stderr.
 
     Args:
         src: A float GGUF written by the converter.
         dst: Output path (overwritten).
         quant: A non-direct entry of :data:`QUANT_TYPES`.
         nthread: Worker threads; defaults to ``os.cpu_count()``.
+        on_line: Also receives each line llama.cpp logs meanwhile.
 
     Raises:
-        ConversionError: ``quant`` is a float type or llama_cpp is missing.
-        RuntimeFailure: llama.cpp reported an error.
+        ConversionError: ``quant`` is a float type.
+        RuntimeFailure: llama.cpp reported an error, or llama-cpp-python cannot be loaded.
     """
     if quant.direct:
         raise ConversionError(f"{quant.name} is written directly, not quantised.")
-    try:
-        import llama_cpp
-    except ImportError as exc:  # pragma: no cover - llama_cpp is a hard dependency
-        raise ConversionError("llama-cpp-python is required for quantised output; "
-                              "pip install llama-cpp-python==0.3.36.") from exc
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, quant.ftype_attr)
+    lib = native.llama()  # installs the log routing first
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = getattr(lib, quant.ftype_attr)
     params.nthread = nthread or os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
-                                            ctypes.byref(params))
+    with native.log_lines(on_line or (lambda _line: None)):
+        status = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeFailure(f"llama.cpp failed to quantise {src.name} to {quant.label} "
-                             f"(status {status}); see the log above.")
+                             f"(status {status}); llama.cpp's log says why "
+                             "(`edgevlm --verbose convert ...`, or the edgevlm.llama logger).")

@@ -120,7 +120,7 @@ def check_shape(reader: TensorSource, spec: TensorSpec,
 
 def write_gguf(path: Path, writer: object, reader: TensorSource,
                specs: Iterable[TensorSpec],
-               progress: Callable[[str], None] | None = None) -> int:
+               on_tensor: Callable[[TensorSpec], None] | None = None) -> int:
     """Write ``writer``'s metadata plus all ``specs`` tensors to ``path``.
 
     Args:
@@ -128,7 +128,7 @@ def write_gguf(path: Path, writer: object, reader: TensorSource,
         writer: A ``gguf.GGUFWriter`` created with ``path=None`` and metadata filled in.
         reader: Where tensor data comes from.
         specs: Planned tensors, written in this order.
-        progress: Optional callback receiving one line per tensor.
+        on_tensor: Called with each tensor once it is written.
 
     Returns:
         The number of tensors written.
@@ -146,7 +146,7 @@ def write_gguf(path: Path, writer: object, reader: TensorSource,
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for index, spec in enumerate(plan, 1):
+    for spec in plan:
         data = reader.load(spec.source, np.float32)
         if spec.transform is not None:
             data = spec.transform(data)
@@ -155,7 +155,7 @@ def write_gguf(path: Path, writer: object, reader: TensorSource,
                                   f"expected {list(spec.shape)}.")
         writer.write_tensor_data(encode(data, spec.ggml_type))
         del data
-        if progress is not None:
-            progress(f"[{index}/{len(plan)}] {spec.name} {spec.ggml_type} {list(spec.shape)}")
+        if on_tensor is not None:
+            on_tensor(spec)
     writer.close()
     return len(plan)

@@ -3,7 +3,7 @@
 Public API::
 
     import edgevlm
-    vlm = edgevlm.load("out/llava")
+    vlm = edgevlm.load("out/llava")   # edgevlm.load(): EDGEVLM_MODEL, `edgevlm config`, else the default
     vlm.chat(messages)
     for piece in vlm.stream(messages): ...
     edgevlm.convert.convert("path/to/llava-1.5-7b-hf", "out/llava", quant="q4_k_m")
@@ -21,12 +21,13 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "plan", "convert",
-           "doctor", "__version__"]
+__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "UserConfig", "VLM", "load", "load_image", "plan",
+           "convert", "doctor", "resolve_model_name", "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
          "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
-         "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health"}
+         "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health",
+         "UserConfig": "edgevlm.user_config", "resolve_model_name": "edgevlm.user_config"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.generation import TextStream
     from edgevlm.health import doctor
     from edgevlm.stats import Reply
+    from edgevlm.user_config import UserConfig, resolve_model_name
     from edgevlm.vision.images import load_image
 
 

@@ -29,6 +29,7 @@ from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
 from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
+from edgevlm.user_config import resolve_model_name
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import load_image
 
@@ -60,7 +61,7 @@ class RuntimeSettings:
     flash_attn: int
 
 
-def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
+def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLike[str] | None = None,
          n_ctx: int | None = None, n_batch: int = 512, n_threads: int | None = None,
          n_gpu_layers: int = -1, kv_type: str = "f16", flash_attn: bool | None = None, seed: int = 0,
          chat_template: str | None = None, chat_format: str | None = None,
@@ -73,7 +74,10 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     Args:
         model: a folder with one LLM GGUF and one projector GGUF, an LLM
             ``.gguf`` (projector via ``mmproj`` or found beside it), or a
-            Hugging Face repo id (downloaded into the hub cache).
+            Hugging Face repo id (downloaded into the hub cache). None:
+            :func:`edgevlm.resolve_model_name` (``EDGEVLM_MODEL``, then
+            ``edgevlm config set model``, then the default model,
+            :data:`edgevlm.constants.DEFAULT_MODEL`, downloaded on first use).
         mmproj: the vision projector GGUF (optional with a folder / repo).
         n_ctx: context window in tokens (default: the model's training
             context, at most 4096; more than it was trained for is refused).
@@ -128,7 +132,7 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     if vision_engine not in C.VISION_ENGINES:
         raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of "
                                   f"{', '.join(C.VISION_ENGINES)}")
-    described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
+    described = describe_model(resolve(resolve_model_name(model), mmproj, quant=quant, revision=revision))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
@@ -165,7 +169,7 @@ def load(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
 
 
-def plan(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None = None,
+def plan(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLike[str] | None = None,
          quant: str | None = None, revision: str | None = None, n_ctx: int | None = None,
          n_batch: int = 512, kv_type: str = "f16", flash_attn: bool | None = None, n_gpu_layers: int = -1,
          image_size: tuple[int, int] | None = None, max_image_tokens: int | None = None, cache: bool = True,
@@ -174,8 +178,8 @@ def plan(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
     """Price a model before loading it: the bytes each part takes, where, and the totals.
 
     Args:
-        model, mmproj, quant, revision: as in :func:`load` (a hub repo id
-            downloads the files; nothing is loaded).
+        model, mmproj, quant, revision: as in :func:`load` (a hub repo id,
+            or the default model, downloads the files; nothing is loaded).
         n_ctx, n_batch, kv_type, flash_attn, n_gpu_layers, max_image_tokens,
         cache, vision_engine, tiles: as in :func:`load`.
         image_size: the largest image (width, height) to price; None: the
@@ -190,7 +194,7 @@ def plan(model: str | os.PathLike[str], *, mmproj: str | os.PathLike[str] | None
         ModelNotFoundError, InvalidModelError, UnsupportedModelError, InvalidRequestError.
     """
     process = _process_bytes()
-    described = describe_model(resolve(model, mmproj, quant=quant, revision=revision))
+    described = describe_model(resolve(resolve_model_name(model), mmproj, quant=quant, revision=revision))
     family = family_for(described, FamilyOptions(tiles=tiles))
     request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
                           n_gpu_layers=n_gpu_layers, image_size=image_size, max_image_tokens=max_image_tokens,

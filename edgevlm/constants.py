@@ -6,6 +6,8 @@ Keys llama.cpp already defines are used through the ``gguf`` package's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # --- keys edgevlm writes into the files it produces ------------------------
 KEY_EDGEVLM_VERSION = "edgevlm.version"            # str: edgevlm version that wrote the file
 KEY_SOURCE_ARCHITECTURE = "edgevlm.source.architecture"  # str: config.json architectures[0]
@@ -37,6 +39,48 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: order they are looked for (LLaVA MLP: mm.2, single-linear projectors: mm.0, OmniFusion:
 #: its adapter's final linear map).
 PROJECTOR_OUTPUT_TENSORS = ("mm.2.weight", "mm.0.weight", "adapter.proj.weight")
+
+# --- the model used when none is given ----------------------------------------
+#: Environment variable naming the model to use when ``--model`` / ``load(model)`` is not given.
+ENV_MODEL = "EDGEVLM_MODEL"
+#: Environment variable overriding the folder of edgevlm's config file.
+ENV_CONFIG_DIR = "EDGEVLM_CONFIG_DIR"
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A GGUF pair at a fixed revision of a Hugging Face repo.
+
+    Attributes:
+        name: what it is called in messages.
+        repo_id: ``owner/name`` on the hub.
+        revision: the commit the file names and sizes below were read from.
+        llm_file, llm_bytes: the language model GGUF and its size.
+        mmproj_file, mmproj_bytes: the vision projector GGUF and its size.
+    """
+
+    name: str
+    repo_id: str
+    revision: str
+    llm_file: str
+    llm_bytes: int
+    mmproj_file: str
+    mmproj_bytes: int
+
+
+#: Downloaded into the Hugging Face cache on first use when no model is given:
+#: HuggingFaceTB's SmolVLM2-2.2B-Instruct (Apache-2.0; SmolLM2-1.7B + SigLIP so400m,
+#: idefics3 projector, run by libmtmd) as converted by ggml-org, Q4_K_M LLM and
+#: Q8_0 projector, 1.71 GB in all. Sizes: the hub's LFS sizes at that commit.
+DEFAULT_MODEL = HubModel(
+    name="SmolVLM2-2.2B-Instruct",
+    repo_id="ggml-org/SmolVLM2-2.2B-Instruct-GGUF",
+    revision="1bc3c9f74ceafd4c8d4411cc9cf188bba3798f91",
+    llm_file="SmolVLM2-2.2B-Instruct-Q4_K_M.gguf",
+    llm_bytes=1_112_602_656,
+    mmproj_file="mmproj-SmolVLM2-2.2B-Instruct-Q8_0.gguf",
+    mmproj_bytes=592_523_200,
+)
 
 # --- quantisation names accepted by `edgevlm convert` -----------------------
 LLM_QUANT_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")

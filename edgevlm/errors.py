@@ -71,3 +71,7 @@ class UnhealthyInstallError(EdgeVLMError, RuntimeError):
 
 class MemoryBudgetError(EdgeVLMError, MemoryError):
     """The model, its context and its images would not fit the memory budget (nothing was loaded)."""
+
+
+class ConfigError(EdgeVLMError, ValueError):
+    """edgevlm's config file is unreadable or unwritable, or a key or value given to it is not valid."""

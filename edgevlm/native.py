@@ -3,8 +3,8 @@
 llama.cpp and libmtmd print to stderr even when asked to be quiet. edgevlm
 installs one log callback for both, forwarding every line to the
 ``edgevlm.llama`` logger (silent unless the application, or ``--verbose``,
-enables it). Nothing happens at import time; :func:`llama` and :func:`mtmd`
-load the libraries on first use.
+enables it) and to the listeners of :func:`log_lines`. Nothing happens at
+import time; :func:`llama` and :func:`mtmd` load the libraries on first use.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import ctypes
 import functools
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 from edgevlm.errors import RuntimeFailure
@@ -26,6 +28,24 @@ _GGML_TO_LOGGING = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: log
 _state_lock = threading.Lock()
 _pending = {"level": logging.DEBUG, "text": ""}
 _callbacks: list[object] = []  # keeps the ctypes callbacks alive
+_listeners: list[Callable[[str], None]] = []
+
+
+@contextmanager
+def log_lines(listener: Callable[[str], None]) -> Iterator[None]:
+    """Hand every whole line llama.cpp logs to ``listener`` while in the block.
+
+    Whatever the ``edgevlm.llama`` logger's level: the listener sees lines that
+    are not shown (e.g. the quantiser's tensor list, read for a progress bar).
+    An exception in the listener is logged at debug level and otherwise ignored.
+    """
+    with _state_lock:
+        _listeners.append(listener)
+    try:
+        yield
+    finally:
+        with _state_lock:
+            _listeners.remove(listener)
 
 
 def _forward(level: int, text: bytes | None, _user_data: object) -> None:
@@ -40,9 +60,15 @@ def _forward(level: int, text: bytes | None, _user_data: object) -> None:
         *lines, rest = buffered.split("\n")
         _pending["text"] = rest
         lvl = _pending["level"]
+        listeners = list(_listeners)
     for line in lines:
         if line.strip():
             LOG.log(lvl, "%s", line)
+            for listener in listeners:
+                try:
+                    listener(line)
+                except Exception as exc:  # noqa: BLE001 - never raise through the C callback
+                    LOG.debug("log listener failed: %s", exc)
 
 
 @functools.lru_cache(maxsize=1)

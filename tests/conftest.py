@@ -27,10 +27,21 @@ def isolated_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.delenv("EDGEVLM_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("EDGEVLM_MODEL", raising=False)
     monkeypatch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
     monkeypatch.setenv("EDGEVLM_CACHE_DIR", str(home / ".cache" / "edgevlm"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return home
+
+
+@pytest.fixture
+def hf_cache(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """huggingface_hub's import-time paths in the test's HF_HOME; returns the hub cache folder."""
+    from tests.fakehub import use_test_hub_cache
+
+    return use_test_hub_cache(monkeypatch)
 
 
 def _build(factory: pytest.TempPathFactory, name: str, **kwargs: object) -> Path:

@@ -29,11 +29,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import pytest
 
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin")
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
@@ -41,6 +45,56 @@ _API_INFO = re.compile(rf"^/api/models/{_REPO}(?:/revision/(?P<rev>[^/]+))?$")
 _API_TREE = re.compile(rf"^/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
 _RESOLVE = re.compile(rf"^/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<filename>.+)$")
 _CDN = re.compile(r"^/cdn/(?P<sha256>[0-9a-f]{64})$")
+
+
+_RESOLVE_TEMPLATE = "/{repo_id}/resolve/{revision}/{filename}"  # huggingface_hub.constants, minus the endpoint
+
+
+def set_hub_constant(monkeypatch: pytest.MonkeyPatch, name: str, value: object) -> None:
+    """Patch one of huggingface_hub's import-time constants (when this version has it)."""
+    from huggingface_hub import constants
+
+    if hasattr(constants, name):
+        monkeypatch.setattr(constants, name, value)
+
+
+def use_test_hub_cache(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point huggingface_hub's import-time paths at the test's HF_HOME; returns the hub cache folder."""
+    home = Path(os.environ["HF_HOME"])
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name, value in {
+        "HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HUGGINGFACE_HUB_CACHE": home / "hub",
+        "HF_XET_CACHE": home / "xet", "HF_TOKEN_PATH": home / "token",
+        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
+        "AGENT_HARNESSES_PATH": home / ".agent_harnesses.json",
+    }.items():
+        set_hub_constant(monkeypatch, name, str(value))
+    return home / "hub"
+
+
+def point_hub_at(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """Send huggingface_hub's requests to ``url``, offline mode off."""
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    set_hub_constant(monkeypatch, "ENDPOINT", url)
+    set_hub_constant(monkeypatch, "HUGGINGFACE_CO_URL_TEMPLATE", url + _RESOLVE_TEMPLATE)
+    set_hub_constant(monkeypatch, "HF_HUB_OFFLINE", False)
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    set_hub_constant(monkeypatch, "HF_HUB_OFFLINE", True)
+
+
+def unreachable_url() -> str:
+    """A 127.0.0.1 URL nobody listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def git_blob_sha1(data: bytes) -> str:

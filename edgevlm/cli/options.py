@@ -6,18 +6,30 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
-from edgevlm.constants import KV_TYPES, VISION_ENGINES
+from edgevlm.constants import DEFAULT_MODEL, ENV_MODEL, KV_TYPES, VISION_ENGINES
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import VLM
+
+
+def _model_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
+    import edgevlm
+
+    return edgevlm.resolve_model_name(value)
+
+
+#: ``-m/--model``, resolved as everywhere (--model > EDGEVLM_MODEL > `edgevlm config` > the default).
+model_option = click.option(
+    "-m", "--model", default=None, callback=_model_name,
+    help=f"Model folder, LLM .gguf file, or Hugging Face repo id (default: ${ENV_MODEL}, else `edgevlm "
+         f"config set model`, else {DEFAULT_MODEL.repo_id}, downloaded on first use).")
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--no-cache/--vision-engine/
     --vision-device/--image-tokens/--tiles."""
     decorators = [
-        click.option("-m", "--model", required=True,
-                     help="Model folder, LLM .gguf file, or Hugging Face repo id."),
+        model_option,
         click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
                      help="Vision projector .gguf (when --model is a file)."),
         click.option("--quant", default=None, help="Pick the LLM file whose name contains this."),

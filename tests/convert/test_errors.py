@@ -145,7 +145,7 @@ def test_interrupt_leaves_no_files(llava_clip_checkpoint, tmp_path, monkeypatch,
 def test_interrupt_during_quantisation(llava_clip_checkpoint, tmp_path, monkeypatch):
     from edgevlm.convert import convert, llm_writer
 
-    def exploding(src, dst, quant, nthread=None):
+    def exploding(src, dst, quant, nthread=None, on_line=None):
         dst.write_bytes(b"half")
         raise KeyboardInterrupt
 

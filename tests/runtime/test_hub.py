@@ -6,7 +6,6 @@ No real network: ``HF_ENDPOINT`` points at a threaded HTTP server on
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,40 +13,11 @@ import pytest
 import edgevlm
 from edgevlm.errors import EdgeVLMError, HubError, InvalidRequestError, ModelNotFoundError
 from edgevlm.resolve import resolve
-from tests.fakehub import FakeHub
+from tests.fakehub import FakeHub, go_offline, point_hub_at, unreachable_url
 
 REPO = "fake/tiny-llava"
 LLM_F32, LLM_Q8 = "tiny-llava-F32.gguf", "tiny-llava-Q8_0.gguf"
 PROJ_F16, PROJ_F32 = "mmproj-tiny-llava-f16.gguf", "tiny-llava-mmproj-f32.gguf"  # both namings occur
-_RESOLVE_TEMPLATE = "/{repo_id}/resolve/{revision}/{filename}"  # huggingface_hub.constants, minus the endpoint
-
-
-def _set_hub_constant(monkeypatch: pytest.MonkeyPatch, name: str, value: object) -> None:
-    from huggingface_hub import constants
-
-    if hasattr(constants, name):
-        monkeypatch.setattr(constants, name, value)
-
-
-def _go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _set_hub_constant(monkeypatch, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture
-def hf_cache(isolated_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Point huggingface_hub's import-time paths at the test's HF_HOME (set by isolated_dirs)."""
-    home = Path(os.environ["HF_HOME"])
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    for name, value in {
-        "HF_HOME": home, "HF_HUB_CACHE": home / "hub", "HUGGINGFACE_HUB_CACHE": home / "hub",
-        "HF_XET_CACHE": home / "xet", "HF_TOKEN_PATH": home / "token",
-        "HF_STORED_TOKENS_PATH": home / "stored_tokens",
-        "AGENT_HARNESSES_PATH": home / ".agent_harnesses.json",
-    }.items():
-        _set_hub_constant(monkeypatch, name, str(value))
-    return home / "hub"
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +43,7 @@ def fake_hub(hf_cache: Path, repo_files: dict[str, bytes], monkeypatch: pytest.M
         "fake/safetensors-only": {"model.safetensors": b"\0" * 64, "config.json": b"{}"},
     }).start()
     try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-        _set_hub_constant(monkeypatch, "ENDPOINT", hub.url)
-        _set_hub_constant(monkeypatch, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + _RESOLVE_TEMPLATE)
-        _set_hub_constant(monkeypatch, "HF_HUB_OFFLINE", False)
+        point_hub_at(monkeypatch, hub.url)
         yield hub
     finally:
         hub.stop()
@@ -116,7 +81,7 @@ def test_resolve_picks_paths_inside_the_hub_cache(fake_hub, hf_cache):
 def test_offline_load_uses_the_cache_without_network(fake_hub, hf_cache, monkeypatch, painting):
     online = resolve(REPO, quant="f32")
     before = len(fake_hub.requests)
-    _go_offline(monkeypatch)
+    go_offline(monkeypatch)
     offline = resolve(REPO, quant="f32")
     assert offline == online
     # Only the chosen quant is cached, so no quant is needed offline either.
@@ -131,7 +96,7 @@ def test_offline_load_uses_the_cache_without_network(fake_hub, hf_cache, monkeyp
 
 def test_offline_quant_not_cached(fake_hub, hf_cache, monkeypatch):
     resolve(REPO, quant="f32")
-    _go_offline(monkeypatch)
+    go_offline(monkeypatch)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE") as err:
         resolve(REPO, quant="q8_0")
     assert LLM_F32 in str(err.value)
@@ -193,25 +158,16 @@ def test_repo_without_gguf(fake_hub):
 
 
 def test_offline_and_not_cached(hf_cache, monkeypatch):
-    _go_offline(monkeypatch)
+    go_offline(monkeypatch)
     with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE") as err:
         edgevlm.load(REPO, quant="f32")
     assert REPO in str(err.value)
 
 
 def test_hub_unreachable(hf_cache, monkeypatch):
-    import socket
-
     import huggingface_hub.utils._http as hf_http
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    _set_hub_constant(monkeypatch, "ENDPOINT", url)
-    _set_hub_constant(monkeypatch, "HUGGINGFACE_CO_URL_TEMPLATE", url + _RESOLVE_TEMPLATE)
-    _set_hub_constant(monkeypatch, "HF_HUB_OFFLINE", False)
+    point_hub_at(monkeypatch, unreachable_url())
     monkeypatch.setattr(hf_http.time, "sleep", lambda _s: None)  # skip the retry back-off
     with pytest.raises(HubError, match=REPO):
         resolve(REPO, quant="f32")
