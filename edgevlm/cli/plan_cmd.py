@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from edgevlm.cli.options import model_option
 from edgevlm.constants import KV_TYPES, VISION_ENGINES
 
 
@@ -21,7 +20,8 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 @click.command()
-@model_option
+@click.option("-m", "--model", required=True,
+              help="Model folder, LLM .gguf file, or Hugging Face repo id (a repo is downloaded first).")
 @click.option("--mmproj", type=click.Path(dir_okay=False), default=None, help="Vision projector .gguf.")
 @click.option("--quant", default=None, help="Pick the LLM file whose name contains this.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=None,
