@@ -136,3 +136,20 @@ def test_cli_chat_one_shot(omnifusion_f32, wide_image):
                                       "-p", QUESTION, "--max-tokens", "4", "--temperature", "0",
                                       "--threads", "2", "--no-cache"])
     assert result.exit_code == 0, result.output
+
+
+def test_grid_tiles_sit_between_one_soi_and_eoi(omnifusion_f32, wide_image):
+    """tiles='grid': the overview and the tiles' embeddings, all inside one SOI ... EOI."""
+    with edgevlm.load(omnifusion_f32, n_ctx=2048, n_threads=2, cache=False, tiles="grid") as grid, \
+            edgevlm.load(omnifusion_f32, n_ctx=2048, n_threads=2, cache=False) as plain:
+        chunks = grid.prompt_chunks(_ask(wide_image))
+        kinds = [type(c).__name__ for c in chunks]
+        assert kinds == ["TextChunk", "EmbeddingChunk", "ImageChunk", "EmbeddingChunk", "EmbeddingChunk",
+                         "TextChunk", "EmbeddingChunk"]
+        image = chunks[2]
+        one = plain.embed_image(wide_image)
+        assert image.n_views > 1 and image.n_tokens == image.n_views * one.shape[0]
+        assert grid.image_cost(70, 45).tokens == image.n_tokens + 2  # SOI and EOI count
+        tiled = grid.embed_image(wide_image)
+        np.testing.assert_allclose(tiled[:one.shape[0]], one, atol=1e-4)  # the overview first
+        assert grid.chat(_ask(wide_image), max_tokens=2, temperature=0).completion_tokens >= 1
