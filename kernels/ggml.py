@@ -141,7 +141,8 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_buft_alloc_buffer": ("base", P, [P, c_size_t]),
     "ggml_backend_alloc_ctx_tensors_from_buft": ("base", P, [P, P]),
     # tower weight type: bf16 matrices where the CPU has AVX512-BF16 dot products
-    "ggml_fp32_to_bf16_row": ("base", None, [c_void_p, c_void_p, c_int64]),
+    "ggml_cpu_fp16_to_fp32": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # SIMD, as the CPU backend
+    "ggml_cpu_fp32_to_bf16": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # round to nearest even
     "ggml_cpu_has_avx512_bf16": ("cpu", c_int, []),
 }
 

@@ -95,11 +95,23 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
     return WeightChoice("bf16", "f16 matrices and a CPU with AVX512-BF16 dot products")
 
 
+_CHUNK = 1 << 20  # elements per f16 -> f32 step: a small reused scratch instead of an f32 copy
+
+
 def to_bf16(raw: RawTensor) -> RawTensor:
-    """An f32/f16 tensor as bf16 (ggml's round-to-nearest-even conversion)."""
-    src = np.ascontiguousarray(np.asarray(raw.data).reshape(-1), dtype=np.float32)
+    """An f32/f16 tensor as bf16 (ggml-cpu's vectorised conversions; round to nearest even)."""
+    g = ggml.lib()
+    src = np.ascontiguousarray(np.asarray(raw.data).reshape(-1))
     out = np.empty(src.shape, dtype=np.uint16)
-    ggml.lib().ggml_fp32_to_bf16_row(src.ctypes.data, out.ctypes.data, src.size)
+    if src.dtype == np.float16:
+        scratch = np.empty(min(src.size, _CHUNK), dtype=np.float32)
+        for start in range(0, src.size, _CHUNK):
+            n = min(_CHUNK, src.size - start)
+            g.ggml_cpu_fp16_to_fp32(src[start:].ctypes.data, scratch.ctypes.data, n)
+            g.ggml_cpu_fp32_to_bf16(scratch.ctypes.data, out[start:].ctypes.data, n)
+    else:
+        src = np.ascontiguousarray(src, dtype=np.float32)
+        g.ggml_cpu_fp32_to_bf16(src.ctypes.data, out.ctypes.data, src.size)
     return RawTensor(ggml.GGML_TYPE_BF16, raw.ne, out)
 
 
