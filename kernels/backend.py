@@ -10,9 +10,13 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from edgevlm import native
 from edgevlm.errors import KernelsUnavailableError
 
 from . import ggml
+
+#: More extra buffer types than any ggml CPU build registers: a longer list is a broken table.
+_MAX_EXTRA_BUFTS = 16
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,14 @@ class DeviceInfo:
     kind: str  # "cpu" | "gpu" | "igpu" | "accel"
     free_bytes: int
     total_bytes: int
+
+
+@dataclass(frozen=True)
+class BufferType:
+    """A ggml buffer type (``ggml_backend_buffer_type_t``) and its name (``CPU``, ``CPU_REPACK``, ...)."""
+
+    ptr: int
+    name: str
 
 
 _KINDS = {ggml.DEV_TYPE_CPU: "cpu", ggml.DEV_TYPE_GPU: "gpu", ggml.DEV_TYPE_IGPU: "igpu",
@@ -108,6 +120,7 @@ class Backend:
     def __init__(self, device: str = "auto", *, n_threads: int = 4) -> None:
         self.g = ggml.lib()
         dev, self.info = _pick(device)
+        self.dev = dev
         self.ptr = self.g.ggml_backend_dev_init(dev, None)
         if not self.ptr:
             raise KernelsUnavailableError(f"ggml could not start device {self.info.name}")
@@ -120,6 +133,47 @@ class Backend:
     @property
     def name(self) -> str:
         return self.info.name
+
+    def extra_buffer_types(self, allow: bool | None = None) -> list[BufferType]:
+        """The CPU device's extra buffer types (weight repacking), in ggml's order of preference.
+
+        They are what llama.cpp's loader tries before the plain CPU buffer
+        (``make_cpu_buft_list``): AMX, KleidiAI, CPU_REPACK, whichever this
+        build has. A weight goes into one only if ggml accepts a ``mul_mat``
+        on it there (see :class:`edgevlm.kernels.graph.Weights`).
+
+        Args:
+            allow: None = yes, except where ggml's AMX path is built and the
+                CPU has AMX (quantised weights crash in the AMX buffer type
+                at the pinned llama.cpp; the LLM follows the same rule);
+                True/False force.
+
+        Returns:
+            The buffer types; empty off the CPU, when not allowed, or when the
+            build has none.
+
+        Raises:
+            KernelsUnavailableError: ggml's list is not NULL-terminated.
+        """
+        if allow is None:
+            allow = not native.cpu_has_amx()
+        if not (allow and self.is_cpu):
+            return []
+        g = self.g
+        reg = g.ggml_backend_dev_backend_reg(self.dev)
+        address = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+        if not address:
+            return []
+        table = ggml.GET_EXTRA_BUFTS(address)(self.dev)
+        out: list[BufferType] = []
+        while table and table[len(out)]:
+            if len(out) == _MAX_EXTRA_BUFTS:
+                raise KernelsUnavailableError(
+                    "ggml's extra CPU buffer type list is not NULL-terminated; edgevlm.kernels is pinned "
+                    "to llama-cpp-python 0.3.36 (reinstall it, or use vision_engine='mtmd')")
+            buft = table[len(out)]
+            out.append(BufferType(int(buft), (g.ggml_backend_buft_name(buft) or b"?").decode()))
+        return out
 
     def close(self) -> None:
         if getattr(self, "ptr", None):

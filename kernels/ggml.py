@@ -139,7 +139,22 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_cpu_init": ("cpu", P, []),
     "ggml_backend_is_cpu": ("cpu", c_bool, [P]),
     "ggml_backend_cpu_set_n_threads": ("cpu", None, [P, c_int]),
+    # weight placement: the CPU device's extra (repacking) buffer types, as llama.cpp's loader
+    "ggml_backend_get_device": ("base", P, [P]),
+    "ggml_backend_dev_backend_reg": ("base", P, [P]),
+    "ggml_backend_reg_get_proc_address": ("base", c_void_p, [P, c_char_p]),
+    "ggml_backend_dev_supports_op": ("base", c_bool, [P, T]),
+    "ggml_backend_buft_name": ("base", c_char_p, [P]),
+    "ggml_backend_buft_alloc_buffer": ("base", P, [P, c_size_t]),
+    "ggml_backend_alloc_ctx_tensors_from_buft": ("base", P, [P, P]),
+    # tower weight type: bf16 matrices where the CPU has AVX512-BF16 dot products
+    "ggml_cpu_fp16_to_fp32": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # SIMD, as the CPU backend
+    "ggml_cpu_fp32_to_bf16": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # round to nearest even
+    "ggml_cpu_has_avx512_bf16": ("cpu", c_int, []),
 }
+
+#: ``ggml_backend_dev_get_extra_bufts_t`` (ggml-backend.h): device -> NULL-terminated buffer types.
+GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
 _LIBRARY_FILES = {"base": "libggml-base", "cpu": "libggml-cpu", "ggml": "libggml"}
 

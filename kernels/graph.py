@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgevlm.errors import InvalidModelError, KernelsUnavailableError, RuntimeFailure
 
 from . import ggml
-from .backend import Backend
+from .backend import Backend, BufferType
 
 _NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 ACTIVATIONS = ("relu", "gelu", "gelu_erf", "gelu_quick")
@@ -54,6 +54,20 @@ class RawTensor:
     ggml_type: int
     ne: tuple[int, ...]
     data: np.ndarray  # any dtype; its bytes are copied as they are
+    convert: Callable[[np.ndarray], np.ndarray] | None = field(default=None, compare=False)
+    """Turns ``data`` into the uploaded bytes just before the upload (one tensor at a time, so a
+    converted model never holds a second full copy)."""
+
+    def payload(self) -> np.ndarray:
+        """The bytes to upload (``data``, converted if a conversion is pending)."""
+        return np.ascontiguousarray(self.convert(self.data) if self.convert is not None else self.data)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the uploaded tensor (a pending conversion to a 2-byte type halves f32 data)."""
+        if self.convert is None:
+            return int(self.data.nbytes)
+        return int(self.data.size) * 2
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> "RawTensor":
@@ -90,40 +104,66 @@ def release_mapped_pages(array: np.ndarray) -> None:
 
 
 class Weights:
-    """Named tensors uploaded into one buffer of ``backend``.
+    """Named tensors uploaded into backend buffers.
+
+    Every tensor goes into the backend's plain buffer, except the names in
+    ``matmul`` (matrices the graphs use only as ``mul_mat`` weights): each of
+    those goes into the first of ``extra`` (the CPU's repacking buffer types)
+    where ggml accepts a ``mul_mat`` of it against an f32 batch — the test
+    llama.cpp's loader makes (``weight_buft_supported``) — and into the plain
+    buffer otherwise. A repacked tensor's bytes cannot be read back.
 
     Args:
         backend: where the tensors live.
         tensors: name -> :class:`RawTensor`.
+        matmul: names that may be placed in an extra buffer type.
+        extra: buffer types to try, best first (``Backend.extra_buffer_types()``).
 
     Raises:
         InvalidModelError: a tensor's byte size disagrees with its type and shape.
+        KernelsUnavailableError: a buffer could not be allocated.
     """
 
-    def __init__(self, backend: Backend, tensors: Mapping[str, RawTensor]) -> None:
+    def __init__(self, backend: Backend, tensors: Mapping[str, RawTensor], *,
+                 matmul: Collection[str] = (), extra: Sequence[BufferType] = ()) -> None:
         g = self.g = backend.g
         self.backend = backend
-        self.ctx = _context(g, len(tensors) + 1)
         self._tensors: dict[str, object] = {}
-        self.buffer = None
+        self.placement: dict[str, str] = {}   # name -> buffer type name
+        self._groups: dict[str, tuple[BufferType, int]] = {}  # buffer type name -> (type, ggml context)
+        self.buffers: dict[str, int] = {}
+        plain = BufferType(int(backend.buffer_type), g.ggml_backend_buft_name(backend.buffer_type).decode())
+        try:
+            for name, raw in tensors.items():
+                buft = _weight_buffer_type(backend, raw, extra) if name in matmul else None
+                self._add(name, raw, buft or plain, len(tensors) + 1)
+            for key, (buft, ctx) in self._groups.items():
+                buffer = g.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft.ptr)
+                if not buffer:
+                    raise KernelsUnavailableError(f"could not allocate the {key} weight buffer on {backend.name}")
+                self.buffers[key] = buffer
+        except Exception:
+            self.close()
+            raise
         for name, raw in tensors.items():
-            ne = list(raw.ne) + [1] * (4 - len(raw.ne))
-            t = g.ggml_new_tensor_4d(self.ctx, raw.ggml_type, *ne)
-            g.ggml_set_name(t, name.encode()[:63])
-            if g.ggml_nbytes(t) != raw.data.nbytes:
-                self.close()
-                raise InvalidModelError(f"tensor {name}: {raw.data.nbytes} bytes, but type "
-                                        f"{g.ggml_type_name(raw.ggml_type).decode()} {raw.ne} needs {g.ggml_nbytes(t)}")
-            self._tensors[name] = t
-        if tensors:
-            self.buffer = g.ggml_backend_alloc_ctx_tensors(self.ctx, backend.ptr)
-            if not self.buffer:
-                self.close()
-                raise KernelsUnavailableError(f"could not allocate {len(tensors)} weight tensors on {backend.name}")
-        for name, raw in tensors.items():
-            data = np.ascontiguousarray(raw.data)
+            data = raw.payload()
             g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
+            del data
             release_mapped_pages(raw.data)
+
+    def _add(self, name: str, raw: RawTensor, buft: BufferType, capacity: int) -> None:
+        g = self.g
+        if buft.name not in self._groups:
+            self._groups[buft.name] = (buft, _context(g, capacity))
+        ctx = self._groups[buft.name][1]
+        ne = list(raw.ne) + [1] * (4 - len(raw.ne))
+        t = g.ggml_new_tensor_4d(ctx, raw.ggml_type, *ne)
+        g.ggml_set_name(t, name.encode()[:63])
+        if g.ggml_nbytes(t) != raw.nbytes:
+            raise InvalidModelError(f"tensor {name}: {raw.nbytes} bytes, but type "
+                                    f"{g.ggml_type_name(raw.ggml_type).decode()} {raw.ne} needs {g.ggml_nbytes(t)}")
+        self._tensors[name] = t
+        self.placement[name] = buft.name
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -139,15 +179,52 @@ class Weights:
 
     @property
     def nbytes(self) -> int:
-        return int(self.g.ggml_backend_buffer_get_size(self.buffer)) if self.buffer else 0
+        return sum(self.buffer_bytes().values())
+
+    def buffer_bytes(self) -> dict[str, int]:
+        """Bytes per buffer type name (``{"CPU": ..., "CPU_REPACK": ...}``)."""
+        return {key: int(self.g.ggml_backend_buffer_get_size(buf)) for key, buf in self.buffers.items()}
 
     def close(self) -> None:
-        if self.buffer:
-            self.g.ggml_backend_buffer_free(self.buffer)
-            self.buffer = None
-        if self.ctx:
-            self.g.ggml_free(self.ctx)
-            self.ctx = None
+        for buffer in getattr(self, "buffers", {}).values():
+            self.g.ggml_backend_buffer_free(buffer)
+        self.buffers = {}
+        for _, ctx in getattr(self, "_groups", {}).values():
+            self.g.ggml_free(ctx)
+        self._groups = {}
+
+
+def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[BufferType]) -> BufferType | None:
+    """The first of ``extra`` where ggml runs ``mul_mat(w, x)`` for ``w`` like ``raw``, x f32 [in, 512].
+
+    As llama.cpp's ``weight_buft_supported``: a metadata-only copy of the
+    weight gets an empty buffer of the candidate type, and the CPU device is
+    asked whether it supports the op (the repack type checks the weight's
+    type and shape for a kernel of this CPU).
+    """
+    if len(raw.ne) != 2 or not extra:
+        return None
+    g = backend.g
+    ctx = _context(g, 4)
+    try:
+        w = g.ggml_new_tensor_4d(ctx, raw.ggml_type, raw.ne[0], raw.ne[1], 1, 1)
+        x = g.ggml_new_tensor_4d(ctx, ggml.GGML_TYPE_F32, raw.ne[0], 512, 1, 1)
+        op = g.ggml_mul_mat(ctx, w, x)
+        for buft in extra:
+            probe = g.ggml_backend_buft_alloc_buffer(buft.ptr, 0)
+            if not probe:
+                continue
+            w.contents.buffer = probe
+            try:
+                ok = bool(g.ggml_backend_dev_supports_op(backend.dev, op))
+            finally:
+                w.contents.buffer = None
+                g.ggml_backend_buffer_free(probe)
+            if ok:
+                return buft
+        return None
+    finally:
+        g.ggml_free(ctx)
 
 
 class GraphBuilder:

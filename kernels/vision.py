@@ -31,6 +31,7 @@ from edgevlm.errors import InvalidModelError, UnsupportedModelError
 
 from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .tower_weights import LOG, apply_weight_type, choose_weight_type, matmul_weights
 
 # HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
 HF_ACTIVATIONS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu",
@@ -183,13 +184,21 @@ class VisionTower:
             default too) instead of f32 softmax(QK^T)V. Measured on a 2-core
             AVX-512 CPU, ViT-L/14-336: 8-25 % faster, per-token cosine against
             transformers unchanged (0.9999999 on the test towers).
+        weight_type: the matrices' type on the backend: "as-file", "bf16"
+            (f32/f16 matrices converted at load), or "auto" (bf16 for f16
+            files on a CPU with AVX512-BF16; see
+            :func:`edgevlm.kernels.tower_weights.choose_weight_type`).
+        extra_buffers: put matrices in the CPU's repacking buffer types where
+            ggml takes them; None = yes except on AMX builds (as the LLM).
 
     Raises:
-        InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
+        InvalidModelError, UnsupportedModelError, KernelsUnavailableError,
+        InvalidRequestError (an unknown ``weight_type``).
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
-                 flash_attn: bool = True) -> None:
+                 flash_attn: bool = True, weight_type: str = "auto",
+                 extra_buffers: bool | None = None) -> None:
         self.path = Path(path)
         self.flash_attn = flash_attn
         self.meta, tensors = read_gguf_tensors(self.path)
@@ -199,7 +208,17 @@ class VisionTower:
                         for name, t in tensors.items() if is_host_tensor(name)}
         device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}
         self.backend = Backend(device, n_threads=n_threads)
-        self.weights = Weights(self.backend, device_tensors)
+        try:
+            self.weight_choice = choose_weight_type(weight_type, device_tensors, self.backend)
+            device_tensors = apply_weight_type(device_tensors, self.weight_choice)
+            self.weights = Weights(self.backend, device_tensors, matmul=matmul_weights(device_tensors),
+                                   extra=self.backend.extra_buffer_types(extra_buffers))
+        except Exception:
+            self.backend.close()
+            raise
+        LOG.info("kernels tower %s on %s: matrices %s, %s; weight buffers %s", self.path.name,
+                 self.backend.name, self.weight_choice.weight_type, self.weight_choice.reason,
+                 ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in self.weights.buffer_bytes().items()))
         self._graph: CompiledGraph | None = None
         self._batch_graphs: dict[int, CompiledGraph] = {}
 

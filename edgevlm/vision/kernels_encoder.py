@@ -42,6 +42,8 @@ class KernelsEncoder:
         pipeline: the family's image pipeline factory (tower -> plan and embed images).
         n_threads: CPU threads for the tower.
         device: ggml device for the tower ("auto", "cpu", "cuda", ...).
+        weight_type: the tower's matrix type ("auto", "as-file", "bf16"; see
+            :class:`edgevlm.kernels.vision.VisionTower`).
 
     Raises:
         IncompatibleModelError: the projector's output width is not the LLM's.
@@ -54,12 +56,12 @@ class KernelsEncoder:
     non_causal = False
 
     def __init__(self, mmproj: Path, model: LlamaModel, *, pipeline: PipelineFactory, n_threads: int,
-                 device: str = "auto") -> None:
+                 device: str = "auto", weight_type: str = "auto") -> None:
         from edgevlm.kernels.vision import VisionTower
 
         self.path = Path(mmproj)
         self.model = model
-        self.tower = VisionTower(self.path, device=device, n_threads=n_threads)
+        self.tower = VisionTower(self.path, device=device, n_threads=n_threads, weight_type=weight_type)
         cfg = self.tower.config
         if cfg.output_width != model.n_embd_inp:
             self.tower.close()
