@@ -5,7 +5,8 @@ Public API::
     import edgevlm
     vlm = edgevlm.load("out/llava")   # edgevlm.load(): EDGEVLM_MODEL, `edgevlm config`, else the default
     vlm.chat(messages)
-    for piece in vlm.stream(messages): ...
+    for piece in vlm.stream(messages, cancel=event): ...   # event.set() stops it
+    edgevlm.load("out/llava", progress=print)   # LoadProgress events
     edgevlm.convert.convert("path/to/llava-1.5-7b-hf", "out/llava", quant="q4_k_m")
     edgevlm.doctor().problems   # is this install healthy? (no model is loaded)
 
@@ -21,13 +22,14 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "UserConfig", "VLM", "load", "load_image", "plan",
-           "convert", "doctor", "resolve_model_name", "__version__"]
+__all__ = ["DiskCache", "EdgeVLMError", "LoadProgress", "LoadStage", "Reply", "TextStream", "UserConfig", "VLM",
+           "load", "load_image", "plan", "convert", "doctor", "resolve_model_name", "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
          "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
          "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health",
-         "UserConfig": "edgevlm.user_config", "resolve_model_name": "edgevlm.user_config"}
+         "UserConfig": "edgevlm.user_config", "resolve_model_name": "edgevlm.user_config",
+         "LoadProgress": "edgevlm.progress", "LoadStage": "edgevlm.progress"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
@@ -35,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.disk_cache import DiskCache
     from edgevlm.generation import TextStream
     from edgevlm.health import doctor
+    from edgevlm.progress import LoadProgress, LoadStage
     from edgevlm.stats import Reply
     from edgevlm.user_config import UserConfig, resolve_model_name
     from edgevlm.vision.images import load_image

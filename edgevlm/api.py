@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 
 from edgevlm import constants as C
+from edgevlm import native
 from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
 from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedModelError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, family_for
-from edgevlm.generation import SamplingOptions, TextStream
+from edgevlm.generation import CancelToken, SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.planner import MemoryPlan, PlanRequest, parse_size, plan_memory
+from edgevlm.progress import LoadReporter, LoadStage, ProgressCallback
 from edgevlm.prompt import normalize_messages
 from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
@@ -68,7 +70,8 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
          quant: str | None = None, revision: str | None = None, cache: bool = True,
          vision_engine: str = "auto", vision_device: str | None = None,
          max_image_tokens: int | None = None, tiles: str = "none",
-         memory_budget: int | str | None = None) -> VLM:
+         memory_budget: int | str | None = None, progress: ProgressCallback | None = None,
+         verbose: bool = False) -> VLM:
     """Load a vision-language model.
 
     Args:
@@ -117,6 +120,15 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         memory_budget: bytes (or "1.5GiB", "800M") the process may take: the
             model is priced first (:func:`plan`) and refused, before anything is
             loaded, when it would not fit.
+        progress: called on this thread with a
+            :class:`~edgevlm.progress.LoadProgress` at each stage (resolving,
+            reading headers, loading the LLM weights with llama.cpp's fraction,
+            loading the projector, creating the context, ready) and an overall
+            fraction for a progress bar. If it raises, the load stops (the
+            weights read so far are freed) and the exception propagates.
+        verbose: show edgevlm's and llama.cpp's log lines on stderr, from now
+            on, process-wide (otherwise llama.cpp is silent unless logging is
+            configured for ``edgevlm.llama``).
 
     Returns:
         A ready :class:`VLM`.
@@ -129,10 +141,17 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
             has the numbers and the cheapest ways to fit).
     """
     t0 = time.perf_counter()
+    if verbose:
+        native.show_logs()
     if vision_engine not in C.VISION_ENGINES:
         raise InvalidRequestError(f"unknown vision engine {vision_engine!r}; choose one of "
                                   f"{', '.join(C.VISION_ENGINES)}")
-    described = describe_model(resolve(resolve_model_name(model), mmproj, quant=quant, revision=revision))
+    report = LoadReporter(progress)
+    report.report(LoadStage.RESOLVING, 0.0, str(model))
+    files = resolve(resolve_model_name(model), mmproj, quant=quant, revision=revision)
+    report.report(LoadStage.READING_HEADERS, 0.0, files.llm.name)
+    described = describe_model(files)
+    report.weigh(_file_bytes(files.llm), _file_bytes(files.mmproj))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
@@ -145,28 +164,80 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
     _check_gpu_layers(n_gpu_layers)
-    llm = LlamaModel(described.files.llm, n_gpu_layers=n_gpu_layers)
-    check_pair(described, llm.n_embd_inp)
-    encoder = None
-    if engine_name is not None:
-        device = vision_device or ("cpu" if n_gpu_layers == 0 else "auto")
-        encoder = _open_encoder(engine_name, described, family, llm, device, options.threads()[1])
-    if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
-        # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
-        options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
-    ctx = LlamaContext(llm, options)
-    template = chat_template if chat_template is not None else llm.chat_template()
-    layout = family.prompt_layout(llm, encoder, template, chat_format)
-    store = snapshots = None
-    if cache:
-        from edgevlm.cache import EmbeddingStore
-        from edgevlm.snapshots import SnapshotStore
+    spec = _EngineSpec(described=described, family=family, engine_name=engine_name, options=options,
+                       vision_device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
+                       chat_template=chat_template, chat_format=chat_format, cache=cache,
+                       max_image_tokens=max_image_tokens)
+    engine = _open_engine(spec, report)
+    vlm = VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
+    try:
+        report.report(LoadStage.READY, 1.0, files.llm.name)
+    except BaseException:
+        vlm.close()
+        raise
+    return vlm
 
-        store = EmbeddingStore() if encoder is not None else None
-        snapshots = SnapshotStore(_snapshot_identity(described.files, ctx, encoder))
-    engine = Engine(llm, ctx, family, encoder, layout, embedding_store=store, snapshots=snapshots,
-                    max_image_tokens=max_image_tokens)
-    return VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
+
+@dataclass(frozen=True)
+class _EngineSpec:
+    """What :func:`load` decided before reading any weights."""
+
+    described: ModelDescriptor
+    family: Family
+    engine_name: str | None  # the vision engine, None without a projector
+    options: ContextOptions
+    vision_device: str
+    chat_template: str | None
+    chat_format: str | None
+    cache: bool
+    max_image_tokens: int | None
+
+
+def _open_engine(spec: _EngineSpec, report: LoadReporter) -> Engine:
+    """Load the weights, the projector and the context; what was opened is closed again on failure."""
+    llm_path = spec.described.files.llm
+    report.report(LoadStage.LOADING_LLM, 0.0, llm_path.name)
+    llm = LlamaModel(llm_path, n_gpu_layers=spec.options.n_gpu_layers,
+                     progress=report.stage_callback(LoadStage.LOADING_LLM, llm_path.name))
+    opened: list[LlamaModel | LlamaContext | VisionEncoder] = [llm]
+    try:
+        check_pair(spec.described, llm.n_embd_inp)
+        encoder = None
+        if spec.engine_name is not None and spec.described.files.mmproj is not None:
+            report.report(LoadStage.LOADING_PROJECTOR, 0.0, spec.described.files.mmproj.name)
+            encoder = _open_encoder(spec.engine_name, spec.described, spec.family, llm, spec.vision_device,
+                                    spec.options.threads()[1])
+            opened.append(encoder)
+        options = spec.options
+        if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
+            # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
+            options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
+        report.report(LoadStage.CREATING_CONTEXT, 0.0, llm_path.name)
+        ctx = LlamaContext(llm, options)
+        opened.append(ctx)
+        template = spec.chat_template if spec.chat_template is not None else llm.chat_template()
+        layout = spec.family.prompt_layout(llm, encoder, template, spec.chat_format)
+        store = snapshots = None
+        if spec.cache:
+            from edgevlm.cache import EmbeddingStore
+            from edgevlm.snapshots import SnapshotStore
+
+            store = EmbeddingStore() if encoder is not None else None
+            snapshots = SnapshotStore(_snapshot_identity(spec.described.files, ctx, encoder))
+        return Engine(llm, ctx, spec.family, encoder, layout, embedding_store=store, snapshots=snapshots,
+                      max_image_tokens=spec.max_image_tokens)
+    except BaseException:
+        for part in reversed(opened):
+            part.close()
+        native.release_free_memory()
+        raise
+
+
+def _file_bytes(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
 
 
 def plan(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLike[str] | None = None,
@@ -211,8 +282,6 @@ def _process_bytes() -> int:
     """This process's resident memory with llama.cpp and libmtmd loaded (what a load starts from)."""
     import psutil
 
-    from edgevlm import native
-
     native.llama()
     native.mtmd()
     return int(psutil.Process().memory_info().rss)
@@ -242,8 +311,6 @@ def _fit_gpu(model: ModelDescriptor, family: Family, gpu: str, n_ctx: int | None
 
 def _gpu_device() -> str | None:
     """The first GPU device of this build (None on CPU-only builds)."""
-    from edgevlm import native
-
     if not native.llama().llama_supports_gpu_offload():
         return None
     try:
@@ -270,8 +337,6 @@ def _check_gpu_layers(n_gpu_layers: int) -> None:
     Raises:
         InvalidRequestError: saying how to get a GPU build.
     """
-    from edgevlm import native
-
     if n_gpu_layers > 0 and not native.llama().llama_supports_gpu_offload():
         raise InvalidRequestError(
             f"--gpu-layers {n_gpu_layers}: this llama-cpp-python build has no GPU backend; reinstall it "
@@ -297,7 +362,6 @@ def _open_encoder(engine: str, model: ModelDescriptor, family: Family, llm: Llam
 def _snapshot_identity(files: ModelFiles, ctx: LlamaContext, encoder: VisionEncoder | None) -> SnapshotIdentity:
     import llama_cpp
 
-    from edgevlm import native
     from edgevlm.cache import file_identity
 
     return SnapshotIdentity(model=file_identity(files.llm),
@@ -378,10 +442,22 @@ class VLM:
 
     def tokenize(self, text: str) -> list[int]:
         """The LLM's tokens for ``text`` (no special tokens added)."""
+        self.engine.check_open()
         return self.engine.model.tokenize(text, add_special=False)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.engine.closed
+
     def close(self) -> None:
-        """Free the context and weights (also done on garbage collection)."""
+        """Free the weights, context, projector and RAM caches now; idempotent.
+
+        Waits for a request in progress. The native memory goes back to the
+        system (the process's RSS returns near its level before the load);
+        later calls raise :class:`~edgevlm.errors.InvalidRequestError`. Also
+        done on garbage collection and by ``with edgevlm.load(...) as vlm:``.
+        """
         self.engine.close()
 
     def __enter__(self) -> VLM:
@@ -394,7 +470,8 @@ class VLM:
     def chat(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
              top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
              repeat_penalty: float = 1.0, seed: int | None = None,
-             stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None) -> Reply:
+             stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None,
+             cancel: CancelToken | None = None) -> Reply:
         """Answer the conversation ``messages``.
 
         Args:
@@ -405,6 +482,10 @@ class VLM:
             stop: sampling options as in the OpenAI API (temperature 0 = greedy).
             max_image_tokens: this request's image-token budget per image
                 (overrides the one given to :func:`load`).
+            cancel: a :class:`threading.Event` (anything with ``is_set()``);
+                setting it, from any thread, stops the prefill before its next
+                chunk and the reply before its next token (finish reason
+                "cancelled"; the engine keeps what was evaluated for reuse).
 
         Returns:
             A :class:`Reply` (``str(reply)`` is the text; it also carries
@@ -415,18 +496,22 @@ class VLM:
         """
         return self.stream(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                           stop=stop, max_image_tokens=max_image_tokens).reply()
+                           stop=stop, max_image_tokens=max_image_tokens, cancel=cancel).reply()
 
     def stream(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                repeat_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None) -> TextStream:
+               stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None,
+               cancel: CancelToken | None = None) -> TextStream:
         """Like :meth:`chat`, yielding the reply piece by piece.
 
         Returns:
             A :class:`~edgevlm.generation.TextStream`: iterate it for text
             pieces; its ``stats`` (token counts, timings, what the prefill
-            reused) are set once it has finished; ``close()`` stops decoding.
+            reused) are set once it has finished. ``cancel.set()`` (any
+            thread) or ``close()`` stops decoding within one token; the
+            stream then ends with finish reason "cancelled". The model serves
+            no other request until the stream has ended or been closed.
 
         Raises:
             InvalidRequestError, ImageError (at once); ContextOverflowError
@@ -437,7 +522,7 @@ class VLM:
                                   top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                   stop=stops)
         prompt = self.engine.prompt(normalize_messages(messages), max_image_tokens=max_image_tokens)
-        return self.engine.generate(prompt, options)
+        return self.engine.generate(prompt, options, cancel)
 
     # ----------------------------------------------------------------- analysis
     def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True,
@@ -448,6 +533,7 @@ class VLM:
 
     def prompt_text(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
         """The rendered prompt, images shown as the media marker."""
+        self.engine.check_open()
         return self.engine.layout.text(normalize_messages(messages), gen=add_generation_prompt)
 
     def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True,
@@ -484,6 +570,7 @@ class VLM:
         Raises:
             UnsupportedModelError: the model has no projector.
         """
+        self.engine.check_open()
         if self.engine.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
         budget = self.engine.image_budget(max_image_tokens, 1)

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm import native
 from edgevlm.cache import EmbeddingStore
 from edgevlm.chunks import Chunk, ImageChunk
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.families.base import Family
-from edgevlm.generation import SamplingOptions, TextStream, sample_reply
+from edgevlm.generation import CancelToken, SamplingOptions, TextStream, sample_reply
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
 from edgevlm.prompt import ImagePart, Message
@@ -78,6 +79,7 @@ class Engine:
         self.embeddings = ImageEmbeddings(encoder, llm.n_embd_inp, embedding_store) if encoder else None
         self.kv = KVPrefix(ctx, encoder, self.embeddings, snapshots)
         self.last_prefill = PrefillStats()
+        self.closed = False
         if encoder is not None:
             preload_decoders()  # one-time work belongs to load, not to the first request
 
@@ -91,6 +93,7 @@ class Engine:
             gen: end with the reply's opening.
             max_image_tokens: this request's budget per image (None: the load default).
         """
+        self.check_open()
         n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.parts)
         chunks = self.layout.chunks(messages, gen=gen, budget=self.image_budget(max_image_tokens, n_images))
         prefix = self.layout.text_prefix(messages) if self.kv.snapshots is not None else ()
@@ -115,26 +118,42 @@ class Engine:
         return ImageBudget(min(chosen, cap) if chosen is not None else cap, chosen is not None)
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, prompt: Prompt) -> PrefillStats:
-        """Make the context hold ``prompt`` with logits for its last position."""
+    def prefill(self, prompt: Prompt, cancelled: Callable[[], bool] | None = None) -> PrefillStats:
+        """Make the context hold ``prompt`` with logits for its last position.
+
+        Args:
+            prompt: the request's prompt.
+            cancelled: asked between chunks; True stops the prefill there (the
+                KV cache keeps what was evaluated, and there are no logits).
+
+        Raises:
+            InvalidRequestError: the model was closed.
+        """
         with self.lock:
-            stats = self.kv.prefill(prompt.chunks, prompt.text_prefix)
+            self.check_open()
+            stats = self.kv.prefill(prompt.chunks, prompt.text_prefix, cancelled)
             self.last_prefill = stats
             return stats
 
     def logits(self) -> np.ndarray:
         return self.ctx.logits()
 
-    def generate(self, prompt: Prompt, options: SamplingOptions) -> TextStream:
-        """Prefill ``prompt`` and stream the reply (the lock is held while it streams)."""
-        return TextStream(lambda done: self._generate(prompt, options, done))
+    def generate(self, prompt: Prompt, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream:
+        """Prefill ``prompt`` and stream the reply (the lock is held while it streams).
 
-    def _generate(self, prompt: Prompt, options: SamplingOptions,
-                  done: Callable[[GenerationStats], None]) -> Iterator[str]:
+        ``cancel`` (or closing the stream) stops the prefill between chunks and
+        the reply before its next token; so does closing the engine from the
+        thread iterating (the lock is re-entrant), before anything freed is used.
+        """
+        return TextStream(lambda done, cancelled: self._generate(prompt, options, done,
+                                                                 lambda: self.closed or cancelled()), cancel)
+
+    def _generate(self, prompt: Prompt, options: SamplingOptions, done: Callable[[GenerationStats], None],
+                  cancelled: Callable[[], bool]) -> Iterator[str]:
         with self.lock:
             started = time.perf_counter()
-            stats = self.prefill(prompt)
-            yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, done)
+            stats = self.prefill(prompt, cancelled)
+            yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, done, cancelled)
 
     # ------------------------------------------------------------------ images
     def image_chunks(self, image: LoadedImage, max_image_tokens: int | None = None) -> list[ImageChunk]:
@@ -143,6 +162,7 @@ class Engine:
         Raises:
             UnsupportedModelError: a model without a projector.
         """
+        self.check_open()
         if self.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
         budget = self.image_budget(max_image_tokens, 1)
@@ -158,6 +178,7 @@ class Engine:
         if not chunks or self.embeddings is None:
             raise InvalidRequestError("the projector produced no image chunk for this image")
         with self.lock:  # the embedding caches are shared with running requests
+            self.check_open()
             parts = [self.embeddings.get(c) if cache else self.embeddings.encode(c) for c in chunks]
         return np.concatenate(parts, axis=0)
 
@@ -165,6 +186,7 @@ class Engine:
     def reset(self) -> None:
         """Forget the live sequence and every parked conversation."""
         with self.lock:
+            self.check_open()
             self.kv.reset()
 
     @contextmanager
@@ -187,9 +209,30 @@ class Engine:
                 self.kv.snapshots = snapshots
                 self.kv.reset()
 
+    def check_open(self) -> None:
+        """Refuse work on a closed engine (its llama.cpp objects are freed).
+
+        Raises:
+            InvalidRequestError: the model was closed.
+        """
+        if self.closed:
+            raise InvalidRequestError("this model was closed (VLM.close()); load it again with edgevlm.load()")
+
     def close(self) -> None:
+        """Free the encoder, context and weights and the RAM caches; idempotent.
+
+        Waits for a running request (the lock); later calls raise
+        :class:`~edgevlm.errors.InvalidRequestError`.
+        """
         with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.kv.parked.clear()
+            if self.embeddings is not None:
+                self.embeddings.ram.clear()
             if self.encoder is not None:
                 self.encoder.close()
             self.ctx.close()
             self.model.close()
+        native.release_free_memory()

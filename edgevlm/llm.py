@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class LlamaModel:
     """A GGUF language model loaded by llama.cpp (weights + vocabulary)."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1,
-                 extra_buffers: bool | None = None) -> None:
+                 extra_buffers: bool | None = None, progress: Callable[[float], None] | None = None) -> None:
         """Load the weights.
 
         Args:
@@ -88,6 +89,12 @@ class LlamaModel:
                 repacking, AMX). None = yes, except on builds with ggml's AMX
                 path, whose AMX buffer type crashes on quantised weights in
                 the pinned llama.cpp (see README).
+            progress: called with the fraction of the weights read (llama.cpp's
+                progress callback); if it raises, llama.cpp stops reading and
+                the exception propagates.
+
+        Raises:
+            InvalidModelError: llama.cpp could not load the file.
         """
         lib = native.llama()
         self.path = Path(path)
@@ -97,7 +104,14 @@ class LlamaModel:
             extra_buffers = not native.cpu_has_amx()
         params.use_extra_bufts = extra_buffers
         self._lib = lib
+        failure: list[BaseException] = []
+        callback = _progress_callback(lib, progress, failure) if progress is not None else None
+        if callback is not None:
+            params.progress_callback = callback  # kept alive by ``callback`` during the load
         self.ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if failure:
+            self.close()
+            raise failure[0]
         if not self.ptr:
             raise InvalidModelError(
                 f"llama.cpp could not load {self.path} (run with --verbose for its log); "
@@ -168,6 +182,24 @@ class LlamaModel:
     def token_text(self, token: int) -> str:
         raw = self._lib.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
+
+
+def _progress_callback(lib: object, progress: Callable[[float], None], failure: list[BaseException]) -> object:
+    """llama.cpp's progress callback around ``progress``: an exception is kept in ``failure`` and stops the load.
+
+    The ctypes object must outlive the load (the caller keeps it in the params).
+    """
+    def forward(fraction: float, _user_data: object) -> bool:
+        if failure:
+            return False
+        try:
+            progress(float(fraction))
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller once llama.cpp has returned
+            failure.append(exc)
+            return False
+        return True
+
+    return lib.llama_progress_callback(forward)  # type: ignore[attr-defined]
 
 
 class LlamaContext:

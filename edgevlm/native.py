@@ -1,17 +1,23 @@
-"""Loading llama.cpp / libmtmd and routing their log output into ``logging``.
+"""Loading llama.cpp / libmtmd, routing their log output into ``logging``, giving memory back.
 
 llama.cpp and libmtmd print to stderr even when asked to be quiet. edgevlm
 installs one log callback for both, forwarding every line to the
-``edgevlm.llama`` logger (silent unless the application, or ``--verbose``,
-enables it) and to the listeners of :func:`log_lines`. Nothing happens at
+``edgevlm.llama`` logger and to the listeners of :func:`log_lines`. That
+logger has a ``NullHandler``: without one, Python's last-resort handler would
+print its warnings (libmtmd's Qwen-VL ``--image-min-tokens`` advice, ...) to
+stderr in any script that has not configured logging. So llama.cpp is silent
+unless the application configures logging, passes ``verbose=True`` to
+``edgevlm.load`` (:func:`show_logs`) or the CLI runs with ``--verbose``. Nothing happens at
 import time; :func:`llama` and :func:`mtmd` load the libraries on first use.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import functools
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +26,7 @@ from types import ModuleType
 from edgevlm.errors import RuntimeFailure
 
 LOG = logging.getLogger("edgevlm.llama")
+LOG.addHandler(logging.NullHandler())  # never Python's last-resort stderr handler
 
 # ggml_log_level in the pinned ggml.h: NONE=0 DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5
 _GGML_TO_LOGGING = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING,
@@ -117,3 +124,45 @@ def cpu_has_amx() -> bool:
     type crash (SIGSEGV in ``ggml_backend_amx_mul_mat``); see README "CPU builds".
     """
     return "AMX_INT8 = 1" in system_info()
+
+
+_shown: list[logging.Handler] = []
+
+
+def show_logs() -> None:
+    """Show edgevlm's and llama.cpp's log lines on stderr from now on (``verbose=True``).
+
+    Adds one stderr handler to the ``edgevlm`` logger (unless it has a
+    handler already) and lowers both loggers to DEBUG; process-wide.
+    """
+    root = logging.getLogger("edgevlm")
+    with _state_lock:
+        if not root.handlers and not _shown:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+            root.addHandler(handler)
+            _shown.append(handler)
+    root.setLevel(logging.DEBUG)
+    LOG.setLevel(logging.DEBUG)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        lib = ctypes.CDLL(name) if name else None
+    except OSError:  # pragma: no cover - no C library by that name
+        return None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    llama.cpp frees a model's buffers with ``free``; glibc keeps much of that
+    in its heap, so without this the process's RSS stays ~20 MiB per model
+    above where it was before the load.
+    """
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)

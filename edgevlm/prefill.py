@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgevlm.chunks import Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, unit_positions
 from edgevlm.embeddings import ImageEmbeddings
@@ -74,13 +74,16 @@ class KVPrefix:
         self.starts[len(self.starts) - 1:] = starts[:len(units) + 1]
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, chunks: list[Chunk], text_prefix: tuple[int, ...] = ()) -> PrefillStats:
+    def prefill(self, chunks: list[Chunk], text_prefix: tuple[int, ...] = (),
+                cancelled: Callable[[], bool] | None = None) -> PrefillStats:
         """Make the context hold ``chunks`` with logits for the last position.
 
         Args:
             chunks: the prompt.
             text_prefix: tokens of a text-only prompt before its last user
                 message: a prefix worth a KV snapshot.
+            cancelled: asked before each chunk is evaluated; True stops there
+                (the KV cache and the ledger keep the chunks evaluated so far).
 
         Returns:
             What was reused, restored, encoded and evaluated.
@@ -98,10 +101,12 @@ class KVPrefix:
         boundaries = self._boundaries(units, text_prefix)
         keep = self._reuse(units, starts, boundaries, stats)
         self._prompt_end = len(units)
-        stats.reused_positions, stats.evaluated_positions = starts[keep], total - starts[keep]
+        stats.reused_positions = starts[keep]
         t0 = time.perf_counter()
         save_at = {b for b, least in boundaries if b - keep >= least}
-        self._evaluate(units, starts, owners, keep, stats, save_at)
+        self._evaluate(units, starts, owners, keep, stats, save_at, cancelled)
+        self._prompt_end = len(self.units)  # less than the prompt when cancelled
+        stats.evaluated_positions = self.cached_positions - starts[keep]
         stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
         stats.images_reused = sum(isinstance(u, ImageUnit) for u in units[:keep])
         self._estimate_saved(stats)
@@ -199,13 +204,14 @@ class KVPrefix:
             LOG.warning("could not save a KV snapshot: %s", exc)
 
     def _evaluate(self, units: list[Unit], starts: list[int], owners: list[Chunk], first: int,
-                  stats: PrefillStats, save_at: set[int]) -> None:
+                  stats: PrefillStats, save_at: set[int], cancelled: Callable[[], bool] | None) -> None:
         """Decode ``units[first:]``: text runs in batches, images and embeddings one by one.
 
-        A snapshot is saved when the KV cache reaches a length in ``save_at``.
+        A snapshot is saved when the KV cache reaches a length in ``save_at``;
+        ``cancelled`` returning True stops before the next chunk.
         """
         i = first
-        while i < len(units):
+        while i < len(units) and not (cancelled is not None and cancelled()):
             owner = owners[i]
             j = i + 1
             if isinstance(owner, TextChunk):

@@ -32,7 +32,8 @@ class GenerationStats:
     Attributes:
         prefill: what the prefill reused, encoded and evaluated.
         completion_tokens: tokens generated.
-        finish_reason: "stop" (end of generation or a stop string) or "length".
+        finish_reason: "stop" (end of generation or a stop string), "length", or
+            "cancelled" (the stream was closed or its cancel token set).
         ttft_ms: from the call to the first sampled token.
         total_ms: from the call to the end.
     """

@@ -146,6 +146,14 @@ def square_image(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def medium_f32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LLaVA-1.5-shaped model big enough for its parts to matter (LLM 512 wide, 4 layers; ~60 MB)."""
+    src = _build(tmp_path_factory, "llava_medium", tower="clip", text_hidden=512, text_ffn=1376,
+                 text_layers=4, text_heads=8, text_kv_heads=8)
+    return _convert(tmp_path_factory, src, "medium_f32", quant="f32", vision_type="f32")
+
+
+@pytest.fixture(scope="session")
 def clip_narrow(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A converted model whose LLM is 128 wide (projector width mismatch tests)."""
     src = _build(tmp_path_factory, "llava_narrow", tower="clip", text_hidden=128, text_ffn=256)

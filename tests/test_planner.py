@@ -22,16 +22,6 @@ PEAK = ("import sys, runpy\n"
         "print('PEAK_KB', hwm.split()[1], file=sys.stderr)\n")
 
 
-@pytest.fixture(scope="module")
-def medium(tmp_path_factory):
-    """A LLaVA-1.5-shaped model big enough for its parts to matter (LLM 512 wide, 4 layers)."""
-    from tests.conftest import _build, _convert
-
-    src = _build(tmp_path_factory, "llava_medium", tower="clip", text_hidden=512, text_ffn=1376,
-                 text_layers=4, text_heads=8, text_kv_heads=8)
-    return _convert(tmp_path_factory, src, "medium_f32", quant="f32", vision_type="f32")
-
-
 def _llama_log(model, **kwargs) -> list[str]:
     records: list[str] = []
 
@@ -74,9 +64,9 @@ def test_parts_add_up_for_every_fixture_model(siglip_f32, clip_f32, omnifusion_f
 
 @pytest.mark.parametrize("n_ctx, kv_type, flash", [(4096, "f16", None), (1024, "f32", None), (2048, "q8_0", None),
                                                    (4096, "f16", True)])
-def test_kv_and_compute_match_llama_cpp(medium, n_ctx, kv_type, flash):
-    records = _llama_log(medium, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
-    plan = edgevlm.plan(medium, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
+def test_kv_and_compute_match_llama_cpp(medium_f32, n_ctx, kv_type, flash):
+    records = _llama_log(medium_f32, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
+    plan = edgevlm.plan(medium_f32, n_ctx=n_ctx, kv_type=kv_type, flash_attn=flash)
     kv, compute = _mib(records, "KV buffer size"), _mib(records, "CPU compute buffer size")
     assert plan.by_name("kv cache") / 2**20 == pytest.approx(kv, rel=0.01)
     assert plan.by_name("llm compute") / 2**20 == pytest.approx(compute, rel=0.08)
@@ -89,9 +79,9 @@ def test_text_only_model_has_no_vision_parts(clip_f32):
 
 
 @pytest.mark.parametrize("which", ["tiny", "medium"])
-def test_prediction_within_15_percent_of_a_one_shot_chat(which, siglip_f32, medium, painting):
+def test_prediction_within_15_percent_of_a_one_shot_chat(which, siglip_f32, medium_f32, painting):
     """The plan is for a full context: the chat's prompt (an image and a long question) fills most of it."""
-    model = siglip_f32 if which == "tiny" else medium
+    model = siglip_f32 if which == "tiny" else medium_f32
     question = " ".join(["Describe the painting, its colours, its shapes and its light."] * 30)
     planned = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "plan", "--model", str(model), "--json",
                               "--image", "64x48", "--no-cache", "--ctx", "512"],
@@ -145,14 +135,14 @@ def test_bad_sizes(text):
         parse_size(text)
 
 
-def test_gpu_fit_puts_layers_first_then_the_projector(medium):
+def test_gpu_fit_puts_layers_first_then_the_projector(medium_f32):
     """Pure planning with a pretend GPU: the most layers that fit, the projector only beside them."""
     from edgevlm.descriptor import describe_model
     from edgevlm.families import family_for
     from edgevlm.planner import LLMShape, PlanRequest, fit_gpu, plan_memory
     from edgevlm.resolve import resolve
 
-    model = describe_model(resolve(medium))
+    model = describe_model(resolve(medium_f32))
     family = family_for(model)
     request = PlanRequest(n_ctx=2048, gpu="CUDA0", image_size=(640, 480))
     n_layer = LLMShape.of(model).n_layer

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from edgevlm import __version__
+from edgevlm import __version__, native
 from edgevlm.errors import EdgeVLMError, MemoryBudgetError
 
 
@@ -29,16 +29,11 @@ class EdgeVLMGroup(click.Group):
 
 def setup_logging(verbose: bool) -> None:
     """Silent by default; --verbose shows edgevlm's and llama.cpp's logs on stderr."""
-    root = logging.getLogger("edgevlm")
-    if verbose and not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    if not verbose:
-        logging.getLogger("edgevlm.llama").setLevel(logging.CRITICAL)
-    else:
-        logging.getLogger("edgevlm.llama").setLevel(logging.DEBUG)
+    if verbose:
+        native.show_logs()
+        return
+    logging.getLogger("edgevlm").setLevel(logging.WARNING)
+    logging.getLogger("edgevlm.llama").setLevel(logging.CRITICAL)
 
 
 @click.group(cls=EdgeVLMGroup, context_settings={"help_option_names": ["-h", "--help"]})
