@@ -21,11 +21,11 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "plan", "convert",
+__all__ = ["ChoiceScores", "DiskCache", "EdgeVLMError", "Reply", "TextStream", "VLM", "load", "load_image", "plan", "convert",
            "doctor", "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
-         "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
+         "Reply": "edgevlm.stats", "ChoiceScores": "edgevlm.scoring", "TextStream": "edgevlm.generation",
          "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health"}
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.disk_cache import DiskCache
     from edgevlm.generation import TextStream
     from edgevlm.health import doctor
+    from edgevlm.scoring import ChoiceScores
     from edgevlm.stats import Reply
     from edgevlm.vision.images import load_image
 

@@ -71,3 +71,11 @@ class UnhealthyInstallError(EdgeVLMError, RuntimeError):
 
 class MemoryBudgetError(EdgeVLMError, MemoryError):
     """The model, its context and its images would not fit the memory budget (nothing was loaded)."""
+
+
+class DataError(EdgeVLMError, ValueError):
+    """An evaluation data file (items CSV, choices list, prompt template) is malformed."""
+
+
+class RunConflictError(EdgeVLMError, FileExistsError):
+    """An output folder holds another evaluation run (other model, prompt or choices)."""
