@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +56,9 @@ def eval_(data: str, choices_file: str, prompt: str, out: str, system: str | Non
         compare = edgevlm.load(compare_model, **kwargs)
     bar = _Progress()
     try:
-        summary = run_eval(vlm, config, compare=compare, on_item=bar.update, on_start=bar.start)
+        with _stop_on_sigint() as stop:
+            summary = run_eval(vlm, config, compare=compare, on_item=bar.update, on_start=bar.start,
+                               should_stop=stop.is_set)
     except KeyboardInterrupt:
         bar.close()
         click.echo(f"edgevlm: interrupted; {out} keeps every finished item: run the same command to resume",
@@ -65,6 +71,29 @@ def eval_(data: str, choices_file: str, prompt: str, out: str, system: str | Non
         more = f" (and {len(summary.errors) - 3} more)" if len(summary.errors) > 3 else ""
         raise DataError(f"{len(summary.errors)} item(s) could not be evaluated: {shown}{more}; see "
                         f"{Path(out) / 'errors.jsonl'}; the other items' results are kept")
+
+
+@contextmanager
+def _stop_on_sigint() -> Iterator[threading.Event]:
+    """Ctrl-C sets the yielded flag (the run stops after the item in progress); a second one interrupts at once.
+
+    A flag, because a KeyboardInterrupt raised while llama.cpp calls back into
+    Python (its log callback) is dropped by ctypes.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Progress:

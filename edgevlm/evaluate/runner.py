@@ -162,7 +162,8 @@ def manifest_for(vlm: VLM, config: EvalConfig, compare: VLM | None) -> store.Run
 
 def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None,
              on_item: Callable[[dict[str, Any]], None] | None = None,
-             on_start: Callable[[int, int], None] | None = None) -> EvalSummary:
+             on_start: Callable[[int, int], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> EvalSummary:
     """Evaluate the items of ``config.data`` not yet in ``config.out``, then write metrics and pictures.
 
     Args:
@@ -171,6 +172,9 @@ def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None,
         compare: a second variant of the model to compare at the answer position.
         on_item: called with each new prediction record (progress bars).
         on_start: called with (items to do now, items done before).
+        should_stop: asked before each item; True stops the run as Ctrl-C does (a
+            SIGINT handler that sets a flag stops it between items, even when the
+            signal lands in a llama.cpp callback, where Python drops the exception).
 
     Returns:
         The summary (metrics over every prediction in the folder).
@@ -192,6 +196,8 @@ def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None,
     t0, new, errors = time.perf_counter(), [], []
     try:
         for item in todo:
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
             try:
                 record = evaluate_item(vlm, item, layout, config, compare)
             except EdgeVLMError as exc:
