@@ -41,7 +41,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.errors import InvalidRequestError, RuntimeFailure
-from edgevlm.llm import LlamaContext, LlamaModel
+from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prefill import KVPrefix
 from edgevlm.stats import PrefillStats
 
@@ -268,10 +268,10 @@ def choice_grammar(answers: Sequence[str]) -> str:
     return "root ::= " + " | ".join(gbnf_literal(a) for a in answers) + "\n"
 
 
-class GrammarSampler:
+class GrammarSampler(Sampler):
     """Greedy sampling under a GBNF grammar (llama.cpp's grammar sampler, then greedy)."""
 
-    def __init__(self, model: LlamaModel, grammar: str) -> None:
+    def __init__(self, model: LlamaModel, grammar: str) -> None:  # noqa: D107 - a chain of its own
         lib = native.llama()
         self._lib = lib
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
@@ -281,21 +281,6 @@ class GrammarSampler:
             raise InvalidRequestError("llama.cpp refused the choices' grammar; check the choices' characters")
         lib.llama_sampler_chain_add(self.ptr, rule)
         lib.llama_sampler_chain_add(self.ptr, lib.llama_sampler_init_greedy())
-
-    def sample(self, ctx: LlamaContext) -> int:
-        """The best admissible token after the last decoded position (accepted into the grammar)."""
-        return int(self._lib.llama_sampler_sample(self.ptr, ctx.ptr, -1))
-
-    def close(self) -> None:
-        if getattr(self, "ptr", None):
-            self._lib.llama_sampler_free(self.ptr)
-            self.ptr = None
-
-    def __del__(self) -> None:  # pragma: no cover
-        try:
-            self.close()
-        except Exception:
-            pass
 
 
 def generate_answer(model: LlamaModel, ctx: LlamaContext, kv: KVPrefix, answers: Sequence[str],

@@ -12,7 +12,7 @@ from edgevlm.errors import InvalidRequestError
 from edgevlm.evaluate import classify as run_classify
 from edgevlm.evaluate import load_choices
 from edgevlm.evaluate.data import check_choice_list
-from edgevlm.evaluate.prompts import DEFAULT_PROMPT
+from edgevlm.evaluate.prompts import DEFAULT_PROMPT, layout
 from edgevlm.evaluate.runner import METHODS
 
 
@@ -46,6 +46,7 @@ def classify(image: str, choices_file: str | None, choice: tuple[str, ...], prom
              method: str, as_json: bool, **params: Any) -> None:
     """Answer IMAGE with exactly one of the choices (prints the choice)."""
     choices = choices_from(choices_file, choice)
+    layout(prompt, choices)  # a bad prompt is refused before a model is loaded
     vlm = load_from_options(params)
     result = run_classify(vlm, image, choices, prompt=prompt, system=system, method=method,
                           image_tokens=params.get("max_image_tokens"))

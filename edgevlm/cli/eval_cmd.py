@@ -17,7 +17,7 @@ from edgevlm.cli.options import load_from_options, load_kwargs, model_options
 from edgevlm.errors import DataError
 from edgevlm.evaluate import EvalConfig, EvalSummary, load_choices, run_eval
 from edgevlm.evaluate.prompts import DEFAULT_PROMPT
-from edgevlm.evaluate.runner import METHODS
+from edgevlm.evaluate.runner import METHODS, check_data
 
 
 @click.command(name="eval")
@@ -47,6 +47,7 @@ def eval_(data: str, choices_file: str, prompt: str, out: str, system: str | Non
     config = EvalConfig(data=Path(data), choices=load_choices(choices_file), out=Path(out), prompt=prompt,
                         system=system, limit=limit, cot=cot, cot_tokens=cot_tokens,
                         image_tokens=params.get("max_image_tokens"), method=method, restart=restart)
+    check_data(config)  # a bad row or prompt is refused before a model is loaded
     vlm = load_from_options(params)
     compare = None
     if compare_model:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from edgevlm.errors import DataError
 from edgevlm.evaluate.metrics import EvalMetrics
@@ -22,7 +25,13 @@ def bar_size(n_classes: int) -> tuple[float, float]:
     return min(4.0 + 0.5 * n_classes, 24.0), 4.5
 
 
-def _pyplot():
+@contextmanager
+def _figure(size: tuple[float, float], path: Path) -> Iterator[tuple[Any, Any]]:
+    """A (figure, axes) pair of ``size`` inches, saved to ``path`` as a PNG on exit.
+
+    Raises:
+        DataError: matplotlib is not installed.
+    """
     try:
         import matplotlib
 
@@ -30,7 +39,13 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise DataError("the pictures need matplotlib: pip install 'edgevlm[eval]'") from None
-    return plt
+    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
 
 
 def save_confusion(metrics: EvalMetrics, path: Path) -> Path:
@@ -39,9 +54,14 @@ def save_confusion(metrics: EvalMetrics, path: Path) -> Path:
     Raises:
         DataError: matplotlib is not installed.
     """
-    plt = _pyplot()
     n = len(metrics.labels)
-    fig, ax = plt.subplots(figsize=figure_size(n), dpi=DPI)
+    with _figure(figure_size(n), path) as (fig, ax):
+        _draw_confusion(fig, ax, metrics)
+    return path
+
+
+def _draw_confusion(fig: Any, ax: Any, metrics: EvalMetrics) -> None:
+    n = len(metrics.labels)
     counts = [list(r) for r in metrics.confusion]
     image = ax.imshow(counts, cmap="Blues", vmin=0)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -55,10 +75,6 @@ def save_confusion(metrics: EvalMetrics, path: Path) -> Path:
             ax.text(j, i, str(value), ha="center", va="center",
                     color="white" if top and value > top / 2 else "black")
     ax.set_title(f"accuracy {metrics.accuracy:.3f}, macro-F1 {metrics.macro_f1:.3f} ({metrics.items} items)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
 
 
 def save_f1(metrics: EvalMetrics, path: Path) -> Path:
@@ -67,19 +83,15 @@ def save_f1(metrics: EvalMetrics, path: Path) -> Path:
     Raises:
         DataError: matplotlib is not installed.
     """
-    plt = _pyplot()
     n = len(metrics.per_class)
-    fig, ax = plt.subplots(figsize=bar_size(n), dpi=DPI)
-    names = [f"{_short(c.name)}\n(n={c.support})" for c in metrics.per_class]
-    bars = ax.bar(range(n), [c.f1 for c in metrics.per_class], color="tab:blue")
-    ax.bar_label(bars, labels=[f"{c.f1:.2f}" for c in metrics.per_class], padding=2)
-    ax.set_xticks(range(n), labels=names, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("F1")
-    ax.set_title(f"per-class F1 (macro-F1 {metrics.macro_f1:.3f})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    with _figure(bar_size(n), path) as (_, ax):
+        names = [f"{_short(c.name)}\n(n={c.support})" for c in metrics.per_class]
+        bars = ax.bar(range(n), [c.f1 for c in metrics.per_class], color="tab:blue")
+        ax.bar_label(bars, labels=[f"{c.f1:.2f}" for c in metrics.per_class], padding=2)
+        ax.set_xticks(range(n), labels=names, rotation=45 if n > 6 else 0, ha="right" if n > 6 else "center")
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel("F1")
+        ax.set_title(f"per-class F1 (macro-F1 {metrics.macro_f1:.3f})")
     return path
 
 

@@ -185,8 +185,7 @@ def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None,
         KeyboardInterrupt: after the metrics of what was done are written.
     """
     _check(vlm, config, compare)
-    items = load_items(config.data, config.choices)
-    layout = prompts.layout(config.prompt, config.choices, tuple(items[0].fields))
+    items, layout = check_data(config)
     store.prepare(config.out, manifest_for(vlm, config, compare), restart=config.restart)
     log = store.PredictionLog(config.out / store.PREDICTIONS)
     earlier = log.read()
@@ -210,6 +209,16 @@ def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None,
     finally:
         summary = _finish(config, compare, earlier + new, len(earlier), errors, time.perf_counter() - t0, remaining)
     return summary
+
+
+def check_data(config: EvalConfig) -> tuple[list[Item], prompts.PromptLayout]:
+    """The items and the prompt's layout, checked (cheap: call it before loading a model).
+
+    Raises:
+        DataError: a bad CSV row (named), or a prompt field that is not a column.
+    """
+    items = load_items(config.data, config.choices)
+    return items, prompts.layout(config.prompt, config.choices, tuple(items[0].fields))
 
 
 def _check(vlm: VLM, config: EvalConfig, compare: VLM | None) -> None:

@@ -170,10 +170,11 @@ def test_bad_rows_name_the_row_and_the_rest_is_kept(siglip_f32, demo, tmp_path):
     image, _, colour = rows[3].split(",")
     bad_label = demo / "labels.csv"
     bad_label.write_text("\n".join(rows[:3] + [f"{image},hexagon,{colour}"]) + "\n")
-    args = _eval_args(siglip_f32, demo, tmp_path / "a")
+    args = _eval_args(tmp_path / "no-model-needed", demo, tmp_path / "a")  # refused before loading
     args[args.index("--data") + 1] = str(bad_label)
     res = _run(*args)
     assert res.exit_code == 2 and "labels.csv row 4: label 'hexagon' is not one of the choices" in res.output
+    assert not (tmp_path / "a").exists()
     missing = demo / "items_missing.csv"
     missing.write_text("\n".join(rows[:3] + ["images/gone.png,circle,red"] + rows[3:5]) + "\n")
     out = tmp_path / "b"
