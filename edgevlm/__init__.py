@@ -22,11 +22,11 @@ from edgevlm.errors import EdgeVLMError
 
 __version__ = "0.1.0"
 
-__all__ = ["DiskCache", "EdgeVLMError", "LoadProgress", "LoadStage", "Reply", "TextStream", "UserConfig", "VLM",
-           "load", "load_image", "plan", "convert", "doctor", "resolve_model_name", "__version__"]
+__all__ = ["ChoiceScores", "DiskCache", "EdgeVLMError", "LoadProgress", "LoadStage", "Reply", "TextStream",
+           "UserConfig", "VLM", "load", "load_image", "plan", "convert", "doctor", "resolve_model_name", "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
-         "Reply": "edgevlm.stats", "TextStream": "edgevlm.generation",
+         "Reply": "edgevlm.stats", "ChoiceScores": "edgevlm.scoring", "TextStream": "edgevlm.generation",
          "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health",
          "UserConfig": "edgevlm.user_config", "resolve_model_name": "edgevlm.user_config",
          "LoadProgress": "edgevlm.progress", "LoadStage": "edgevlm.progress"}
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.generation import TextStream
     from edgevlm.health import doctor
     from edgevlm.progress import LoadProgress, LoadStage
+    from edgevlm.scoring import ChoiceScores
     from edgevlm.stats import Reply
     from edgevlm.user_config import UserConfig, resolve_model_name
     from edgevlm.vision.images import load_image

@@ -29,6 +29,7 @@ from edgevlm.progress import LoadReporter, LoadStage, ProgressCallback
 from edgevlm.prompt import normalize_messages
 from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
+from edgevlm.scoring import ChoiceGeneration, ChoiceScores
 from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
 from edgevlm.user_config import resolve_model_name
@@ -544,6 +545,53 @@ class VLM:
         with self.engine.lock:
             self.engine.prefill(prompt)
             return self.engine.logits()
+
+    def score_choices(self, messages: Messages, choices: Sequence[str], *,
+                      max_image_tokens: int | None = None) -> ChoiceScores:
+        """How likely each of ``choices`` is as the reply to ``messages``: the answer is always one of them.
+
+        The prompt is prefilled once (with the usual prefix reuse); each
+        choice's tokens are then evaluated after it and dropped again. A
+        choice's log-probability sums its tokens' log-softmax; see
+        :mod:`edgevlm.scoring` for tokenisation and choices that extend others.
+
+        Args:
+            messages: the conversation (as in :meth:`chat`), ending with the question.
+            choices: at least two distinct answers.
+            max_image_tokens: this request's image-token budget (as in :meth:`chat`).
+
+        Returns:
+            A :class:`~edgevlm.scoring.ChoiceScores` (``choice``, ``probabilities``,
+            ``logprobs``, ``next_logprobs``, ``prefill``).
+
+        Raises:
+            InvalidRequestError: fewer than two, empty or repeated choices.
+            ImageError, ContextOverflowError: as :meth:`chat`.
+        """
+        return self.engine.score_choices(normalize_messages(messages), choices, max_image_tokens=max_image_tokens)
+
+    def generate_choice(self, messages: Messages, choices: Sequence[str], *,
+                        max_image_tokens: int | None = None) -> ChoiceGeneration:
+        """Greedy decoding under a grammar that admits only ``choices`` (the alternative to scoring).
+
+        Returns:
+            A :class:`~edgevlm.scoring.ChoiceGeneration` (``choice``, ``index``, ``tokens``).
+
+        Raises:
+            InvalidRequestError, ImageError, ContextOverflowError: as :meth:`score_choices`.
+        """
+        return self.engine.generate_choice(normalize_messages(messages), choices,
+                                           max_image_tokens=max_image_tokens)
+
+    @property
+    def identity(self) -> str:
+        """A stable identity of the model files (LLM and projector: sizes and content hashes)."""
+        from edgevlm.cache import file_identity
+
+        parts = [file_identity(self.files.llm)]
+        if self.files.mmproj is not None:
+            parts.append(file_identity(self.files.mmproj))
+        return "/".join(parts)
 
     def embed_image(self, image: Any, *, cache: bool = True, max_image_tokens: int | None = None) -> np.ndarray:
         """The projected image embeddings the LLM receives: (n_image_tokens, n_embd).

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore
-from edgevlm.chunks import Chunk, ImageChunk
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.families.base import Family
@@ -34,6 +34,8 @@ from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
 from edgevlm.prompt import ImagePart, Message
 from edgevlm.prompt_layout import ImageBudget, PromptLayout, enforce_image_budget
+from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
+                             generate_answer, generation_answers, score_sequences)
 from edgevlm.snapshots import SnapshotStore
 from edgevlm.stats import GenerationStats, PrefillStats
 from edgevlm.vision.encoder import VisionEncoder
@@ -154,6 +156,43 @@ class Engine:
             started = time.perf_counter()
             stats = self.prefill(prompt, cancelled)
             yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, done, cancelled)
+
+    # ------------------------------------------------------------------ choices
+    def score_choices(self, messages: list[Message], choices: Sequence[str], *,
+                      max_image_tokens: int | None = None) -> ChoiceScores:
+        """Each choice's log-probability as the answer to ``messages`` (see :mod:`edgevlm.scoring`).
+
+        Raises:
+            InvalidRequestError: bad choices; ContextOverflowError: they do not fit.
+        """
+        choices = check_choices(choices)
+        prompt = self.prompt(messages, max_image_tokens=max_image_tokens)
+        tail = self._answer_tail(messages, prompt)
+        pairs = [choice_tokens(self.model, tail[0], tail[1], answer_lead(tail[0], c) + c) for c in choices]
+        with self.lock:
+            stats = self.prefill(prompt)
+            return score_sequences(self.kv, self.ctx, choices, [t for t, _ in pairs], stats,
+                                   joint=all(j for _, j in pairs))
+
+    def generate_choice(self, messages: list[Message], choices: Sequence[str], *,
+                        max_image_tokens: int | None = None) -> ChoiceGeneration:
+        """Greedy decoding under a grammar admitting only ``choices`` (see :mod:`edgevlm.scoring`)."""
+        choices = check_choices(choices)
+        prompt = self.prompt(messages, max_image_tokens=max_image_tokens)
+        tail_text = self._answer_tail(messages, prompt)[0]
+        answers = generation_answers(choices, lambda c: answer_lead(tail_text, c))
+        with self.lock:
+            stats = self.prefill(prompt)
+            index, tokens = generate_answer(self.model, self.ctx, self.kv, answers, stats)
+            return ChoiceGeneration(choice=choices[index], index=index, tokens=tokens, prefill=stats)
+
+    def _answer_tail(self, messages: list[Message], prompt: Prompt) -> tuple[str, tuple[int, ...]]:
+        """The rendered prompt after its last image, and the prompt's last text chunk (answers follow both)."""
+        text = self.layout.text(messages, gen=True)
+        if self.encoder is not None:
+            text = text.rsplit(self.encoder.marker, 1)[-1]
+        last = prompt.chunks[-1] if prompt.chunks else None
+        return text, last.tokens if isinstance(last, TextChunk) else ()
 
     # ------------------------------------------------------------------ images
     def image_chunks(self, image: LoadedImage, max_image_tokens: int | None = None) -> list[ImageChunk]:

@@ -75,3 +75,11 @@ class MemoryBudgetError(EdgeVLMError, MemoryError):
 
 class ConfigError(EdgeVLMError, ValueError):
     """edgevlm's config file is unreadable or unwritable, or a key or value given to it is not valid."""
+
+
+class DataError(EdgeVLMError, ValueError):
+    """An evaluation data file (items CSV, choices list, prompt template) is malformed."""
+
+
+class RunConflictError(EdgeVLMError, FileExistsError):
+    """An output folder holds another evaluation run (other model, prompt or choices)."""

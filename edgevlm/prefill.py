@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
 
 from edgevlm.chunks import Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, unit_positions
 from edgevlm.embeddings import ImageEmbeddings
@@ -72,6 +75,37 @@ class KVPrefix:
         """Record units now in the KV cache; ``starts`` has one more entry (the end)."""
         self.units.extend(units)
         self.starts[len(self.starts) - 1:] = starts[:len(units) + 1]
+
+    # ------------------------------------------------------------------ branches
+    @contextmanager
+    def branch(self) -> Iterator[int]:
+        """Decode freely after what the KV cache holds; afterwards the cache is cut back to it.
+
+        Yields the first free position. Nothing decoded inside is committed, so
+        the ledger stays true: the next request reuses the prefix as before.
+        """
+        start = self.cached_positions
+        try:
+            yield start
+        finally:
+            self.ctx.truncate(start)
+
+    def evaluate_after(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) of ``tokens`` decoded after what the KV cache holds, then dropped.
+
+        Row i holds the logits after ``tokens[:i + 1]``. The tokens go in one
+        batch (at most n_batch of them); the KV cache and the ledger are left
+        as they were (the last prompt's logits are gone: read them first).
+
+        Raises:
+            RuntimeFailure: more tokens than a batch, or llama.cpp failed.
+            ContextOverflowError: they do not fit after the held prefix.
+        """
+        if not tokens:
+            return np.zeros((0, self.ctx.model.n_vocab), dtype=np.float32)
+        with self.branch() as start:
+            self.ctx.decode_tokens(list(tokens), start, logits_last=False, logits_all=True)
+            return np.stack([self.ctx.logits_at(i) for i in range(len(tokens))])
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, chunks: list[Chunk], text_prefix: tuple[int, ...] = (),

@@ -17,3 +17,26 @@ def test_ask_about_image_encodes_the_image_once(siglip_f32, painting):
     assert len(status) == 2
     assert "1 image(s) encoded" in status[0] and "0 image(s) encoded" in status[1]
     assert proc.stderr == ""
+
+
+EVAL_DEMO = Path(__file__).resolve().parents[1] / "examples" / "eval_demo" / "make_demo.py"
+
+
+def test_eval_demo_runs_end_to_end(siglip_f32, tmp_path):
+    """What a new user does: draw the demo set, run edgevlm eval on it, read the summary."""
+    demo = tmp_path / "demo"
+    made = subprocess.run([sys.executable, str(EVAL_DEMO), str(demo), "--per-pair", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert len((demo / "items.csv").read_text().splitlines()) == 1 + 18
+    cmd = [sys.executable, "-m", "edgevlm.cli.main", "eval", "--model", str(siglip_f32), "--data",
+           str(demo / "items.csv"), "--choices", str(demo / "choices.txt"), "--out", str(demo / "run"),
+           "--prompt", "Each picture shows one shape: {choices}. Answer with the shape only. "
+           "What shape is the {colour} figure?", "--threads", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("accuracy ") and "18 items (18 new" in proc.stdout
+    assert proc.stderr == ""  # no progress bar when piped, no llama.cpp log
+    assert len((demo / "run" / "predictions.jsonl").read_text().splitlines()) == 18
+    for name in ("metrics.json", "confusion.png", "f1.png", "manifest.json"):
+        assert (demo / "run" / name).stat().st_size > 0

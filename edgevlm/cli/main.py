@@ -45,7 +45,8 @@ def cli(verbose: bool) -> None:
 
 
 def _register() -> None:
-    from edgevlm.cli import bench, cache_cmd, chat, config_cmd, convert_cmd, doctor_cmd, inspect_cmd, plan_cmd
+    from edgevlm.cli import (bench, cache_cmd, chat, classify_cmd, config_cmd, convert_cmd, doctor_cmd, eval_cmd,
+                             inspect_cmd, plan_cmd)
 
     cli.add_command(chat.chat)
     cli.add_command(convert_cmd.convert)
@@ -55,6 +56,8 @@ def _register() -> None:
     cli.add_command(doctor_cmd.doctor)
     cli.add_command(plan_cmd.plan)
     cli.add_command(config_cmd.config)
+    cli.add_command(classify_cmd.classify)
+    cli.add_command(eval_cmd.eval_)
 
 
 _register()
