@@ -436,7 +436,7 @@ class Sampler:
         self.ptr = chain
         if repeat_penalty != 1.0:
             lib.llama_sampler_chain_add(
-                chain, lib.llama_sampler_init_penalties(repeat_last_n, repeat_penalty, 0.0, 0.0))
+                chain, lib.llama_sampler_init_penalties(model.n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
         if temperature <= 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return

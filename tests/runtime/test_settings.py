@@ -58,3 +58,10 @@ def test_cli_with_a_quantised_kv_cache_answers(siglip_f32, painting):
                           "--image", str(painting), "-p", "Genre?", "--ctx", "100000", "--no-cache"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "was trained for" in bad.stderr
+
+
+def test_repeat_penalty_samples(siglip_f32, painting):
+    """llama_sampler_init_penalties of the pinned llama.cpp takes n_vocab first; a penalty must work."""
+    with edgevlm.load(siglip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
+        reply = vlm.chat(_ask(painting), max_tokens=4, temperature=0.7, repeat_penalty=1.3, seed=1)
+        assert reply.completion_tokens >= 1
