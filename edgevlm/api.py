@@ -21,7 +21,7 @@ from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
 from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedModelError
-from edgevlm.families.base import Family, FamilyOptions, ImageCost, blank_image, family_for
+from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import CancelToken, SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.planner import MemoryPlan, PlanRequest, parse_size, plan_memory
@@ -34,7 +34,7 @@ from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
 from edgevlm.user_config import resolve_model_name
 from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import load_image
+from edgevlm.vision.images import LoadedImage, load_image
 
 LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
@@ -623,7 +623,9 @@ class VLM:
             raise UnsupportedModelError("this model has no vision projector")
         budget = self.engine.image_budget(max_image_tokens, 1)
         cost = self.engine.family.image_cost(width, height, self.engine.encoder, budget.tokens)
-        check_image_tokens(cost.tokens, budget, self.engine.family, blank_image(width, height))
+        # only the size and a name are read for the message: no pixels are allocated
+        sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
+        check_image_tokens(cost.tokens, budget, self.engine.family, sized)
         return cost
 
     def reset(self) -> None:
