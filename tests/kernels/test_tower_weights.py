@@ -89,6 +89,10 @@ def _repacks(kind: str) -> bool:
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
 def test_repacked_buffers_give_the_plain_buffer_embeddings(clip_variants, kind):
+    if native.cpu_has_amx() and kind != "f16":
+        # Forcing the extra types on an AMX build puts quantised matrices in ggml's AMX buffer type, which
+        # dies with SIGILL/SIGSEGV in the pinned llama.cpp: the reason for the guard tested below.
+        pytest.skip("AMX build: quantised matrices never go to the extra buffer types here (the AMX guard)")
     plain, plain_at = _encode(clip_variants[kind], weight_type="as-file", extra_buffers=False)
     packed, packed_at = _encode(clip_variants[kind], weight_type="as-file", extra_buffers=True)
     assert set(plain_at.values()) == {"CPU"}
