@@ -23,25 +23,27 @@ from edgevlm.errors import EdgeVLMError
 __version__ = "0.1.0"
 
 __all__ = ["ChoiceScores", "DiskCache", "EdgeVLMError", "LoadProgress", "LoadStage", "Reply", "TextStream",
-           "UserConfig", "VLM", "load", "load_image", "plan", "convert", "doctor", "resolve_model_name", "__version__"]
+           "UserConfig", "VLM", "image_size", "load", "load_image", "plan", "convert", "doctor", "json_grammar", "resolve_model_name",
+           "__version__"]
 
 _LAZY = {"VLM": "edgevlm.api", "load": "edgevlm.api", "plan": "edgevlm.api", "DiskCache": "edgevlm.disk_cache",
          "Reply": "edgevlm.stats", "ChoiceScores": "edgevlm.scoring", "TextStream": "edgevlm.generation",
-         "load_image": "edgevlm.vision.images", "doctor": "edgevlm.health",
+         "load_image": "edgevlm.vision.images", "image_size": "edgevlm.vision.images", "doctor": "edgevlm.health",
          "UserConfig": "edgevlm.user_config", "resolve_model_name": "edgevlm.user_config",
-         "LoadProgress": "edgevlm.progress", "LoadStage": "edgevlm.progress"}
+         "LoadProgress": "edgevlm.progress", "LoadStage": "edgevlm.progress", "json_grammar": "edgevlm.grammars"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import convert
     from edgevlm.api import VLM, load, plan
     from edgevlm.disk_cache import DiskCache
     from edgevlm.generation import TextStream
+    from edgevlm.grammars import json_grammar
     from edgevlm.health import doctor
     from edgevlm.progress import LoadProgress, LoadStage
     from edgevlm.scoring import ChoiceScores
     from edgevlm.stats import Reply
     from edgevlm.user_config import UserConfig, resolve_model_name
-    from edgevlm.vision.images import load_image
+    from edgevlm.vision.images import image_size, load_image
 
 
 def __getattr__(name: str) -> Any:

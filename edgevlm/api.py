@@ -472,7 +472,8 @@ class VLM:
              top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
              repeat_penalty: float = 1.0, seed: int | None = None,
              stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None,
-             cancel: CancelToken | None = None) -> Reply:
+             cancel: CancelToken | None = None, grammar: str | None = None,
+             logprobs: int | None = None) -> Reply:
         """Answer the conversation ``messages``.
 
         Args:
@@ -487,32 +488,40 @@ class VLM:
                 setting it, from any thread, stops the prefill before its next
                 chunk and the reply before its next token (finish reason
                 "cancelled"; the engine keeps what was evaluated for reuse).
+            grammar: GBNF text (start rule ``root``) the reply must follow,
+                e.g. :func:`edgevlm.json_grammar` of a JSON schema.
+            logprobs: None, or how many alternatives to report per token
+                (0-20): ``Reply.logprobs`` then holds each generated token's
+                log-probability under the model and its most likely alternatives.
 
         Returns:
             A :class:`Reply` (``str(reply)`` is the text; it also carries
-            ``finish_reason``, token counts and timings).
+            ``finish_reason``, token counts, timings and ``logprobs``).
 
         Raises:
             InvalidRequestError, ImageError, ContextOverflowError.
         """
         return self.stream(messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                           stop=stop, max_image_tokens=max_image_tokens, cancel=cancel).reply()
+                           stop=stop, max_image_tokens=max_image_tokens, cancel=cancel, grammar=grammar,
+                           logprobs=logprobs).reply()
 
     def stream(self, messages: Messages, *, max_tokens: int = 512, temperature: float = 0.2,
                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                repeat_penalty: float = 1.0, seed: int | None = None,
                stop: str | Sequence[str] | None = None, max_image_tokens: int | None = None,
-               cancel: CancelToken | None = None) -> TextStream:
+               cancel: CancelToken | None = None, grammar: str | None = None,
+               logprobs: int | None = None) -> TextStream:
         """Like :meth:`chat`, yielding the reply piece by piece.
 
         Returns:
             A :class:`~edgevlm.generation.TextStream`: iterate it for text
             pieces; its ``stats`` (token counts, timings, what the prefill
-            reused) are set once it has finished. ``cancel.set()`` (any
-            thread) or ``close()`` stops decoding within one token; the
-            stream then ends with finish reason "cancelled". The model serves
-            no other request until the stream has ended or been closed.
+            reused) are set once it has finished, its ``logprobs`` grow with
+            the tokens. ``cancel.set()`` (any thread) or ``close()`` stops
+            decoding within one token; the stream then ends with finish
+            reason "cancelled". The model serves no other request until the
+            stream has ended or been closed.
 
         Raises:
             InvalidRequestError, ImageError (at once); ContextOverflowError
@@ -521,7 +530,7 @@ class VLM:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
-                                  stop=stops)
+                                  stop=stops, grammar=grammar, logprobs=logprobs)
         prompt = self.engine.prompt(normalize_messages(messages), max_image_tokens=max_image_tokens)
         return self.engine.generate(prompt, options, cancel)
 

@@ -29,7 +29,7 @@ from edgevlm.chunks import Chunk, ImageChunk, TextChunk
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.families.base import Family
-from edgevlm.generation import CancelToken, SamplingOptions, TextStream, sample_reply
+from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextStream, sample_reply
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
 from edgevlm.prompt import ImagePart, Message
@@ -147,15 +147,15 @@ class Engine:
         the reply before its next token; so does closing the engine from the
         thread iterating (the lock is re-entrant), before anything freed is used.
         """
-        return TextStream(lambda done, cancelled: self._generate(prompt, options, done,
-                                                                 lambda: self.closed or cancelled()), cancel)
+        return TextStream(lambda hooks: self._generate(prompt, options, hooks), cancel)
 
-    def _generate(self, prompt: Prompt, options: SamplingOptions, done: Callable[[GenerationStats], None],
-                  cancelled: Callable[[], bool]) -> Iterator[str]:
+    def _generate(self, prompt: Prompt, options: SamplingOptions, hooks: StreamHooks) -> Iterator[str]:
+        user_cancelled = hooks.cancelled
+        hooks.cancelled = lambda: self.closed or user_cancelled()
         with self.lock:
             started = time.perf_counter()
-            stats = self.prefill(prompt, cancelled)
-            yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, done, cancelled)
+            stats = self.prefill(prompt, hooks.cancelled)
+            yield from sample_reply(self.model, self.ctx, self.kv, options, stats, started, hooks)
 
     # ------------------------------------------------------------------ choices
     def score_choices(self, messages: list[Message], choices: Sequence[str], *,

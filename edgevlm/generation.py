@@ -11,13 +11,18 @@ import codecs
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from edgevlm.errors import InvalidRequestError
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prefill import KVPrefix
-from edgevlm.stats import GenerationStats, PrefillStats, Reply
+from edgevlm.stats import GenerationStats, PrefillStats, Reply, TokenAlternative, TokenLogprob
+
+#: Most alternatives a reply can report per token (``logprobs=``), as in the OpenAI API.
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -32,11 +37,14 @@ class SamplingOptions:
     repeat_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF (rule "root") every reply must follow
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k best alternatives
 
     def __post_init__(self) -> None:
         checks = (("max_tokens", self.max_tokens >= 0), ("temperature", self.temperature >= 0),
                   ("top_p", 0 < self.top_p <= 1), ("top_k", self.top_k >= 0),
-                  ("min_p", 0 <= self.min_p <= 1), ("repeat_penalty", self.repeat_penalty > 0))
+                  ("min_p", 0 <= self.min_p <= 1), ("repeat_penalty", self.repeat_penalty > 0),
+                  ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS))
         for name, ok in checks:
             if not ok:
                 raise InvalidRequestError(f"invalid sampling option {name}={getattr(self, name)!r}")
@@ -77,6 +85,23 @@ class CancelToken(Protocol):
 
 
 @dataclass
+class StreamHooks:
+    """How a reply's token loop talks to its :class:`TextStream`.
+
+    Attributes:
+        done: receives the reply's statistics when the loop ends, is
+            cancelled or is closed (finish reason "cancelled").
+        cancelled: asked before each token; True ends the reply.
+        logprobs: where each generated token's log-probabilities are appended
+            (when the options ask for them).
+    """
+
+    done: Callable[[GenerationStats], None]
+    cancelled: Callable[[], bool]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
 class _Run:
     """The token loop's running state: what its statistics are made of."""
 
@@ -93,8 +118,7 @@ class _Run:
 
 
 def sample_reply(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, options: SamplingOptions,
-                 prefill: PrefillStats, started_at: float, done: Callable[[GenerationStats], None],
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[str]:
+                 prefill: PrefillStats, started_at: float, hooks: StreamHooks) -> Iterator[str]:
     """Sample after a prefill, committing each token to ``kv``; yields text pieces.
 
     Args:
@@ -103,35 +127,51 @@ def sample_reply(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, options: Samp
         options: sampling options.
         prefill: the prompt's prefill statistics.
         started_at: ``time.perf_counter()`` at the request's start (for TTFT).
-        done: receives the reply's statistics when the loop ends, is
-            cancelled or is closed (finish reason "cancelled").
-        cancelled: asked before each token; True ends the reply (nothing
-            more is sampled).
+        hooks: the stream's callbacks (statistics, cancellation, log-probabilities).
     """
     sampler = Sampler(llm, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                       min_p=options.min_p, repeat_penalty=options.repeat_penalty,
-                      seed=options.seed if options.seed is not None else ctx.options.seed)
+                      seed=options.seed if options.seed is not None else ctx.options.seed,
+                      grammar=options.grammar)
     run = _Run(started_at)
     try:
         sampler.accept_history(kv.recent_tokens(64))
-        yield from _token_loop(llm, ctx, kv, sampler, options, prefill.kv_cells, run, cancelled)
+        yield from _token_loop(llm, ctx, kv, sampler, options, prefill.kv_cells, run, hooks)
     except GeneratorExit:  # closed: every token so far is committed, the engine is consistent
         run.finish = "cancelled"
-        done(run.stats(prefill))
+        hooks.done(run.stats(prefill))
         raise
     finally:
         sampler.close()
-    done(run.stats(prefill))
+    hooks.done(run.stats(prefill))
+
+
+def token_logprob(llm: LlamaModel, logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
+    """``token``'s log-probability under ``logits`` and the ``n_top`` most likely tokens'."""
+    shifted = logits.astype(np.float64) - float(np.max(logits))
+    logprobs = shifted - np.log(np.exp(shifted).sum())
+    top: tuple[TokenAlternative, ...] = ()
+    if n_top > 0:
+        best = np.argpartition(-logprobs, min(n_top, len(logprobs) - 1))[:n_top]
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        top = tuple(_alternative(llm, int(t), float(logprobs[t])) for t in best)
+    chosen = _alternative(llm, token, float(logprobs[token]))
+    return TokenLogprob(chosen.token, chosen.bytes, chosen.logprob, top)
+
+
+def _alternative(llm: LlamaModel, token: int, logprob: float) -> TokenAlternative:
+    raw = llm.token_bytes(token)
+    return TokenAlternative(raw.decode("utf-8", errors="replace"), raw, logprob)
 
 
 def _token_loop(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, sampler: Sampler, options: SamplingOptions,
-                prompt_cells: int, run: _Run, cancelled: Callable[[], bool]) -> Iterator[str]:
+                prompt_cells: int, run: _Run, hooks: StreamHooks) -> Iterator[str]:
     """Sample, decode and commit one token at a time, streaming text past the stop strings."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopMatcher(options.stop)
     started = False
     while run.n_generated < options.max_tokens:
-        if cancelled():
+        if hooks.cancelled():
             run.finish = "cancelled"
             break
         token = sampler.sample(ctx)
@@ -144,6 +184,8 @@ def _token_loop(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, sampler: Sampl
         # cells in use once this token is in: the prompt's plus every generated token
         if max(pos + 1, prompt_cells + run.n_generated) > ctx.n_ctx:
             break
+        if options.logprobs is not None:  # before the decode below replaces the logits
+            hooks.logprobs.append(token_logprob(llm, ctx.logits(), token, options.logprobs))
         ctx.decode_tokens([token], pos, logits_last=True)
         kv.commit([token], [pos, pos + 1])
         text = decoder.decode(llm.token_bytes(token))
@@ -172,22 +214,30 @@ class TextStream:
     requests wait) until the stream has ended or been closed.
 
     Args:
-        pieces: makes the generator of text pieces from the ``done`` callback
-            and the ``cancelled`` predicate.
+        pieces: makes the generator of text pieces from the stream's hooks
+            (statistics callback, cancellation predicate, log-probability list).
         cancel: the caller's cancel token (None: only :meth:`close` stops it).
     """
 
-    def __init__(self, pieces: Callable[[Callable[[GenerationStats], None], Callable[[], bool]], Iterator[str]],
-                 cancel: CancelToken | None = None) -> None:
+    def __init__(self, pieces: Callable[[StreamHooks], Iterator[str]], cancel: CancelToken | None = None) -> None:
         self.stats: GenerationStats | None = None
         self._text: list[str] = []
         self._cancel = cancel
         self._closed = threading.Event()
         self._owner: int | None = None  # the thread iterating (it holds the engine's lock)
-        self._pieces = pieces(self._finish, self.cancelled)
+        self._hooks = StreamHooks(self._finish, self.cancelled)
+        self._pieces = pieces(self._hooks)
 
     def _finish(self, stats: GenerationStats) -> None:
         self.stats = stats
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """Each generated token's log-probabilities so far (empty unless ``logprobs=`` was given).
+
+        A token held back by a stop string is listed before its text is streamed.
+        """
+        return self._hooks.logprobs
 
     def cancelled(self) -> bool:
         """Whether the stream was closed or its cancel token set."""
@@ -233,4 +283,4 @@ class TextStream:
             pass
         if self.stats is None:
             raise InvalidRequestError("the stream was closed before it started; there is no reply")
-        return Reply.from_stats(self.text.rstrip(), self.stats)
+        return Reply.from_stats(self.text.rstrip(), self.stats, tuple(self._hooks.logprobs))

@@ -422,18 +422,30 @@ def _flash_attn_type(lib: object, options: ContextOptions) -> int:
 
 
 class Sampler:
-    """A llama.cpp sampler chain: penalties -> top-k -> top-p -> min-p -> temperature -> dist.
+    """A llama.cpp sampler chain: [grammar ->] penalties -> top-k -> top-p -> min-p -> temperature -> dist.
 
-    temperature <= 0 means greedy decoding.
+    temperature <= 0 means greedy decoding. ``grammar`` (GBNF text, start
+    rule ``root``) restricts every step to the tokens the grammar allows.
+
+    Raises:
+        InvalidRequestError: llama.cpp could not parse ``grammar``.
     """
 
     def __init__(self, model: LlamaModel, *, temperature: float = 0.8, top_k: int = 40,
                  top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 repeat_last_n: int = 64, seed: int = 0) -> None:
+                 repeat_last_n: int = 64, seed: int = 0, grammar: str | None = None) -> None:
         lib = native.llama()
         self._lib = lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.ptr = chain
+        self.constrained = grammar is not None
+        if grammar is not None:
+            rule = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
+            if not rule:
+                self.close()
+                raise InvalidRequestError("llama.cpp could not parse the grammar (GBNF with a 'root' rule); "
+                                          "check its syntax")
+            lib.llama_sampler_chain_add(chain, rule)
         if repeat_penalty != 1.0:
             lib.llama_sampler_chain_add(
                 chain, lib.llama_sampler_init_penalties(model.n_vocab, repeat_last_n, repeat_penalty, 0.0, 0.0))
@@ -450,7 +462,13 @@ class Sampler:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def accept_history(self, tokens: list[int] | tuple[int, ...]) -> None:
-        """Feed prompt tokens to the penalty window (as llama.cpp's server does)."""
+        """Feed prompt tokens to the penalty window (as llama.cpp's server does).
+
+        Not with a grammar: the chain would feed them to the grammar too, which
+        must see only the reply (llama.cpp aborts on a token it rejects).
+        """
+        if self.constrained:
+            return
         for tok in tokens:
             self._lib.llama_sampler_accept(self.ptr, tok)
 

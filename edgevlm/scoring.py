@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgevlm import native
 from edgevlm.errors import InvalidRequestError, RuntimeFailure
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prefill import KVPrefix
@@ -271,16 +270,11 @@ def choice_grammar(answers: Sequence[str]) -> str:
 class GrammarSampler(Sampler):
     """Greedy sampling under a GBNF grammar (llama.cpp's grammar sampler, then greedy)."""
 
-    def __init__(self, model: LlamaModel, grammar: str) -> None:  # noqa: D107 - a chain of its own
-        lib = native.llama()
-        self._lib = lib
-        self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-        rule = lib.llama_sampler_init_grammar(model.vocab, grammar.encode("utf-8"), b"root")
-        if not rule:
-            self.close()
-            raise InvalidRequestError("llama.cpp refused the choices' grammar; check the choices' characters")
-        lib.llama_sampler_chain_add(self.ptr, rule)
-        lib.llama_sampler_chain_add(self.ptr, lib.llama_sampler_init_greedy())
+    def __init__(self, model: LlamaModel, grammar: str) -> None:
+        try:
+            super().__init__(model, temperature=0.0, grammar=grammar)
+        except InvalidRequestError:
+            raise InvalidRequestError("llama.cpp refused the choices' grammar; check the choices' characters") from None
 
 
 def generate_answer(model: LlamaModel, ctx: LlamaContext, kv: KVPrefix, answers: Sequence[str],

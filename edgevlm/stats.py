@@ -49,6 +49,29 @@ class GenerationStats:
         return self.prefill.prompt_positions
 
 
+@dataclass(frozen=True)
+class TokenAlternative:
+    """One candidate token at a generated position and its log-probability."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, with the most likely alternatives.
+
+    The probabilities are the model's own (log-softmax of its logits), before
+    sampling settings or a grammar narrow the choice.
+    """
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TokenAlternative, ...] = ()
+
+
 @dataclass
 class Reply:
     """The result of :meth:`edgevlm.VLM.chat`; ``str(reply)`` is the text."""
@@ -59,12 +82,13 @@ class Reply:
     completion_tokens: int
     prefill: PrefillStats = field(default_factory=PrefillStats)
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: tuple[TokenLogprob, ...] = ()  # per generated token, when asked for (``logprobs=``)
 
     def __str__(self) -> str:
         return self.text
 
     @classmethod
-    def from_stats(cls, text: str, stats: GenerationStats) -> Reply:
+    def from_stats(cls, text: str, stats: GenerationStats, logprobs: tuple[TokenLogprob, ...] = ()) -> Reply:
         return cls(text=text, finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
                    completion_tokens=stats.completion_tokens, prefill=stats.prefill,
-                   timings={"ttft_ms": stats.ttft_ms, "total_ms": stats.total_ms})
+                   timings={"ttft_ms": stats.ttft_ms, "total_ms": stats.total_ms}, logprobs=logprobs)

@@ -50,11 +50,14 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
                    "transformers: the first turn's TTFT through transformers f32/bf16 (needs --hf).")
 @click.option("--hf", "hf_checkpoint", type=click.Path(file_okay=False), default=None,
               help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from.")
+@click.option("--server", "via_server", is_flag=True,
+              help="Also measure the conversation and the batch through `edgevlm serve` over HTTP, and through "
+                   "llama-cpp-python's OpenAI server when its server extra is installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compare: str | None,
           batch_size: int, prefix_tokens: int, restart_rounds: int, encode_repeats: int,
           budgets: list[int], encode_only: bool, reference: str | None, hf_checkpoint: str | None,
-          as_json: bool, **params: Any) -> None:
+          via_server: bool, as_json: bool, **params: Any) -> None:
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     from edgevlm.benchmarks.conversation import probe_spec, run_bench
 
@@ -89,6 +92,12 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
         report["compare"] = run_compare(vlm, spec, image=image, prompt=prompt, follow_up=follow_up,
                                         max_tokens=max_tokens, batch_size=batch_size,
                                         prefix_tokens=prefix_tokens, restart_rounds=restart_rounds)
+    if via_server:
+        from edgevlm.benchmarks.server import run_server_bench
+
+        report["server"] = run_server_bench(vlm, serve_args(params), image=image, prompt=prompt,
+                                            follow_up=follow_up, max_tokens=max_tokens, batch_size=batch_size,
+                                            prefix_tokens=prefix_tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -108,3 +117,16 @@ def _echo_text(report: dict[str, Any]) -> None:
                 continue
             click.echo(f"{row['max_image_tokens']:8d} {row['image_tokens']:7d} {row['views']:6d} "
                        f"{row['image_encode_ms']:10.1f} {row['ttft_ms']:9.1f}")
+
+
+def serve_args(params: dict[str, Any]) -> list[str]:
+    """``edgevlm serve`` options that load the model as ``params`` (the bench's options) do."""
+    args = ["--model", params["model"], "--gpu-layers", str(params["n_gpu_layers"]), "--kv-type", params["kv_type"],
+            "--vision-engine", params.get("vision_engine") or "auto", "--tiles", params.get("tiles") or "none"]
+    optional = {"--mmproj": params["mmproj"], "--quant": params["quant"], "--ctx": params["n_ctx"],
+                "--threads": params["n_threads"], "--vision-device": params.get("vision_device"),
+                "--image-tokens": params.get("max_image_tokens")}
+    for flag, value in optional.items():
+        if value is not None:
+            args += [flag, str(value)]
+    return args

@@ -46,7 +46,7 @@ def cli(verbose: bool) -> None:
 
 def _register() -> None:
     from edgevlm.cli import (bench, cache_cmd, chat, classify_cmd, config_cmd, convert_cmd, doctor_cmd, eval_cmd,
-                             inspect_cmd, plan_cmd)
+                             inspect_cmd, plan_cmd, serve_cmd)
 
     cli.add_command(chat.chat)
     cli.add_command(convert_cmd.convert)
@@ -58,6 +58,7 @@ def _register() -> None:
     cli.add_command(config_cmd.config)
     cli.add_command(classify_cmd.classify)
     cli.add_command(eval_cmd.eval_)
+    cli.add_command(serve_cmd.serve)
 
 
 _register()

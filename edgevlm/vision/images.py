@@ -136,6 +136,28 @@ def load_image(image: ImageInput, *, max_side: int = MAX_SIDE) -> LoadedImage:
     return LoadedImage(pil.width, pil.height, rgb, digest, source)
 
 
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """The (width, height) an image's header declares; no pixel is decoded (for limits and pricing).
+
+    Works for any size, decompression bombs included (they are refused only
+    when decoded). The EXIF orientation is not applied.
+
+    Raises:
+        ImageNotFoundError, ImageError, InvalidRequestError: as :func:`load_image`.
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    fp, source = _open_input(image)
+    with fp:
+        size = _declared_size(fp)
+        if size is None:
+            fp.seek(0)
+            raise ImageError(f"{source}: not a readable image ({_sniff(fp.read(64))}); use {_SUPPORTED}")
+    return size
+
+
 # --------------------------------------------------------------------------- inputs
 
 def _open_input(image: object) -> tuple[IO[bytes], str]:
