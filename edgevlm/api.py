@@ -352,7 +352,7 @@ def _open_encoder(engine: str, model: ModelDescriptor, family: Family, llm: Llam
     if engine == C.VISION_ENGINE_KERNELS:
         from edgevlm.vision.kernels_encoder import KernelsEncoder
 
-        return KernelsEncoder(mmproj, llm, pipeline=family.kernels_pipeline, n_threads=n_threads,
+        return KernelsEncoder(model.projector, llm, pipeline=family.kernels_pipeline, n_threads=n_threads,
                               device=device)
     from edgevlm.vision.mtmd import MtmdEncoder
 
