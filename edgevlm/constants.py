@@ -26,6 +26,8 @@ GGUF_SUFFIX = ".gguf"
 # --- runtime settings shared by the API, the CLI and the kernels -------------
 #: KV cache element types -> ggml_type values (ggml.h of the pinned llama.cpp).
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+#: KV types llama.cpp stores quantised; a quantised V cache needs flash attention.
+QUANTISED_KV_TYPES = ("q8_0", "q4_0")
 #: Who runs a vision tower: edgevlm's ggml graphs, llama.cpp's libmtmd, or the family's choice.
 VISION_ENGINE_AUTO = "auto"
 VISION_ENGINE_KERNELS = "kernels"
