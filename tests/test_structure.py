@@ -13,13 +13,6 @@ BOTTOM = {"edgevlm", "edgevlm.errors", "edgevlm.constants", "edgevlm.gguf_info",
 #: What the CLI may import: the public API and its own modules (plus the bottom layer and
 #: the benchmark workloads, which are written on the public API).
 CLI_ALLOWED_PREFIXES = ("edgevlm.cli", "edgevlm.benchmarks", "edgevlm.convert", "edgevlm.evaluate", "edgevlm.server")
-#: What the benchmark workloads may import: the public API (``edgevlm.api`` is where ``edgevlm.VLM``
-#: and ``edgevlm.load`` live), their own modules, the bottom layer, and ``edgevlm.kernels``: the
-#: ``--reference torch`` tower is rebuilt from the projector's tensors, read by the kernels' reader.
-BENCHMARKS_ALLOWED_PREFIXES = ("edgevlm.benchmarks", "edgevlm.api", "edgevlm.kernels")
-#: Import cycles allowed through a lazy (function-level) import, as (importer, imported) edges.
-#: Only where truly needed (none is today): a cycle is otherwise removed, not hidden in a function.
-LAZY_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 def _modules() -> dict[str, Path]:
@@ -61,6 +54,15 @@ def _imports(path: Path, module: str, modules: dict[str, Path], *, top_level_onl
 
     visit(tree, True)
     return {m for m in found if m == "edgevlm" or m.startswith("edgevlm.")}
+
+
+#: What the benchmark workloads may import: the public API (``edgevlm.api`` is where ``edgevlm.VLM``
+#: and ``edgevlm.load`` live), their own modules, the bottom layer, and ``edgevlm.kernels``: the
+#: ``--reference torch`` tower is rebuilt from the projector's tensors, read by the kernels' reader.
+BENCHMARKS_ALLOWED_PREFIXES = ("edgevlm.benchmarks", "edgevlm.api", "edgevlm.kernels")
+#: Import cycles allowed through a lazy (function-level) import, as (importer, imported) edges.
+#: Only where truly needed (none is today): a cycle is otherwise removed, not hidden in a function.
+LAZY_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
 
 
 def _import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
