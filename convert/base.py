@@ -67,12 +67,10 @@ def family_options() -> list[tuple[ConverterOption, tuple[str, ...]]]:
 
 
 def edgevlm_version() -> str:
-    """Version of the installed edgevlm (``0+unknown`` without package metadata)."""
-    try:
-        from importlib.metadata import version
-        return version("edgevlm")
-    except Exception:  # noqa: BLE001 - metadata missing in odd installs
-        return "0+unknown"
+    """edgevlm's version (``edgevlm.__version__``, which pyproject.toml reads too)."""
+    from edgevlm import __version__
+
+    return __version__
 
 
 def register(*names: str) -> Callable[[type[Converter]], type[Converter]]:

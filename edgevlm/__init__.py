@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgevlm.errors import EdgeVLMError
 
+#: The package version; pyproject.toml reads it from here (``[tool.setuptools.dynamic]``).
 __version__ = "0.1.0"
 
 __all__ = ["ChoiceScores", "DiskCache", "EdgeVLMError", "LoadProgress", "LoadStage", "Reply", "TextStream",

@@ -352,7 +352,7 @@ def _open_encoder(engine: str, model: ModelDescriptor, family: Family, llm: Llam
     if engine == C.VISION_ENGINE_KERNELS:
         from edgevlm.vision.kernels_encoder import KernelsEncoder
 
-        return KernelsEncoder(mmproj, llm, pipeline=family.kernels_pipeline, n_threads=n_threads,
+        return KernelsEncoder(model.projector, llm, pipeline=family.kernels_pipeline, n_threads=n_threads,
                               device=device)
     from edgevlm.vision.mtmd import MtmdEncoder
 
@@ -636,6 +636,24 @@ class VLM:
         sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
         check_image_tokens(cost.tokens, budget, self.engine.family, sized)
         return cost
+
+    def tower_pixels(self, image: Any) -> np.ndarray:
+        """``image`` preprocessed as the projector file declares, as one vision-tower view: (3, S, S) float32.
+
+        What a reference implementation of the tower is fed (``edgevlm bench
+        --reference torch``); read from the projector's header, whichever engine runs it.
+
+        Raises:
+            UnsupportedModelError: no projector, or one the kernels engine cannot describe.
+            ImageError: the image cannot be read.
+        """
+        from edgevlm.kernels.vision import read_tower_config
+        from edgevlm.vision.preprocess import tower_pixels
+
+        projector = self.model.projector
+        if projector is None:
+            raise UnsupportedModelError("this model has no vision projector")
+        return tower_pixels(load_image(image), read_tower_config(projector.metadata, set(projector.tensor_names)))
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""

@@ -6,6 +6,7 @@ Keys llama.cpp already defines are used through the ``gguf`` package's
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 # --- keys edgevlm writes into the files it produces ------------------------
@@ -25,6 +26,8 @@ GGUF_SUFFIX = ".gguf"
 # --- runtime settings shared by the API, the CLI and the kernels -------------
 #: KV cache element types -> ggml_type values (ggml.h of the pinned llama.cpp).
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "q4_0": 2, "bf16": 30}
+#: KV types llama.cpp stores quantised; a quantised V cache needs flash attention.
+QUANTISED_KV_TYPES = ("q8_0", "q4_0")
 #: Who runs a vision tower: edgevlm's ggml graphs, llama.cpp's libmtmd, or the family's choice.
 VISION_ENGINE_AUTO = "auto"
 VISION_ENGINE_KERNELS = "kernels"
@@ -39,6 +42,21 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: order they are looked for (LLaVA MLP: mm.2, single-linear projectors: mm.0, OmniFusion:
 #: its adapter's final linear map).
 PROJECTOR_OUTPUT_TENSORS = ("mm.2.weight", "mm.0.weight", "adapter.proj.weight")
+
+
+def projector_output_width(shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """The width of the embeddings a projector produces (what the LLM must take).
+
+    ``shapes`` maps the projector's tensor names to their ggml shapes (ne);
+    the width is ne[1] of the first matrix of :data:`PROJECTOR_OUTPUT_TENSORS`
+    the file has (``clip.vision.projection_dim`` is not reliable: old
+    conversions stored CLIP's own). None when it has none of them.
+    """
+    for name in PROJECTOR_OUTPUT_TENSORS:
+        shape = shapes.get(name)
+        if shape is not None and len(shape) > 1:
+            return int(shape[1])
+    return None
 
 # --- the model used when none is given ----------------------------------------
 #: Environment variable naming the model to use when ``--model`` / ``load(model)`` is not given.

@@ -62,11 +62,7 @@ class ProjectorInfo:
     @property
     def output_width(self) -> int | None:
         """The width of the embeddings it produces, from its last projection matrix."""
-        for name in C.PROJECTOR_OUTPUT_TENSORS:
-            shape = self.shape(name)
-            if shape is not None and len(shape) > 1:
-                return int(shape[1])
-        return None
+        return C.projector_output_width({t.name: t.shape for t in self.header.tensors})
 
 
 @dataclass(frozen=True)

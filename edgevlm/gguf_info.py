@@ -7,8 +7,10 @@ the files of a model folder is instant even for 7B models.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,22 +40,40 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]
     ggml_type: int
+    offset: int = 0
+    """Byte offset of the tensor's data from :attr:`GGUFHeader.data_offset`."""
 
 
 @dataclass(frozen=True)
 class GGUFHeader:
+    """A GGUF file's header; shared by every reader of the file (see :func:`read_header`): do not mutate."""
+
     path: Path
     version: int
     metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...] = field(repr=False)
+    data_offset: int = 0
+    """Absolute file offset where the tensor data starts (aligned to ``general.alignment``)."""
 
     @property
     def architecture(self) -> str | None:
         return self.metadata.get("general.architecture")
 
 
+#: Headers already parsed, by (path, size, mtime, inode): a model folder's files are classified,
+#: described and loaded from one parse each. Small: only the last few files are kept.
+_CACHE: OrderedDict[tuple[str, int, int, int], tuple[GGUFHeader, bool]] = OrderedDict()
+_CACHE_SIZE = 16
+_CACHE_LOCK = threading.Lock()
+
+
 def read_header(path: str | Path, *, with_tensors: bool = True) -> GGUFHeader:
-    """Read a GGUF file's header.
+    """Read a GGUF file's header, or return the one already read from the unchanged file.
+
+    The header is parsed once per file version (path, size, modification
+    time): the model resolution, the descriptor and the kernels engine all
+    read the same object. A header read ``with_tensors=False`` is parsed
+    again when the tensor infos are asked for.
 
     Raises:
         ModelNotFoundError: the file does not exist.
@@ -62,11 +82,31 @@ def read_header(path: str | Path, *, with_tensors: bool = True) -> GGUFHeader:
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"model file not found: {path}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and (hit[1] or not with_tensors):
+            _CACHE.move_to_end(key)
+            # The same file named another way keeps the caller's name (metadata and tensors are shared).
+            return hit[0] if hit[0].path == path else dataclasses.replace(hit[0], path=path)
     try:
         with path.open("rb") as fh:
-            return _parse(path, fh, with_tensors)
+            header = _parse(path, fh, with_tensors)
     except (struct.error, UnicodeDecodeError, OverflowError, MemoryError) as exc:
         raise InvalidModelError(f"{path} is truncated or corrupt ({exc}); convert or download it again") from exc
+    with _CACHE_LOCK:
+        _CACHE[key] = (header, with_tensors)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return header
+
+
+def clear_header_cache() -> None:
+    """Forget the headers :func:`read_header` keeps (tests count parses from a clean state)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -93,9 +133,12 @@ def _parse(path: Path, fh: BinaryIO, with_tensors: bool) -> GGUFHeader:
             name = _read_str(fh)
             (n_dims,) = struct.unpack("<I", fh.read(4))
             shape = struct.unpack(f"<{n_dims}Q", fh.read(8 * n_dims))
-            ggml_type, _offset = struct.unpack("<IQ", fh.read(12))
-            tensors.append(TensorInfo(name, tuple(shape), ggml_type))
-    return GGUFHeader(path, version, meta, tuple(tensors))
+            ggml_type, offset = struct.unpack("<IQ", fh.read(12))
+            tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset))
+    align = meta.get("general.alignment", 32)
+    align = int(align) if isinstance(align, int) and align > 0 else 32
+    data_offset = -(-fh.tell() // align) * align if with_tensors else 0
+    return GGUFHeader(path, version, meta, tuple(tensors), data_offset)
 
 
 def _read_str(fh: BinaryIO) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import native
-from edgevlm.constants import KV_TYPES
+from edgevlm.constants import KV_TYPES, QUANTISED_KV_TYPES
 from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, RuntimeFailure
 
 LOG = logging.getLogger("edgevlm")
@@ -373,8 +373,6 @@ class LlamaContext:
 
 #: Context size when none is asked for (capped by the model's training context).
 DEFAULT_CTX = 4096
-#: KV types llama.cpp stores quantised; a quantised V cache needs flash attention.
-QUANTISED_KV_TYPES = ("q8_0", "q4_0")
 
 
 def context_size(options: ContextOptions, model: LlamaModel) -> int:

@@ -307,7 +307,7 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     """
     shape = LLMShape.of(model)
     n_ctx = request.n_ctx or (min(DEFAULT_CTX, shape.n_ctx_train) if shape.n_ctx_train else DEFAULT_CTX)
-    flash = request.flash_attn if request.flash_attn is not None else request.kv_type in ("q8_0", "q4_0")
+    flash = request.flash_attn if request.flash_attn is not None else request.kv_type in C.QUANTISED_KV_TYPES
     gpu = request.gpu if request.n_gpu_layers != 0 else None
     parts = [MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured")]
     parts += llm_weight_parts(model, shape, request.n_gpu_layers, gpu)

@@ -56,7 +56,7 @@ def resolve(model: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None
     if path.is_dir():
         return _from_folder(path, quant, mmproj)
     if path.is_file():
-        proj = Path(mmproj).expanduser() if mmproj else _find_projector(path.parent, quant)
+        proj = Path(mmproj).expanduser() if mmproj else _find_projector(path.parent)
         if proj is not None and not proj.is_file():
             raise ModelNotFoundError(f"projector file not found: {proj}")
         return ModelFiles(path, proj)
@@ -68,10 +68,20 @@ def resolve(model: str | os.PathLike[str], mmproj: str | os.PathLike[str] | None
 
 
 def _is_projector(path: Path) -> bool:
+    # The whole header (tensor infos too): read_header keeps it, so describe_model does not parse it again.
     try:
-        return read_header(path, with_tensors=False).architecture == "clip"
+        return read_header(path).architecture == "clip"
     except Exception:  # noqa: BLE001 - unreadable files are reported by the loader
         return path.name.lower().startswith("mmproj")
+
+
+def _classify(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The folder's GGUF files as (LLMs, projectors); each header is read once."""
+    llms: list[Path] = []
+    projs: list[Path] = []
+    for path in sorted(folder.glob(f"*{GGUF_SUFFIX}")):
+        (projs if _is_projector(path) else llms).append(path)
+    return llms, projs
 
 
 def _pick(paths: list[Path], quant: str | None, what: str, folder: Path) -> Path | None:
@@ -85,8 +95,9 @@ def _pick(paths: list[Path], quant: str | None, what: str, folder: Path) -> Path
     return paths[0] if paths else None
 
 
-def _find_projector(folder: Path, quant: str | None) -> Path | None:
-    projs = [p for p in sorted(folder.glob(f"*{GGUF_SUFFIX}")) if _is_projector(p)]
+def _find_projector(folder: Path, projs: list[Path] | None = None) -> Path | None:
+    if projs is None:
+        projs = _classify(folder)[1]
     if len(projs) > 1:
         f16 = [p for p in projs if "f16" in p.name.lower()]
         projs = f16 if len(f16) == 1 else projs
@@ -94,13 +105,12 @@ def _find_projector(folder: Path, quant: str | None) -> Path | None:
 
 
 def _from_folder(folder: Path, quant: str | None, mmproj: str | os.PathLike[str] | None) -> ModelFiles:
-    ggufs = sorted(folder.glob(f"*{GGUF_SUFFIX}"))
-    llms = [p for p in ggufs if not _is_projector(p)]
+    llms, projs = _classify(folder)
     llm = _pick(llms, quant, "LLM", folder)
     if llm is None:
         raise ModelNotFoundError(f"no LLM .gguf file in {folder}; convert a checkpoint with "
                                  "`edgevlm convert` or pass the files explicitly")
-    proj = Path(mmproj) if mmproj else _find_projector(folder, quant)
+    proj = Path(mmproj) if mmproj else _find_projector(folder, projs)
     return ModelFiles(llm, proj)
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgevlm import constants as C
 from edgevlm.errors import InvalidModelError, UnsupportedModelError
+from edgevlm.gguf_info import GGUFHeader, read_header
 
 from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
@@ -107,11 +108,6 @@ def projector_kind(meta: Mapping[str, Any]) -> str:
     return str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
 
 
-def output_tensor(kind: str) -> str:
-    """The last projection matrix of a projector kind (its width is the LLM's input width)."""
-    return "adapter.proj.weight" if kind == C.PROJECTOR_KIND_OMNIFUSION else "mm.2.weight"
-
-
 def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
     """Build a :class:`TowerConfig` from GGUF metadata and tensor names.
 
@@ -134,13 +130,15 @@ def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
     act = HF_ACTIVATIONS.get(str(hf_act)) if hf_act else ("gelu" if meta.get("clip.use_gelu") else "gelu_quick")
     if act is None:
         raise UnsupportedModelError(f"vision activation {hf_act!r} is not supported by the kernels engine")
-    out_name = output_tensor(kind)
     if kind == C.PROJECTOR_KIND_OMNIFUSION:
         proj_act = str(meta.get(C.KEY_ADAPTER_ACTIVATION, "relu"))
+        graph_needs = ("adapter.proj.weight",)
     else:
         proj_act = HF_ACTIVATIONS.get(str(meta.get(C.KEY_PROJECTOR_ACTIVATION, "gelu")), "gelu_erf")
-    if out_name not in names:
-        raise InvalidModelError(f"the projector file has no tensor {out_name!r}")
+        graph_needs = ("mm.0.weight", "mm.2.weight")
+    missing = [name for name in graph_needs if name not in names]
+    if missing:
+        raise InvalidModelError(f"the projector file has no tensor {missing[0]!r}")
     resize = meta.get(C.KEY_IMAGE_RESIZE) or ("shortest-edge-crop" if has_class else "squash")
     return TowerConfig(
         image_size=_positive(meta, p + "image_size"), patch_size=_positive(meta, p + "patch_size"),
@@ -155,22 +153,55 @@ def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
         projector_activation=proj_act, output_width=-1)
 
 
+def read_tensor_data(header: GGUFHeader) -> dict[str, RawTensor]:
+    """The tensors of a GGUF file whose header is already read, memory-mapped (the header is not parsed again).
+
+    Raises:
+        InvalidModelError: the header was read without its tensor infos, a
+            tensor type is unknown, or the file is shorter than its tensors.
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape
+
+    if header.tensors and not header.data_offset:
+        raise InvalidModelError(f"{header.path}: the header was read without its tensor infos")
+    try:
+        data = np.memmap(header.path, mode="r")
+        out = {}
+        for info in header.tensors:
+            qtype = GGMLQuantizationType(info.ggml_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+            n_elems = int(np.prod(info.shape, dtype=np.int64))
+            start = header.data_offset + info.offset
+            dtype = _PLAIN_TYPES.get(qtype)
+            np_shape = tuple(reversed(info.shape))
+            if dtype is None:
+                dtype, np_shape = np.uint8, quant_shape_to_byte_shape(np_shape, qtype)
+                count = n_elems * type_size // block
+            else:
+                count = n_elems
+            end = start + count * np.dtype(dtype).itemsize
+            if end > len(data):
+                raise InvalidModelError(f"{header.path} is truncated (tensor {info.name} ends past the file)")
+            array = data[start:end].view(dtype).reshape(np_shape)
+            out[info.name] = RawTensor(int(qtype), tuple(int(x) for x in info.shape), array)
+        return out
+    except ValueError as exc:  # an unknown ggml type, a shape that does not fit its blocks
+        raise InvalidModelError(f"{header.path}: unreadable tensor data ({exc})") from exc
+
+
+_PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
+                28: np.float64}
+"""ggml types stored as plain numpy items (F32, F16, I8, I16, I32, I64, F64); others as bytes."""
+
+
 def read_gguf_tensors(path: Path) -> tuple[dict[str, Any], dict[str, RawTensor]]:
     """Metadata and tensors (memory-mapped) of a GGUF file.
 
     Raises:
-        InvalidModelError: not a readable GGUF file.
+        ModelNotFoundError, InvalidModelError: not a readable GGUF file.
     """
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
-        raise InvalidModelError(f"{path} is not a readable GGUF file ({exc})") from exc
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = {t.name: RawTensor(int(t.tensor_type), tuple(int(x) for x in t.shape), t.data)
-               for t in reader.tensors}
-    return meta, tensors
+    header = read_header(path)
+    return dict(header.metadata), read_tensor_data(header)
 
 
 class VisionTower:
@@ -178,6 +209,8 @@ class VisionTower:
 
     Args:
         path: the projector GGUF.
+        header: its header when already read (the model descriptor's); read otherwise.
+            Only the tensor data is read here.
         device: ggml device ("auto", "cpu", "cuda", "metal", or a device name).
         n_threads: CPU threads.
         flash_attn: fused flash attention (f16 K/V, f32 accumulation; libmtmd's
@@ -196,14 +229,17 @@ class VisionTower:
         InvalidRequestError (an unknown ``weight_type``).
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
-                 flash_attn: bool = True, weight_type: str = "auto",
+    def __init__(self, path: str | Path, *, header: GGUFHeader | None = None, device: str = "auto",
+                 n_threads: int = 4, flash_attn: bool = True, weight_type: str = "auto",
                  extra_buffers: bool | None = None) -> None:
         self.path = Path(path)
         self.flash_attn = flash_attn
-        self.meta, tensors = read_gguf_tensors(self.path)
+        header = header if header is not None else read_header(self.path)
+        self.meta: Mapping[str, Any] = header.metadata
+        tensors = read_tensor_data(header)
         cfg = read_tower_config(self.meta, set(tensors))
-        self.config = dataclasses.replace(cfg, output_width=tensors[output_tensor(cfg.projector)].ne[1])
+        width = C.projector_output_width({name: t.ne for name, t in tensors.items()})
+        self.config = dataclasses.replace(cfg, output_width=-1 if width is None else width)
         self.special = {name: np.asarray(t.data, dtype=np.float32).reshape(-1)
                         for name, t in tensors.items() if is_host_tensor(name)}
         device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}

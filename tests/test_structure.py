@@ -56,30 +56,74 @@ def _imports(path: Path, module: str, modules: dict[str, Path], *, top_level_onl
     return {m for m in found if m == "edgevlm" or m.startswith("edgevlm.")}
 
 
-def test_no_import_cycles():
-    modules = _modules()
-    graph = {m: {d for d in _imports(p, m, modules, top_level_only=True) if d in modules and d != m}
+#: What the benchmark workloads may import: the public API (``edgevlm.api`` is where ``edgevlm.VLM``
+#: and ``edgevlm.load`` live), their own modules, the bottom layer, and ``edgevlm.kernels``: the
+#: ``--reference torch`` tower is rebuilt from the projector's tensors, read by the kernels' reader.
+BENCHMARKS_ALLOWED_PREFIXES = ("edgevlm.benchmarks", "edgevlm.api", "edgevlm.kernels")
+#: Import cycles allowed through a lazy (function-level) import, as (importer, imported) edges.
+#: Only where truly needed (none is today): a cycle is otherwise removed, not hidden in a function.
+LAZY_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()
+
+
+def _import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Module -> the modules it imports, at module level or inside functions (LAZY_CYCLE_EDGES left out)."""
+    graph = {m: {d for d in _imports(p, m, modules, top_level_only=False) if d in modules and d != m}
              for m, p in modules.items()}
+    for importer, imported in LAZY_CYCLE_EDGES:
+        top = _imports(modules[importer], importer, modules, top_level_only=True)
+        assert imported not in top, f"{importer} imports {imported} at module level: not a lazy import"
+        graph[importer].discard(imported)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules, the first repeated at the end), or None."""
     state: dict[str, int] = {}
     stack: list[str] = []
 
-    def dfs(m: str) -> None:
+    def dfs(m: str) -> list[str] | None:
         state[m] = 1
         stack.append(m)
-        for d in graph[m]:
-            if d.startswith(m + ".") or m.startswith(d + ".") and d in PACKAGES.values():
-                continue  # a package and its own submodules
+        for d in sorted(graph[m]):
             if state.get(d) == 1:
-                cycle = stack[stack.index(d):] + [d]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if d not in state:
-                dfs(d)
+                return stack[stack.index(d):] + [d]
+            if d not in state and (cycle := dfs(d)) is not None:
+                return cycle
         stack.pop()
         state[m] = 2
+        return None
 
-    for m in graph:
-        if m not in state:
-            dfs(m)
+    for m in sorted(graph):
+        if m not in state and (cycle := dfs(m)) is not None:
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    """No cycle among the modules, through module-level or function-level imports.
+
+    A package and its submodules count like any two modules: a package that
+    imports a submodule which takes names from the package is a cycle.
+    """
+    cycle = _find_cycle(_import_graph(_modules()))
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_sees_function_level_and_package_cycles(tmp_path):
+    """The two shapes of cycle the check once missed are reported."""
+    files = {"edgevlm.pkg": ("pkg/__init__.py", "from edgevlm.pkg.runner import run\n"),
+             "edgevlm.pkg.runner": ("pkg/runner.py", "from edgevlm.pkg import helper\n"),
+             "edgevlm.main": ("main.py", "def cli():\n    from edgevlm.cmd import go\n"),
+             "edgevlm.cmd": ("cmd.py", "def go():\n    from edgevlm.main import cli\n")}
+    (tmp_path / "pkg").mkdir()
+    modules = {}
+    for name, (rel, text) in files.items():
+        (tmp_path / rel).write_text(text)
+        modules[name] = tmp_path / rel
+    package = {m: modules[m] for m in ("edgevlm.pkg", "edgevlm.pkg.runner")}
+    lazy = {m: modules[m] for m in ("edgevlm.main", "edgevlm.cmd")}
+    assert _find_cycle(_import_graph(package)) == ["edgevlm.pkg", "edgevlm.pkg.runner", "edgevlm.pkg"]
+    assert _find_cycle(_import_graph(lazy)) == ["edgevlm.cmd", "edgevlm.main", "edgevlm.cmd"]
 
 
 def test_convert_and_kernels_import_only_the_bottom_layer():
@@ -105,6 +149,9 @@ def test_cli_uses_the_public_api_only():
     for module, path in modules.items():
         if module.startswith("edgevlm.benchmarks"):
             assert ".engine" not in path.read_text().replace("vision_engine", ""), module
+            wrong = {d for d in _imports(path, module, modules, top_level_only=False)
+                     if d not in BOTTOM and not d.startswith(BENCHMARKS_ALLOWED_PREFIXES)}
+            assert not wrong, f"{module} imports runtime internals: {sorted(wrong)}"
 
 
 def test_modules_and_functions_stay_small():

@@ -39,16 +39,6 @@ def time_encoder(vlm: VLM, image: str, repeats: int, max_image_tokens: int | Non
     return round(statistics.median(times), 1)
 
 
-def reference_pixels(mmproj: Path, image: Any) -> np.ndarray:
-    """The image preprocessed as the projector's image processor does: (3, S, S) float32."""
-    from edgevlm.kernels.vision import read_gguf_tensors, read_tower_config
-    from edgevlm.vision.images import load_image
-    from edgevlm.vision.preprocess import tower_pixels
-
-    meta, raw = read_gguf_tensors(mmproj)
-    return tower_pixels(load_image(image), read_tower_config(meta, set(raw)))
-
-
 def _dequantized(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
     from gguf import GGMLQuantizationType, quants
 

@@ -82,9 +82,9 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
         report.update(transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch,
                                               encode_repeats))
     if reference == "torch" and image is not None and vlm.mmproj_path is not None:
-        from edgevlm.benchmarks.vision import reference_pixels, torch_reference_times
+        from edgevlm.benchmarks.vision import torch_reference_times
 
-        report.update(torch_reference_times(vlm.mmproj_path, reference_pixels(vlm.mmproj_path, image),
+        report.update(torch_reference_times(vlm.mmproj_path, vlm.tower_pixels(image),
                                             vlm.settings.n_threads_batch, encode_repeats))
     if compare:
         from edgevlm.benchmarks.compare import run_compare

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from edgevlm.cli.options import setup_logging
 from edgevlm.constants import LLM_QUANT_TYPES, VISION_QUANT_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,8 +132,6 @@ def convert(ctx: click.Context, source: str, output_dir: str, quant: str, vision
     kwargs = dict(quant=quant.lower(), vision_type=vision_type.lower(), architecture=architecture, name=name,
                   **options)
     if verbose or ctx.find_root().params.get("verbose"):
-        from edgevlm.cli.main import setup_logging
-
         setup_logging(True)  # llama.cpp's log, the quantiser's tensor list included
         result = run_convert(source, output_dir, progress=lambda msg: click.echo(msg, err=True), **kwargs)
     else:

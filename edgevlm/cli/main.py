@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
 import click
 
-from edgevlm import __version__, native
+from edgevlm import __version__
+from edgevlm.cli.options import setup_logging
 from edgevlm.errors import EdgeVLMError, MemoryBudgetError
 
 
@@ -25,15 +25,6 @@ class EdgeVLMGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("edgevlm: interrupted", err=True)
             sys.exit(130)
-
-
-def setup_logging(verbose: bool) -> None:
-    """Silent by default; --verbose shows edgevlm's and llama.cpp's logs on stderr."""
-    if verbose:
-        native.show_logs()
-        return
-    logging.getLogger("edgevlm").setLevel(logging.WARNING)
-    logging.getLogger("edgevlm.llama").setLevel(logging.CRITICAL)
 
 
 @click.group(cls=EdgeVLMGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,11 +1,13 @@
-"""Options shared by the commands that load a model."""
+"""Options shared by the commands: loading a model, sampling, the logging switch."""
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from edgevlm import native
 from edgevlm.constants import DEFAULT_MODEL, ENV_MODEL, KV_TYPES, VISION_ENGINES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,3 +106,12 @@ def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     out = {k: params[k] for k in keys}
     out["stop"] = list(params.get("stop") or ())
     return out
+
+
+def setup_logging(verbose: bool) -> None:
+    """Silent by default; --verbose shows edgevlm's and llama.cpp's logs on stderr."""
+    if verbose:
+        native.show_logs()
+        return
+    logging.getLogger("edgevlm").setLevel(logging.WARNING)
+    logging.getLogger("edgevlm.llama").setLevel(logging.CRITICAL)

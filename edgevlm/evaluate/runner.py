@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import edgevlm.evaluate.prompts as prompts
+import edgevlm.evaluate.store as store
 from edgevlm.errors import DataError, EdgeVLMError, InvalidRequestError, RunConflictError
-from edgevlm.evaluate import prompts, store
 from edgevlm.evaluate.compare import CompareMetrics, compare_metrics, compare_scores
 from edgevlm.evaluate.data import Item, choices_digest, load_items
 from edgevlm.evaluate.metrics import EvalMetrics, Outcome, compute_metrics

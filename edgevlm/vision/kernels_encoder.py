@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +19,8 @@ import numpy as np
 from edgevlm import constants as C
 from edgevlm.cache import file_identity
 from edgevlm.chunks import Chunk, ImageChunk, TextChunk
-from edgevlm.errors import IncompatibleModelError, InvalidRequestError
+from edgevlm.descriptor import ProjectorInfo
+from edgevlm.errors import InvalidRequestError
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.vision.images import LoadedImage
 
@@ -37,8 +37,10 @@ class KernelsEncoder:
     """A projector file run by :class:`edgevlm.kernels.vision.VisionTower`.
 
     Args:
-        mmproj: projector GGUF.
-        model: the LLM it feeds.
+        projector: the projector file's header, as the model descriptor read it
+            (the tower reads only its tensor data).
+        model: the LLM it feeds (the pair's widths are checked by
+            :func:`edgevlm.descriptor.check_pair` before the projector is opened).
         pipeline: the family's image pipeline factory (tower -> plan and embed images).
         n_threads: CPU threads for the tower.
         device: ggml device for the tower ("auto", "cpu", "cuda", ...).
@@ -46,7 +48,6 @@ class KernelsEncoder:
             :class:`edgevlm.kernels.vision.VisionTower`).
 
     Raises:
-        IncompatibleModelError: the projector's output width is not the LLM's.
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
@@ -55,27 +56,28 @@ class KernelsEncoder:
     uses_mrope = False
     non_causal = False
 
-    def __init__(self, mmproj: Path, model: LlamaModel, *, pipeline: PipelineFactory, n_threads: int,
-                 device: str = "auto", weight_type: str = "auto") -> None:
+    def __init__(self, projector: ProjectorInfo, model: LlamaModel, *, pipeline: PipelineFactory,
+                 n_threads: int, device: str = "auto", weight_type: str = "auto") -> None:
         from edgevlm.kernels.vision import VisionTower
 
-        self.path = Path(mmproj)
+        self.path = projector.path
+        self.projector = projector
         self.model = model
-        self.tower = VisionTower(self.path, device=device, n_threads=n_threads, weight_type=weight_type)
-        cfg = self.tower.config
-        if cfg.output_width != model.n_embd_inp:
+        self.tower = VisionTower(self.path, header=projector.header, device=device, n_threads=n_threads,
+                                 weight_type=weight_type)
+        try:
+            self.identity = file_identity(self.path)
+            self.pipeline = pipeline(self.tower)
+        except BaseException:
             self.tower.close()
-            raise IncompatibleModelError(
-                f"projector {self.path.name} produces {cfg.output_width}-wide embeddings but the LLM "
-                f"{model.path.name} expects {model.n_embd_inp}; use the projector converted with this LLM")
-        self.identity = file_identity(self.path)
-        self.pipeline = pipeline(self.tower)
+            raise
         self.n_encode_calls = 0
         self._lock = threading.Lock()
 
     @property
     def meta(self) -> Mapping[str, Any]:
-        return self.tower.meta
+        """The projector's metadata (the descriptor's)."""
+        return self.projector.metadata
 
     @property
     def device(self) -> str:

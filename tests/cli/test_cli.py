@@ -29,6 +29,23 @@ def test_version_and_help():
         assert res.exit_code == 0 and "Usage" in res.output
 
 
+def test_convert_help_shows_each_family_option_with_its_family():
+    """The converter registry's options (Converter.options) are `convert` options, each named with its users."""
+    import re
+
+    from edgevlm.convert import family_options
+
+    options = family_options()
+    flags = {option.flag: users for option, users in options}
+    assert {"--vision-tower", "--adapter-heads"} <= set(flags) and "OmniFusion" in flags["--vision-tower"]
+    result = _run("convert", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # click wraps the help text
+    for option, users in options:
+        assert re.search(rf"{re.escape(option.flag)} [A-Z ]+ {re.escape(', '.join(users))}: ", text), (
+            f"{option.flag} is not shown with {', '.join(users)} in `edgevlm convert --help`")
+
+
 def test_chat_one_shot_streams_an_answer(siglip_f32, painting):
     res = _run("chat", "--model", str(siglip_f32), "--image", str(painting), "-p", "What genre?",
                "--max-tokens", "5", "--temperature", "0", "--threads", "2")

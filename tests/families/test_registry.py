@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import edgevlm
+import edgevlm.families
 from edgevlm.descriptor import ModelFiles, describe_model
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.families import FAMILIES, ImageCost, family_for, load_builtin_families
@@ -18,9 +21,15 @@ def _family_of(folder) -> str:
 
 def test_every_builtin_family_is_registered():
     load_builtin_families()
-    assert {"llava", "omnifusion", "qwen2vl", "libmtmd", "text"} <= set(FAMILIES)
+    builtin = {"llava", "llava-next", "internvl", "omnifusion", "qwen2vl", "libmtmd", "text"}
+    assert builtin <= set(FAMILIES)
     for cls in FAMILIES.values():
         assert cls.name and cls.describes, f"{cls.__name__} must say what it is"
+    # every module of edgevlm/families registers a family, and each of those is listed above
+    folder = Path(edgevlm.families.__file__).parent
+    modules = {f"edgevlm.families.{p.stem}" for p in folder.glob("*.py") if p.stem not in ("__init__", "base")}
+    ours = {name: cls.__module__ for name, cls in FAMILIES.items() if cls.__module__.startswith("edgevlm.")}
+    assert set(ours.values()) == modules and set(ours) == builtin
 
 
 def test_fixture_pairs_find_their_families(clip_f32, siglip_f32, omnifusion_f32, qwen2vl_f32_result):

@@ -168,3 +168,20 @@ def test_weight_type_choice(clip_variants, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="edgevlm"):
         _encode(clip_variants["f16"], weight_type="as-file")
     assert "matrices as-file, as requested (file matrices f16)" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["f32", *_TYPES])
+def test_tensor_data_from_the_parsed_header_matches_gguf_reader(clip_variants, kind):
+    """read_gguf_tensors (the header parsed once by gguf_info, data memory-mapped) reads what GGUFReader reads."""
+    import gguf
+
+    path = clip_variants[kind]
+    meta, ours = read_gguf_tensors(path)
+    reader = gguf.GGUFReader(str(path))
+    theirs = {t.name: t for t in reader.tensors}
+    assert meta["general.architecture"] == "clip" and set(ours) == set(theirs)
+    for name, raw in ours.items():
+        ref = theirs[name]
+        assert raw.ggml_type == int(ref.tensor_type) and raw.ne == tuple(int(x) for x in ref.shape)
+        assert raw.data.dtype == ref.data.dtype and raw.data.shape == ref.data.shape, name
+        assert raw.data.tobytes() == ref.data.tobytes(), name

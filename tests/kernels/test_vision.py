@@ -163,12 +163,14 @@ def test_torch_reference_of_the_bench_is_the_same_model(clip_f32, llava_clip_che
     """``bench --reference torch`` rebuilds the tower from the GGUF: it must equal transformers."""
     import torch
 
-    from edgevlm.benchmarks.vision import reference_pixels, torch_tower
+    from edgevlm.benchmarks.vision import torch_tower
 
     image = square_image(32, seed=13)
     mmproj = next(clip_f32.glob("mmproj-*.gguf"))
+    with edgevlm.load(clip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
+        pixels = vlm.tower_pixels(image)
     with torch.no_grad():
-        ours = torch_tower(mmproj)(torch.from_numpy(reference_pixels(mmproj, image))[None])[0].numpy()
+        ours = torch_tower(mmproj)(torch.from_numpy(pixels)[None])[0].numpy()
     assert cosine_rows(ours, hf_image_embeddings(llava_clip_checkpoint, image)).min() >= 0.9999
 
 
