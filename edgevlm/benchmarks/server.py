@@ -113,7 +113,7 @@ def completion(base: str, messages: list[dict[str, Any]], max_tokens: int) -> di
         RuntimeFailure: the server answered with an error status.
     """
     url = urllib.parse.urlsplit(base)
-    body = {"model": "bench", "messages": to_peer_messages(messages), "max_tokens": max_tokens,
+    body = {"model": "bench", "messages": http_messages(messages), "max_tokens": max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
     t0 = time.perf_counter()
@@ -134,6 +134,18 @@ def completion(base: str, messages: list[dict[str, Any]], max_tokens: int) -> di
     conn.close()
     return {"text": "".join(pieces).strip(), "ttft_ms": ((first or end) - t0) * 1e3, "total_ms": (end - t0) * 1e3,
             "cached_tokens": cached}
+
+
+def http_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-schema messages: string contents stay strings, image parts become data-URL ``image_url`` parts."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(dict(message))
+        else:
+            out.append({**message, "content": to_peer_messages([{"role": "user", "content": content}])[0]["content"]})
+    return out
 
 
 def _sse_data(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
