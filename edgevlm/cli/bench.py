@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -67,37 +70,37 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
         raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH")
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
-    report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
-                       encode_repeats=encode_repeats, with_conversation=not encode_only)
+    stages = StageBar(["conversation", *(["budgets"] if budgets else []), *(["reference"] if reference else []),
+                       *(["compare"] if compare else []), *(["server"] if via_server else [])])
+    with stages.step("conversation"):
+        report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
+                           encode_repeats=encode_repeats, with_conversation=not encode_only)
     report["threads"] = params["n_threads"]
     report["max_image_tokens"] = params["max_image_tokens"]
     report["tiles"] = params["tiles"]
     if budgets and image is not None:
         from edgevlm.benchmarks.budgets import budget_sweep
 
-        report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
-    if reference == "transformers" and image is not None and hf_checkpoint is not None:
-        from edgevlm.benchmarks.transformers_ref import transformers_first_turn
-
-        report.update(transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch,
-                                              encode_repeats))
-    if reference == "torch" and image is not None and vlm.mmproj_path is not None:
-        from edgevlm.benchmarks.vision import torch_reference_times
-
-        report.update(torch_reference_times(vlm.mmproj_path, vlm.tower_pixels(image),
-                                            vlm.settings.n_threads_batch, encode_repeats))
+        with stages.step("budgets"):
+            report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
+    if reference and image is not None:
+        with stages.step("reference"):
+            report.update(_reference(vlm, reference, hf_checkpoint, image, prompt, encode_repeats))
     if compare:
         from edgevlm.benchmarks.compare import run_compare
 
-        report["compare"] = run_compare(vlm, spec, image=image, prompt=prompt, follow_up=follow_up,
-                                        max_tokens=max_tokens, batch_size=batch_size,
-                                        prefix_tokens=prefix_tokens, restart_rounds=restart_rounds)
+        with stages.step("compare"):
+            report["compare"] = run_compare(vlm, spec, image=image, prompt=prompt, follow_up=follow_up,
+                                            max_tokens=max_tokens, batch_size=batch_size,
+                                            prefix_tokens=prefix_tokens, restart_rounds=restart_rounds)
     if via_server:
         from edgevlm.benchmarks.server import run_server_bench
 
-        report["server"] = run_server_bench(vlm, serve_args(params), image=image, prompt=prompt,
-                                            follow_up=follow_up, max_tokens=max_tokens, batch_size=batch_size,
-                                            prefix_tokens=prefix_tokens)
+        with stages.step("server"):
+            report["server"] = run_server_bench(vlm, serve_args(params), image=image, prompt=prompt,
+                                                follow_up=follow_up, max_tokens=max_tokens, batch_size=batch_size,
+                                                prefix_tokens=prefix_tokens)
+    stages.close()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -130,3 +133,42 @@ def serve_args(params: dict[str, Any]) -> list[str]:
         if value is not None:
             args += [flag, str(value)]
     return args
+
+
+def _reference(vlm: Any, reference: str, hf_checkpoint: str | None, image: str, prompt: str,
+               encode_repeats: int) -> dict[str, Any]:
+    """The --reference figures: transformers' first turn, or the torch rebuild of the vision tower."""
+    if reference == "transformers" and hf_checkpoint is not None:
+        from edgevlm.benchmarks.transformers_ref import transformers_first_turn
+
+        return transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch, encode_repeats)
+    if reference == "torch" and vlm.mmproj_path is not None:
+        from edgevlm.benchmarks.vision import torch_reference_times
+
+        return torch_reference_times(vlm.mmproj_path, vlm.tower_pixels(image), vlm.settings.n_threads_batch,
+                                     encode_repeats)
+    return {}
+
+
+class StageBar:
+    """Which bench stage runs, with elapsed time, as a tqdm bar on a terminal; nothing when stderr is piped."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(names), unit="stage", file=sys.stderr, desc="bench", leave=False,
+                            bar_format="{desc}: {n_fmt}/{total_fmt} stages [{elapsed}]")
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        if self.bar is not None:
+            self.bar.set_description(f"bench: {name}")
+        yield
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
