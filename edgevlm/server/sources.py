@@ -15,10 +15,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from edgevlm.errors import EdgeVLMError, InvalidRequestError
 from edgevlm.server.config import ServerConfig
@@ -180,7 +182,7 @@ def _from_remote(url: str, where: str, config: ServerConfig) -> bytes:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit():
                 _check_size(int(declared), where, config)
-            data = response.read(config.max_image_bytes + 1)
+            data = _read_within(response, config, where)
     except RequestRejected:
         raise
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -189,3 +191,19 @@ def _from_remote(url: str, where: str, config: ServerConfig) -> bytes:
                         where, code="image_download_failed") from None
     _check_size(len(data), where, config)
     return data
+
+
+def _read_within(response: Any, config: ServerConfig, where: str) -> bytes:
+    """The body, in chunks, within ``max_image_bytes`` and ``remote_timeout_s`` in all (not per read)."""
+    deadline = time.monotonic() + config.remote_timeout_s
+    chunks, size = [], 0
+    while True:
+        chunk = response.read(64 * 1024)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        _check_size(size, where, config)
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise _rejected(f"{where}: the image download took longer than {config.remote_timeout_s:g} s",
+                            where, code="image_download_failed")
