@@ -34,6 +34,7 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_Q4_0 = 2
 GGML_TYPE_Q8_0 = 8
+GGML_TYPE_I32 = 26
 GGML_TYPE_BF16 = 30
 
 # enum ggml_backend_dev_type (ggml-backend.h)
@@ -107,6 +108,9 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_reshape_4d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_view_3d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
     "ggml_repeat": ("base", T, [P, T, T]),
+    # mllama vision encoder: aspect-ratio table rows, token padding
+    "ggml_get_rows": ("base", T, [P, T, T]),
+    "ggml_pad": ("base", T, [P, T, c_int, c_int, c_int, c_int]),
     "ggml_new_graph_custom": ("base", P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": ("base", None, [P, T]),
     "ggml_graph_n_nodes": ("base", c_int, [P]),
