@@ -285,6 +285,11 @@ class GraphBuilder:
             y = self.mul(y, w)
         return self.add(y, b)
 
+    def rms_norm(self, x: object, w: object | None, eps: float) -> object:
+        """RMSNorm over the fastest dimension, times ``w`` when given."""
+        y = self.g.ggml_rms_norm(self.ctx, x, eps)
+        return y if w is None else self.mul(y, w)
+
     def mlp(self, x: object, up: tuple[object, object | None], down: tuple[object, object | None],
             act: str) -> object:
         """``down(act(up(x)))``."""
@@ -391,13 +396,18 @@ class CompiledGraph:
         backend: where it runs (the weights must live there too).
         builder: the builder holding the graph's tensors; owned from now on.
         output: the tensor to compute.
+        before: nodes computed first, in this order, whether or not ``output`` depends on
+            them (writes into tensors that live outside the graph, such as a KV cache).
     """
 
-    def __init__(self, backend: Backend, builder: GraphBuilder, output: object) -> None:
+    def __init__(self, backend: Backend, builder: GraphBuilder, output: object,
+                 before: Sequence[object] = ()) -> None:
         g = self.g = backend.g
         self.backend, self.builder, self.output = backend, builder, output
         g.ggml_set_output(output)
         self.graph = g.ggml_new_graph_custom(builder.ctx, builder.max_nodes, False)
+        for node in before:
+            g.ggml_build_forward_expand(self.graph, node)
         g.ggml_build_forward_expand(self.graph, output)
         self.allocator = g.ggml_gallocr_new(backend.buffer_type)
         if not g.ggml_gallocr_alloc_graph(self.allocator, self.graph):
