@@ -181,3 +181,18 @@ def test_bad_requests_are_refused(tokenizer, encoder, text_model):
         text_model.forward([])
     with pytest.raises(ContextOverflowError):
         text_model.forward([1] * 257)
+
+
+def test_f16_kv_cache_stays_close(tokenizer, encoder, text_model, mllama_f32_result):
+    from edgevlm.kernels.mllama_text import MllamaTextModel
+
+    ids = tokenizer("<|image|>what is in the picture? the red car").input_ids
+    batch = _pixels([IMAGES[3]])
+    ref, _ = _ours(text_model, encoder, ids, batch, chunks=[5])
+    model = MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=2, n_ctx=64, kv_type="f16")
+    try:
+        got, _ = _ours(model, encoder, ids, batch, chunks=[5])
+    finally:
+        model.close()
+    print(f"f16 KV cache: max-abs {np.abs(got - ref).max():.2e}")
+    assert np.abs(got - ref).max() <= 5e-2 and np.array_equal(got.argmax(-1), ref.argmax(-1))
