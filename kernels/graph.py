@@ -304,8 +304,9 @@ class GraphBuilder:
         ``q``, ``k``, ``v``, ``out`` are (weight, bias) pairs of the projections.
         ``flash`` uses ggml's fused flash-attention kernel with f16 K/V and f32
         accumulation (what libmtmd does by default); otherwise softmax(QK^T)V
-        in f32. ``mask`` (f32 [n, n], -inf where query row i may not see key
-        column j; one sequence only) is added to the scores (softmax path only).
+        in f32. ``mask`` ([n, n], -inf where query row i may not see key
+        column j; one sequence only; f16 for the flash path, f16 or f32
+        otherwise) is added to the scores.
         """
         g, ctx = self.g, self.ctx
         dims = shape(x) + (1, 1)
@@ -315,12 +316,12 @@ class GraphBuilder:
         dh = d // n_head
         heads = [g.ggml_reshape_4d(ctx, self.linear(x, *p), dh, n_head, n, batch) for p in (q, k, v)]
         qh, kh = (g.ggml_permute(ctx, t, 0, 2, 1, 3) for t in heads[:2])  # [dh, n, heads, B]
-        if mask is not None and (flash or batch != 1):
-            raise InvalidModelError("a masked attention runs one sequence on the softmax path")
+        if mask is not None and batch != 1:
+            raise InvalidModelError("a masked attention runs one sequence")
         if flash:
             vh = g.ggml_permute(ctx, heads[2], 0, 2, 1, 3)
             kh, vh = g.ggml_cast(ctx, kh, ggml.GGML_TYPE_F16), g.ggml_cast(ctx, vh, ggml.GGML_TYPE_F16)
-            fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, None, 1.0 / math.sqrt(dh), 0.0, 0.0)
+            fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, mask, 1.0 / math.sqrt(dh), 0.0, 0.0)
             g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n, B]
             return self.linear(self._merge_heads(fused, d, n, batch), *out)
         vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads, B]

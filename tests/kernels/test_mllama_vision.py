@@ -52,7 +52,9 @@ def test_pad_matches_numpy():
     np.testing.assert_array_equal(out, np.pad(x, ((0, 0), (0, 3), (0, 0))))
 
 
-def test_masked_attention_matches_numpy():
+@pytest.mark.parametrize("flash", [False, True], ids=["softmax-f32", "flash-f16"])
+def test_masked_attention_matches_numpy(flash):
+    from edgevlm.kernels import ggml
     from edgevlm.kernels.graph import GraphBuilder
 
     rng = np.random.default_rng(2)
@@ -63,9 +65,10 @@ def test_masked_attention_matches_numpy():
     np.fill_diagonal(mask, 0.0)
     b = GraphBuilder(256)
     ws = {k: b.input(k, (d, d)) for k in "qkvo"}
+    mask_type = ggml.GGML_TYPE_F16 if flash else ggml.GGML_TYPE_F32
     out = b.attention(b.input("x", (d, n)), (ws["q"], None), (ws["k"], None), (ws["v"], None),
-                      (ws["o"], None), heads, mask=b.input("mask", (n, n)))
-    got = _run(b, out, {"x": x, "mask": mask, **w})
+                      (ws["o"], None), heads, mask=b.input("mask", (n, n), mask_type), flash=flash)
+    got = _run(b, out, {"x": x, "mask": mask.astype(np.float16 if flash else np.float32), **w})
     q, k, v = (x @ w[c].T for c in "qkv")
     dh = d // heads
     ctx = []
@@ -73,7 +76,8 @@ def test_masked_attention_matches_numpy():
         s = q[:, h * dh:(h + 1) * dh] @ k[:, h * dh:(h + 1) * dh].T / np.sqrt(dh) + mask
         p = np.exp(s - s.max(-1, keepdims=True))
         ctx.append((p / p.sum(-1, keepdims=True)) @ v[:, h * dh:(h + 1) * dh])
-    np.testing.assert_allclose(got, np.concatenate(ctx, 1) @ w["o"].T, rtol=1e-5, atol=1e-5)
+    tol = 3e-3 if flash else 1e-5  # flash: K/V rounded to f16
+    np.testing.assert_allclose(got, np.concatenate(ctx, 1) @ w["o"].T, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("n_tiles", [1, 3])
@@ -116,7 +120,7 @@ def hf_model(mllama_checkpoint):
 def encoder(mllama_f32_result):
     from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
 
-    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2)
+    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2, flash_attn=False)
     yield enc
     enc.close()
 
@@ -166,6 +170,25 @@ def test_quantised_projectors_stay_close(hf_model, mllama_checkpoint, tmp_path, 
     cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
     print(f"{vision_type}: min cosine {cos.min():.6f}, max-abs {np.abs(got - ref).max():.2e}")
     assert cos.min() >= cosine_min
+
+
+@pytest.mark.parametrize("size", [(56, 56), (300, 90)], ids=["1-tile", "4-tile"])
+def test_flash_attention_stays_close(hf_model, mllama_f32_result, size):
+    """ggml's fused attention (f16 K/V and mask) against transformers' f32 encoder."""
+    from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
+    from tests.fixtures.mllama import image_processor
+
+    batch = image_processor()(images=[[gradient_image(*size)]], return_tensors="np")
+    ref = _reference(hf_model, batch)
+    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2, flash_attn=True)
+    try:
+        got = enc.encode(batch["pixel_values"][0, 0], int(batch["aspect_ratio_ids"][0, 0]),
+                         int(batch["aspect_ratio_mask"].sum()))
+    finally:
+        enc.close()
+    cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    print(f"flash {size}: min cosine {cos.min():.7f}, max-abs {np.abs(got - ref).max():.2e}")
+    assert cos.min() >= COSINE_MIN
 
 
 def test_the_aspect_ratio_matters(encoder):
