@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 LLAMA_ARCH = "llama"
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
-_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0"}
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+               "Q4_0": "MOSTLY_Q4_0"}
 
 
 def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConfig,

@@ -19,8 +19,9 @@ loads them (``edgevlm inspect`` says so):
   ``v.blk.N``, gated global layers ``v.global.blk.N``) and the one-linear
   projector ``mm.0``; gates are stored as in the checkpoint (before tanh).
 
-LLM quantisation: f32/f16/bf16 and q8_0 (written by gguf's quantiser: llama.cpp's
-cannot load the architecture); the K-quants are refused for now.
+LLM quantisation: f32/f16/bf16, q8_0 and q4_0 (written by gguf's quantisers:
+llama.cpp's cannot load the architecture; gguf has no K-quant quantiser, so
+q4_k_m/q5_k_m/q6_k are refused for now).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from .projector_writer import check_projector_shapes, image_processor_config
 from .tensors import TensorSpec, check_shape
 from .tokenizer import write_vocab
 
-LLM_QUANTS = ("f32", "f16", "bf16", "q8_0")
+LLM_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+KEEP_Q8_0 = ("token_embd.weight", "output.weight")  # at q4_0, as llama.cpp keeps these finer
 GELU_ACTS = ("gelu",)  # HF "gelu" is the erf form (transformers ACT2FN)
 _TEXT_DEFAULTS: dict[str, Any] = {  # transformers' MllamaTextConfig defaults
     "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -255,7 +257,7 @@ class MllamaConverter(Converter):
                      ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
     vision_prefixes = (("model.vision_model.", ""), ("vision_model.", ""))
     projector_prefixes = (("model.multi_modal_projector.", ""), ("multi_modal_projector.", ""))
-    direct_llm_quants = frozenset({"q8_0"})
+    direct_llm_quants = frozenset({"q8_0", "q4_0"})
     config_class = MllamaConfig
     config: MllamaConfig
 
@@ -338,16 +340,19 @@ class MllamaConverter(Converter):
                               "not supported.")
 
     def llm_tensors(self, ggml_type: str) -> list[TensorSpec]:
-        """Plan the text model's tensors (matrices in ``ggml_type``; Q8_0 falls back to F16)."""
+        """Plan the text model's tensors (matrices in ``ggml_type``; Q8_0/Q4_0 rows that are not
+        whole blocks of 32 fall back to F16; at Q4_0 the embeddings and output stay Q8_0)."""
         specs = []
         for local, source in self.text_names.items():
             if local.endswith("rotary_emb.inv_freq"):
                 continue
-            shape = tuple(self.reader.shape(source))
+            shape, name = tuple(self.reader.shape(source)), self._text_name(local)
             kind = "F32" if len(shape) == 1 else ggml_type
-            if kind == "Q8_0" and shape[-1] % 32:
+            if kind == "Q4_0" and name in KEEP_Q8_0:
+                kind = "Q8_0"
+            if kind in ("Q8_0", "Q4_0") and shape[-1] % 32:
                 kind = "F16"
-            specs.append(TensorSpec(self._text_name(local), source, shape, kind))
+            specs.append(TensorSpec(name, source, shape, kind))
         self._check_text_shapes({s.name: s for s in specs})
         return specs
 

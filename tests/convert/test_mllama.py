@@ -210,7 +210,7 @@ def test_bad_configs_are_named(mllama_checkpoint, tmp_path, changes, error, mess
 def test_k_quants_are_refused(mllama_checkpoint, tmp_path):
     from edgevlm.convert import convert
 
-    with pytest.raises(UnsupportedModelError, match="q4_k_m.*f32, f16, bf16, q8_0"):
+    with pytest.raises(UnsupportedModelError, match="q4_k_m.*f32, f16, bf16, q8_0, q4_0"):
         convert(mllama_checkpoint, tmp_path, quant="q4_k_m")
     assert not list(tmp_path.glob("*.gguf"))
 

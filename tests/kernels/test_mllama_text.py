@@ -148,12 +148,18 @@ def test_the_image_changes_the_logits(tokenizer, encoder, text_model):
     assert np.abs(a[-1] - b[-1]).max() > 0.1
 
 
-def test_q8_0_top1_agreement(hf_model, tokenizer, encoder, mllama_checkpoint, tmp_path):
+@pytest.mark.parametrize(("quant", "agreement"), [("q8_0", 0.99), ("q4_0", 0.8)])
+def test_quantised_top1_agreement(hf_model, tokenizer, encoder, mllama_checkpoint, tmp_path, quant,
+                                  agreement):
+    """Teacher-forced top-1 agreement with transformers' f32 logits (the issue asks 0.99 at Q8_0)."""
     from edgevlm.convert import convert
     from edgevlm.kernels.mllama_text import MllamaTextModel
+    from tests.helpers import gguf_tensors
 
-    q8 = convert(mllama_checkpoint, tmp_path, quant="q8_0", vision_type="f32")
-    model = MllamaTextModel(q8.llm_path, device="cpu", n_threads=2, n_ctx=256)
+    result = convert(mllama_checkpoint, tmp_path, quant=quant, vision_type="f32")
+    types = {n: t.tensor_type.name for n, t in gguf_tensors(result.llm_path).items()}
+    assert types["blk.0.ffn_up.weight"] == quant.upper()
+    model = MllamaTextModel(result.llm_path, device="cpu", n_threads=2, n_ctx=256)
     agree = total = 0
     try:
         for text, size in (("<|image|>the red car on the road is small and the sky is blue", IMAGES[4]),
@@ -166,8 +172,8 @@ def test_q8_0_top1_agreement(hf_model, tokenizer, encoder, mllama_checkpoint, tm
             total += len(ids)
     finally:
         model.close()
-    print(f"q8_0 top-1 agreement {agree}/{total}")
-    assert agree / total >= 0.99
+    print(f"{quant} top-1 agreement {agree}/{total}")
+    assert agree / total >= agreement
 
 
 def test_bad_requests_are_refused(tokenizer, encoder, text_model):
