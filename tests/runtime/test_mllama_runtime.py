@@ -1,0 +1,90 @@
+"""mllama end to end on the kernels (edgevlm.mllama_runtime) against transformers.
+
+Tokenisation through llama.cpp's vocabulary-only load equals the checkpoint's
+tokenizer; greedy tokens equal transformers' ``generate`` (f32 files).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.fixtures.internvl import gradient_image
+
+PROMPTS = ["<|image|>what is in the picture?", "hello world, where is the dog?",
+           "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>describe<|eot_id|>",
+           "ünïcödé 123456 and   spaces\n\nnew lines"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(mllama_f32_result):
+    from edgevlm.mllama_runtime import MllamaPipeline
+
+    pipe = MllamaPipeline(mllama_f32_result.llm_path, mllama_f32_result.mmproj_path, device="cpu",
+                          n_threads=2, n_ctx=128, kv_type="f32")
+    yield pipe
+    pipe.close()
+
+
+@pytest.fixture(scope="module")
+def hf(mllama_checkpoint):
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.fixtures.mllama import load_model
+
+    return load_model(mllama_checkpoint), PreTrainedTokenizerFast.from_pretrained(mllama_checkpoint)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_tokenizer_equals_the_checkpoints(pipeline, hf, prompt):
+    assert pipeline.tokenize(prompt) == hf[1](prompt).input_ids  # BOS added, as the checkpoint's
+
+
+def _hf_generate(hf, prompt, images, n):
+    import torch
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+    from tests.fixtures.mllama import image_processor
+
+    model, tok = hf
+    ids = tok(prompt).input_ids
+    kwargs = {}
+    if images:
+        batch = image_processor()(images=[images], return_tensors="np")
+        sparse = get_cross_attention_token_mask(ids, model.config.image_token_index)
+        mask = convert_sparse_cross_attention_mask_to_dense([sparse], batch["num_tiles"], 4, len(ids))
+        kwargs = {k: torch.from_numpy(batch[k]) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        kwargs["cross_attention_mask"] = torch.from_numpy(mask)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=n, **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize(("prompt", "sizes"), [
+    ("<|image|>what is in the picture? it is", [(168, 50)]),
+    ("<|image|>a cat<|image|>a dog. which one is red?", [(100, 100), (56, 56)]),
+    ("hello world, where is the dog?", []),
+])
+def test_greedy_tokens_equal_transformers(pipeline, hf, prompt, sizes):
+    images = [gradient_image(*s, seed=i) for i, s in enumerate(sizes)]
+    ref = _hf_generate(hf, prompt, images, 10)
+    got = pipeline.generate(prompt, images, max_tokens=10)
+    print(f"{prompt[:20]!r}: {got} ({pipeline.detokenize(got)!r})")
+    assert got == ref
+
+
+def test_encoded_images_are_reused(pipeline):
+    image = pipeline.encode_image(gradient_image(112, 56))
+    a = pipeline.start("<|image|>what is it?", [image])
+    b = pipeline.start("<|image|>what is it?", [gradient_image(112, 56)])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_image_tokens_without_images_are_refused(pipeline):
+    from edgevlm.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="no images"):
+        pipeline.start("<|image|>what is it?")
+    with pytest.raises(InvalidRequestError, match="1 image tokens for 2 images"):
+        pipeline.start("<|image|>what?", [gradient_image(56, 56)] * 2)
