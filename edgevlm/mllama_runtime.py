@@ -120,18 +120,45 @@ class MllamaPipeline:
         Raises:
             InvalidRequestError: the prompt's ``<|image|>`` tokens and the images disagree.
         """
-        tokens = self.tokenize(prompt)
-        encoded = [i if isinstance(i, EncodedImage) else self.encode_image(i) for i in images]
         self.text.reset()
+        self.history: list[int] = []
+        self.pending: list[int] = []   # generated, not yet read (the last greedy token)
+        self.encoded: list[EncodedImage] = []
+        return self._read(self.tokenize(prompt), images)
+
+    def follow_up(self, text: str, images: Sequence[Image.Image | EncodedImage] = ()) -> np.ndarray:
+        """Continue the conversation with ``text`` (no BOS): only the new tokens are read.
+
+        Images already in the conversation are neither re-encoded nor their cross-attention
+        keys recomputed. Exactly what reading the whole conversation at once gives when no
+        image is added; with new images, tokens read before them keep what they computed
+        (transformers, re-reading everything, would let tokens before the *first* image
+        attend to the new images too: their cross-attention rows are unmasked).
+
+        Raises:
+            InvalidRequestError: no conversation yet, or image tokens and images disagree.
+        """
+        if not getattr(self, "history", None):
+            raise InvalidRequestError("follow_up() needs a conversation: call start() first")
+        return self._read(self.vocab.tokenize(text, add_special=False, parse_special=True), images)
+
+    def _read(self, tokens: list[int], images: Sequence[Image.Image | EncodedImage]) -> np.ndarray:
+        tokens, self.pending = self.pending + tokens, []
+        encoded = [i if isinstance(i, EncodedImage) else self.encode_image(i) for i in images]
+        history = self.history + tokens
+        all_images = self.encoded + encoded
         mask = None
-        if encoded:
-            tiles = [e.tiles.n_tiles for e in encoded]
-            mask = cross_attention_mask(tokens, self.text.config.image_token_id, tiles,
-                                        self.vision.config.max_num_tiles)
-            self.text.set_images([e.states for e in encoded], tiles)
+        if all_images:
+            tiles = [e.tiles.n_tiles for e in all_images]
+            mask = cross_attention_mask(history, self.text.config.image_token_id, tiles,
+                                        self.vision.config.max_num_tiles)[len(self.history):]
+            if encoded:
+                self.text.set_images([e.states for e in all_images], tiles)
         elif self.text.config.image_token_id in tokens:
             raise InvalidRequestError("the prompt has <|image|> tokens but no images were given")
-        return self.text.forward(tokens, mask)[-1]
+        logits = self.text.forward(tokens, mask)[-1]
+        self.history, self.encoded = history, all_images
+        return logits
 
     def generate(self, prompt: str, images: Sequence[Image.Image | EncodedImage] = (), *,
                  max_tokens: int = 32, stop_at_eog: bool = True) -> list[int]:
@@ -142,8 +169,10 @@ class MllamaPipeline:
             token = int(np.argmax(logits))
             out.append(token)
             if (stop_at_eog and self.vocab.is_eog(token)) or len(out) == max_tokens:
+                self.pending = [token]
                 break
             logits = self.text.forward([token])[-1]
+            self.history.append(token)
         return out
 
     def detokenize(self, tokens: Sequence[int]) -> str:

@@ -88,3 +88,58 @@ def test_image_tokens_without_images_are_refused(pipeline):
         pipeline.start("<|image|>what is it?")
     with pytest.raises(InvalidRequestError, match="1 image tokens for 2 images"):
         pipeline.start("<|image|>what?", [gradient_image(56, 56)] * 2)
+
+
+def test_follow_up_equals_reading_everything(pipeline):
+    """Prefix reuse: a follow-up reads only its tokens and gives the one-pass logits."""
+    first, second = "<|image|>what is in the picture?", " a red car. and the sky is"
+    image = pipeline.encode_image(gradient_image(100, 100))
+    pipeline.start(first, [image])
+    n_cached = pipeline.text.n_past
+    follow = pipeline.follow_up(second)
+    assert pipeline.text.n_past == n_cached + len(pipeline.vocab.tokenize(second, add_special=False))
+    whole = pipeline.start(first + second, [image])
+    np.testing.assert_allclose(follow, whole, atol=1e-4)
+
+
+def test_follow_up_after_generating_continues_the_conversation(pipeline):
+    prompt, image = "<|image|>what is it?", gradient_image(168, 50)
+    tokens = pipeline.generate(prompt, [image], max_tokens=3, stop_at_eog=False)
+    new = pipeline.vocab.tokenize(" ok.", add_special=False)
+    follow = pipeline.follow_up(" ok.")
+    assert pipeline.history == pipeline.tokenize(prompt) + tokens + new
+    pipeline.start(prompt, [image])
+    again = pipeline.text.forward(tokens + new)[-1]
+    np.testing.assert_allclose(follow, again, atol=1e-4)
+
+
+def test_follow_up_with_a_new_image(pipeline):
+    """The grown image set's keys are recomputed, the self-attention cache kept. Without
+    text before the first image this equals one pass; with it (BOS here) the first tokens
+    saw only the first image, where one pass lets them see both (their rows are unmasked)."""
+    from edgevlm.kernels.mllama_text import cross_attention_mask
+
+    a, b = gradient_image(56, 56), gradient_image(112, 56, seed=3)
+    image_id = pipeline.text.config.image_token_id
+    pipeline.start("<|image|>a cat.", [a])
+    got = pipeline.follow_up("<|image|>a dog. which?", [b])
+    whole = pipeline.start("<|image|>a cat.<|image|>a dog. which?", [a, b])
+    assert len(pipeline.encoded) == 2
+    with_bos = float(np.abs(got - whole).max())
+    text = pipeline.text
+    ids = [image_id, *pipeline.vocab.tokenize("a cat.", add_special=False)]
+    more = [image_id, *pipeline.vocab.tokenize("a dog. which?", add_special=False)]
+    ea, eb = pipeline.encode_image(a), pipeline.encode_image(b)
+    mask = cross_attention_mask(ids + more, image_id, [1, 2], 4)
+    text.reset()
+    text.set_images([ea.states], [1])
+    text.forward(ids, mask[:len(ids), :1])
+    text.set_images([ea.states, eb.states], [1, 2])
+    split = text.forward(more, mask[len(ids):])[-1]
+    text.reset()
+    text.set_images([ea.states, eb.states], [1, 2])
+    one = text.forward(ids + more, mask)[-1]
+    print(f"new image in a follow-up: max-abs {with_bos:.2e} with BOS before the first image, "
+          f"{np.abs(split - one).max():.2e} without")
+    np.testing.assert_allclose(split, one, atol=1e-4)
+    assert with_bos > 1e-4
