@@ -138,7 +138,9 @@ class MllamaTextModel:
         device: ggml device ("auto", "cpu", "cuda", "metal", or a name).
         n_threads: CPU threads.
         n_ctx: Tokens the KV cache holds.
-        kv_type: "f32" or "f16" cache elements.
+        kv_type: "f32" or "f16" elements of the KV cache and of the images' cross-attention
+            keys and values (f16 halves both: 210 MB instead of 420 MB per 4-tile image for
+            the 11B's 8 cross-attention layers).
 
     Raises:
         InvalidModelError, KernelsUnavailableError, InvalidRequestError (bad kv_type / n_ctx).
@@ -148,7 +150,7 @@ class MllamaTextModel:
                  kv_type: str = "f32") -> None:
         if kv_type not in KV_TYPES or n_ctx < 1:
             raise InvalidRequestError(f"kv_type must be one of {', '.join(KV_TYPES)} and n_ctx >= 1")
-        self.path, self.n_ctx = Path(path), n_ctx
+        self.path, self.n_ctx, self.kv_type = Path(path), n_ctx, kv_type
         self.meta, tensors = read_gguf_tensors(self.path)
         self.config = cfg = read_text_config(self.meta, tensors)
         self.gates = gate_values(tensors)
@@ -231,10 +233,10 @@ class MllamaTextModel:
             data = graph.run({"states": flat}).reshape(n, len(cfg.cross_layers), 2, kvh, hd)
         finally:
             graph.close()
-        kv = {}
+        kv, dtype = {}, KV_TYPES[self.kv_type]
         for j, il in enumerate(cfg.cross_layers):
-            kv[f"k.{il}"] = RawTensor.from_numpy(np.ascontiguousarray(data[:, j, 0]))            # ne [hd, kvh, n]
-            kv[f"v.{il}"] = RawTensor.from_numpy(np.ascontiguousarray(data[:, j, 1].transpose(1, 2, 0)))  # ne [n, hd, kvh]
+            kv[f"k.{il}"] = RawTensor.from_numpy(data[:, j, 0].astype(dtype))                   # ne [hd, kvh, n]
+            kv[f"v.{il}"] = RawTensor.from_numpy(data[:, j, 1].transpose(1, 2, 0).astype(dtype))  # ne [n, hd, kvh]
         return kv
 
     # ------------------------------------------------------------------ forward
