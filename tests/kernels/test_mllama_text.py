@@ -33,7 +33,7 @@ def tokenizer(mllama_checkpoint):
 def encoder(mllama_f32_result):
     from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
 
-    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2)
+    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=1)
     yield enc
     enc.close()
 
@@ -42,7 +42,7 @@ def encoder(mllama_f32_result):
 def text_model(mllama_f32_result):
     from edgevlm.kernels.mllama_text import MllamaTextModel
 
-    model = MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=2, n_ctx=256)
+    model = MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=1, n_ctx=256)
     yield model
     model.close()
 
@@ -159,7 +159,7 @@ def test_quantised_top1_agreement(hf_model, tokenizer, encoder, mllama_checkpoin
     result = convert(mllama_checkpoint, tmp_path, quant=quant, vision_type="f32")
     types = {n: t.tensor_type.name for n, t in gguf_tensors(result.llm_path).items()}
     assert types["blk.0.ffn_up.weight"] == quant.upper()
-    model = MllamaTextModel(result.llm_path, device="cpu", n_threads=2, n_ctx=256)
+    model = MllamaTextModel(result.llm_path, device="cpu", n_threads=1, n_ctx=256)
     agree = total = 0
     try:
         for text, size in (("<|image|>the red car on the road is small and the sky is blue", IMAGES[4]),
@@ -195,7 +195,7 @@ def test_f16_kv_cache_stays_close(tokenizer, encoder, text_model, mllama_f32_res
     ids = tokenizer("<|image|>what is in the picture? the red car").input_ids
     batch = _pixels([IMAGES[3]])
     ref, _ = _ours(text_model, encoder, ids, batch, chunks=[5])
-    model = MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=2, n_ctx=64, kv_type="f16")
+    model = MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=1, n_ctx=64, kv_type="f16")
     try:
         got, _ = _ours(model, encoder, ids, batch, chunks=[5])
     finally:

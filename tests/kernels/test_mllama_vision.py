@@ -22,7 +22,7 @@ def _run(builder, out, inputs):
     from edgevlm.kernels.backend import Backend
     from edgevlm.kernels.graph import CompiledGraph
 
-    backend = Backend("cpu", n_threads=2)
+    backend = Backend("cpu", n_threads=1)
     graph = CompiledGraph(backend, builder, out)
     try:
         return graph.run(inputs)
@@ -120,7 +120,7 @@ def hf_model(mllama_checkpoint):
 def encoder(mllama_f32_result):
     from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
 
-    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2, flash_attn=False)
+    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=1, flash_attn=False)
     yield enc
     enc.close()
 
@@ -162,7 +162,7 @@ def test_quantised_projectors_stay_close(hf_model, mllama_checkpoint, tmp_path, 
     result = convert(mllama_checkpoint, tmp_path, quant="f16", vision_type=vision_type)
     batch = image_processor()(images=[[gradient_image(100, 100)]], return_tensors="np")
     ref = _reference(hf_model, batch)
-    enc = MllamaVisionEncoder(result.mmproj_path, device="cpu", n_threads=2)
+    enc = MllamaVisionEncoder(result.mmproj_path, device="cpu", n_threads=1)
     try:
         got = enc.encode(batch["pixel_values"][0, 0], int(batch["aspect_ratio_ids"][0, 0]), 4)
     finally:
@@ -180,7 +180,7 @@ def test_flash_attention_stays_close(hf_model, mllama_f32_result, size):
 
     batch = image_processor()(images=[[gradient_image(*size)]], return_tensors="np")
     ref = _reference(hf_model, batch)
-    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=2, flash_attn=True)
+    enc = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=1, flash_attn=True)
     try:
         got = enc.encode(batch["pixel_values"][0, 0], int(batch["aspect_ratio_ids"][0, 0]),
                          int(batch["aspect_ratio_mask"].sum()))

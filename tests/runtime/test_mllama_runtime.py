@@ -21,7 +21,7 @@ def pipeline(mllama_f32_result):
     from edgevlm.mllama_runtime import MllamaPipeline
 
     pipe = MllamaPipeline(mllama_f32_result.llm_path, mllama_f32_result.mmproj_path, device="cpu",
-                          n_threads=2, n_ctx=128, kv_type="f32")
+                          n_threads=1, n_ctx=128, kv_type="f32")
     yield pipe
     pipe.close()
 
