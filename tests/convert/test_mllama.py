@@ -214,3 +214,20 @@ def test_k_quants_are_refused(mllama_checkpoint, tmp_path):
         convert(mllama_checkpoint, tmp_path, quant="q4_k_m")
     assert not list(tmp_path.glob("*.gguf"))
 
+
+
+def test_transformers_4_config_layout(mllama_checkpoint, mllama_f32_result, tmp_path):
+    """The hub checkpoints' config.json (transformers 4.45): rope_scaling + rope_theta,
+    attention_heads, no rope_parameters; the same file comes out."""
+    from edgevlm.convert import convert
+
+    src = copy_checkpoint(mllama_checkpoint, tmp_path / "src")
+    data = json.loads((src / "config.json").read_text())
+    rope = data["text_config"].pop("rope_parameters")
+    data["text_config"]["rope_theta"] = rope.pop("rope_theta")
+    data["text_config"]["rope_scaling"] = rope
+    (src / "config.json").write_text(json.dumps(data))
+    result = convert(src, tmp_path / "out", quant="f32", vision_type="f32")
+    old, new = gguf_fields(mllama_f32_result.llm_path), gguf_fields(result.llm_path)
+    assert new[constants.KEY_ROPE_FREQ_FACTORS] == old[constants.KEY_ROPE_FREQ_FACTORS]
+    assert new["mllama.rope.freq_base"] == old["mllama.rope.freq_base"]
