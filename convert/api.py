@@ -114,19 +114,20 @@ def convert(source: str | Path, output_dir: str | Path, *, quant: str = "f16",
     out.mkdir(parents=True, exist_ok=True)
     base = name or folder.resolve().name.lower()
     llm_path, mmproj_path = output_paths(out, base, qtype.label, vtype)
-    from .llm_writer import plan_llm, write_llm
+    from .llm_writer import plan_llm, write_llm, writes_directly
     from .projector_writer import write_projector
 
     llm_specs = plan_llm(converter, qtype)
     stages = [Stage(report, "LLM", llm_specs),
               Stage(report, f"quantising to {qtype.label}", llm_specs, quantise_to=qtype.label),
               Stage(report, "projector", converter.projector_tensors(vtype))]
-    if qtype.direct:
+    direct = writes_directly(converter, qtype)
+    if direct:
         del stages[1]
     begin(report, stages)
     with _atomic_outputs(llm_path, mmproj_path) as (llm_tmp, mmproj_tmp):
         report.step(f"writing {llm_path.name}")
-        llm_bytes = write_llm(converter, llm_tmp, qtype, stages[0], None if qtype.direct else stages[1])
+        llm_bytes = write_llm(converter, llm_tmp, qtype, stages[0], None if direct else stages[1])
         report.step(f"writing {mmproj_path.name}")
         mmproj_bytes = write_projector(converter, mmproj_tmp, vtype, stages[-1])
     return ConversionResult(llm_path, mmproj_path, arch, qtype.name, vtype, llm_bytes,

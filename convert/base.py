@@ -218,6 +218,9 @@ class Converter:
     projector_prefixes: ClassVar[tuple[tuple[str, str], ...]] = ()
     options: ClassVar[tuple[ConverterOption, ...]] = ()
     """Family-specific options this converter takes (shown by ``edgevlm convert --help``)."""
+    direct_llm_quants: ClassVar[frozenset[str]] = frozenset()
+    """Integer LLM quantisations (``"q8_0"``) this family writes itself with gguf's quantiser
+    instead of llama.cpp's, which cannot load an architecture it does not know."""
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -273,6 +276,9 @@ class Converter:
 
     def validate(self) -> None:
         """Reject checkpoints this converter cannot handle (hook; default: accept)."""
+
+    def check_llm_quant(self, quant: str) -> None:
+        """Reject an LLM quantisation name this family cannot write (hook; default: accept)."""
 
     def llm_tensors(self, ggml_type: str) -> list[TensorSpec]:
         """Plan the LLM GGUF tensors, float type ``ggml_type`` for matrices (hook)."""

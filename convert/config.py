@@ -166,6 +166,20 @@ def check_sections(data: Mapping[str, Any], sections: tuple[str, ...] = ("text_c
             raise ConversionError(f"config.json: {section} must be an object.")
 
 
+def square_field(data: dict[str, Any], key: str) -> None:
+    """Replace a ``vision_config`` ``[h, w]`` list at ``key`` by its one side, in place.
+
+    Raises:
+        ConversionError: the pair is not square.
+    """
+    value = data.get(key)
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConversionError(f"config.json: vision_config.{key} {list(value)} is "
+                                  "not square; only square tiles are supported.")
+        data[key] = value[0]
+
+
 def check_tower_geometry(cfg: Any) -> None:
     """Positive sizes, whole patches per side, whole heads: the checks every ViT config shares.
 

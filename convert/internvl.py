@@ -41,7 +41,8 @@ from edgevlm import constants
 from edgevlm.errors import ConversionError, UnsupportedModelError
 
 from .base import Converter, register
-from .config import TextConfig, check_sections, check_tower_geometry, config_field
+from .config import (TextConfig, check_sections, check_tower_geometry, config_field,
+                     square_field)
 from .llm_writer import llama_tensor_specs, write_llama_hparams
 from .projector_writer import (check_projector_shapes, feature_layer_count,
                                image_processor_config, vision_tensor_type, write_vision_hparams)
@@ -139,12 +140,7 @@ class InternVisionConfig:
         """
         data = dict(data)
         for key in ("image_size", "patch_size"):
-            value = data.get(key)
-            if isinstance(value, (list, tuple)):
-                if len(value) != 2 or value[0] != value[1]:
-                    raise ConversionError(f"config.json: vision_config.{key} {list(value)} is "
-                                          "not square; only square tiles are supported.")
-                data[key] = value[0]
+            square_field(data, key)
         d = _VISION_DEFAULTS
         return cls(**{k: config_field(data, k, d, "vision_config.", type(d[k])) for k in d})
 

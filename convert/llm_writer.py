@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 LLAMA_ARCH = "llama"
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
-_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+               "Q4_0": "MOSTLY_Q4_0"}
 
 
 def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConfig,
@@ -167,9 +168,15 @@ def fallback_note(specs: list[TensorSpec], quant: QuantType) -> str | None:
             f"their rows are not multiples of {quant.block} (e.g. {odd[0]}).")
 
 
+def writes_directly(converter: Converter, quant: QuantType) -> bool:
+    """Whether the converter writes ``quant`` itself (float types, and the family's
+    ``direct_llm_quants``) rather than through llama.cpp's quantiser."""
+    return quant.direct or quant.name in converter.direct_llm_quants
+
+
 def float_type(converter: Converter, quant: QuantType) -> str:
     """The type the LLM's matrices are written in: ``quant`` itself, or the lossless input of the quantiser."""
-    return quant.label if quant.direct else converter.reader.widest_float()
+    return quant.label if writes_directly(converter, quant) else converter.reader.widest_float()
 
 
 def plan_llm(converter: Converter, quant: QuantType) -> list[TensorSpec]:
@@ -178,6 +185,7 @@ def plan_llm(converter: Converter, quant: QuantType) -> list[TensorSpec]:
     Raises:
         ConversionError: from the converter's plan.
     """
+    converter.check_llm_quant(quant.name)
     specs = converter.llm_tensors(float_type(converter, quant))
     note = fallback_note(specs, quant)
     if note:
@@ -204,13 +212,14 @@ def write_llm(converter: Converter, path: Path, quant: QuantType, written: Stage
     """
     import gguf
 
-    target = path if quant.direct else path.with_name(f"{path.name}.f-{os.getpid()}")
+    direct = writes_directly(converter, quant)
+    target = path if direct else path.with_name(f"{path.name}.f-{os.getpid()}")
     writer = gguf.GGUFWriter(None, converter.llm_arch)
     converter.write_llm_metadata(writer)
     writer.add_file_type(file_type(float_type(converter, quant)))
     try:
         write_gguf(target, writer, converter.reader, written.plan, written.tensor)
-        if not quant.direct:
+        if not direct:
             converter.log(f"quantising to {quant.label} with llama.cpp")
             llama_quantize(target, path, quant, on_line=quantised.quantiser_line if quantised else None)
     finally:

@@ -80,7 +80,8 @@ def encode(array: np.ndarray, ggml_type: str) -> np.ndarray:
 
     Args:
         array: float32 data.
-        ggml_type: ``F32``, ``F16``, ``BF16`` or ``Q8_0``.
+        ggml_type: ``F32``, ``F16``, ``BF16``, ``Q8_0`` or ``Q4_0`` (gguf's quantisers, which
+            follow ggml's reference ones).
 
     Returns:
         An array whose ``tobytes()`` is the GGUF payload.
@@ -94,7 +95,7 @@ def encode(array: np.ndarray, ggml_type: str) -> np.ndarray:
         return np.ascontiguousarray(array, dtype=np.float32)
     if ggml_type == "F16":
         return np.ascontiguousarray(array, dtype=np.float16)
-    if ggml_type in ("BF16", "Q8_0"):
+    if ggml_type in ("BF16", "Q8_0", "Q4_0"):
         qtype = gguf.GGMLQuantizationType[ggml_type]
         if array.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             raise ConversionError(f"rows of length {array.shape[-1]} cannot be stored as "

@@ -150,3 +150,29 @@ KEY_MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"    # str: "spatial_u
 PATCH_MERGE_SPATIAL_UNPAD = "spatial_unpad"
 TENSOR_IMAGE_NEWLINE = "v.image_newline"           # (LLM width,): clip.cpp's TN_IMAGE_NEWLINE
 TENSOR_IMAGE_NEWLINE_LEGACY = "model.image_newline"  # what llama.cpp's legacy llava-1.6 converter wrote
+
+# --- Llama-3.2-Vision (mllama): a file pair only edgevlm loads ---------------------
+# llama.cpp has no graph for mllama's cross-attention layers, so the LLM file says
+# general.architecture = "mllama" (llama.cpp refuses it at load, "unknown model
+# architecture") and the projector clip.projector_type = "edgevlm-mllama" (libmtmd
+# refuses it); `edgevlm inspect` lists both as loadable by edgevlm only.
+LLM_ARCH_MLLAMA = "mllama"
+EDGEVLM_ONLY_LLM_ARCHS = (LLM_ARCH_MLLAMA,)   # general.architecture values llama.cpp cannot load
+CLIP_PROJECTOR_TYPE_MLLAMA = "edgevlm-mllama"
+PROJECTOR_KIND_MLLAMA = "mllama"              # KEY_PROJECTOR_KIND of mllama projectors
+# LLM file (mllama.* holds the usual llama hyper-parameters; Q/K rows keep HF's
+# rotate-half layout, i.e. NEOX-style RoPE):
+KEY_MLLAMA_CROSS_ATTENTION_LAYERS = "edgevlm.mllama.cross_attention_layers"  # [i32]: text_config.cross_attention_layers
+KEY_MLLAMA_IMAGE_TOKEN_ID = "edgevlm.mllama.image_token_id"  # u32: config.json image_token_index (<|image|>)
+KEY_ROPE_FREQ_FACTORS = "edgevlm.rope.freq_factors"  # [f32] head_dim/2 divisors of the RoPE frequencies (llama3 scaling; ggml_rope_ext's freq_factors)
+# Projector file (clip.vision.* as usual; block_count = the local layers):
+KEY_MLLAMA_GLOBAL_BLOCK_COUNT = "edgevlm.mllama.vision.global_block_count"    # u32: num_global_layers
+KEY_MLLAMA_INTERMEDIATE_LAYERS = "edgevlm.mllama.vision.intermediate_layers"  # [i32]: intermediate_layers_indices
+KEY_MLLAMA_MAX_NUM_TILES = "edgevlm.mllama.vision.max_num_tiles"              # u32: tiles per image the encoder runs
+KEY_MLLAMA_ASPECT_RATIOS = "edgevlm.mllama.vision.aspect_ratios"  # [i32]: supported_aspect_ratios flattened (tiles high, tiles wide); aspect_ratio_id = index + 1
+KEY_MLLAMA_MAX_IMAGE_TILES = "edgevlm.mllama.image.max_tiles"     # u32: the image processor's max_image_tiles
+KEY_IMAGE_RESAMPLE = "edgevlm.image.resample"       # str: PIL filter of the processor's resize ("bilinear", "bicubic")
+# Tensors: text blk.N.* as llama, plus in cross-attention layers blk.N.cross_attn_{q,k,v,o}_proj,
+# blk.N.cross_attn_{q,k}_norm, blk.N.cross_attn_{attn,mlp}_gate (1 value, before tanh); vision
+# v.*, v.global.blk.N.* (with attn_gate / ffn_gate), v.{,tile_,pre_tile_,post_tile_}position_embd
+# (+ .gate, before tanh), mm.0 (see convert/mllama.py for the checkpoint names).

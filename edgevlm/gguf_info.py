@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from edgevlm.constants import EDGEVLM_ONLY_LLM_ARCHS
 from edgevlm.errors import InvalidModelError, ModelNotFoundError
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
@@ -220,7 +221,8 @@ def describe(path: str | Path) -> dict[str, Any]:
             len(tokens) if tokens else None)
         info["tokenizer"] = meta.get("tokenizer.ggml.model")
         info["chat_template"] = "tokenizer.chat_template" in meta
-        info["loadable_by"] = ["llama.cpp (llama-cli, llama-server)", "llama-cpp-python", "edgevlm"]
+        info["loadable_by"] = (["edgevlm"] if arch in EDGEVLM_ONLY_LLM_ARCHS else
+                               ["llama.cpp (llama-cli, llama-server)", "llama-cpp-python", "edgevlm"])
     edgevlm_keys = {k: v for k, v in meta.items() if k.startswith("edgevlm.")}
     if edgevlm_keys:
         info["edgevlm"] = edgevlm_keys

@@ -79,7 +79,8 @@ class LlamaModel:
     """A GGUF language model loaded by llama.cpp (weights + vocabulary)."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = -1,
-                 extra_buffers: bool | None = None, progress: Callable[[float], None] | None = None) -> None:
+                 extra_buffers: bool | None = None, progress: Callable[[float], None] | None = None,
+                 vocab_only: bool = False) -> None:
         """Load the weights.
 
         Args:
@@ -92,6 +93,8 @@ class LlamaModel:
             progress: called with the fraction of the weights read (llama.cpp's
                 progress callback); if it raises, llama.cpp stops reading and
                 the exception propagates.
+            vocab_only: load the vocabulary alone (tokenising for a model llama.cpp
+                does not run, such as mllama's).
 
         Raises:
             InvalidModelError: llama.cpp could not load the file.
@@ -100,6 +103,7 @@ class LlamaModel:
         self.path = Path(path)
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
         if extra_buffers is None:
             extra_buffers = not native.cpu_has_amx()
         params.use_extra_bufts = extra_buffers

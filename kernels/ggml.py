@@ -34,10 +34,13 @@ GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_Q4_0 = 2
 GGML_TYPE_Q8_0 = 8
+GGML_TYPE_I32 = 26
 GGML_TYPE_BF16 = 30
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
+
+GGML_ROPE_TYPE_NEOX = 2  # rotate-half pairs (i, i + d/2), as HF's rotate_half
 
 GGML_STATUS_SUCCESS = 0
 GGML_PREC_F32 = 10  # enum ggml_prec
@@ -107,6 +110,15 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_reshape_4d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_view_3d": ("base", T, [P, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
     "ggml_repeat": ("base", T, [P, T, T]),
+    # mllama vision encoder: aspect-ratio table rows, token padding
+    "ggml_get_rows": ("base", T, [P, T, T]),
+    "ggml_pad": ("base", T, [P, T, c_int, c_int, c_int, c_int]),
+    # mllama text decoder: RMS norm, SwiGLU, RoPE, KV-cache writes
+    "ggml_rms_norm": ("base", T, [P, T, c_float]),
+    "ggml_silu": ("base", T, [P, T]),
+    "ggml_rope_ext": ("base", T, [P, T, T, T, c_int, c_int, c_int, c_float, c_float, c_float, c_float,
+                                  c_float, c_float]),
+    "ggml_cpy": ("base", T, [P, T, T]),
     "ggml_new_graph_custom": ("base", P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": ("base", None, [P, T]),
     "ggml_graph_n_nodes": ("base", c_int, [P]),

@@ -268,9 +268,10 @@ class GraphBuilder:
             raise InvalidModelError(f"unknown activation {kind!r}; supported: {', '.join(ACTIVATIONS)}")
         return fn(self.ctx, x)
 
-    def softmax(self, x: object, scale: float = 1.0) -> object:
-        """``softmax(scale * x)`` over the fastest dimension."""
-        return self.g.ggml_soft_max_ext(self.ctx, x, None, scale, 0.0)
+    def softmax(self, x: object, scale: float = 1.0, mask: object | None = None) -> object:
+        """``softmax(scale * x + mask)`` over the fastest dimension (``mask`` [n_kv, n_q], f32/f16,
+        broadcast over heads; -inf where a key is hidden)."""
+        return self.g.ggml_soft_max_ext(self.ctx, x, mask, scale, 0.0)
 
     # ---------------------------------------------------------------- layers
     def linear(self, x: object, w: object, b: object | None = None) -> object:
@@ -284,13 +285,18 @@ class GraphBuilder:
             y = self.mul(y, w)
         return self.add(y, b)
 
+    def rms_norm(self, x: object, w: object | None, eps: float) -> object:
+        """RMSNorm over the fastest dimension, times ``w`` when given."""
+        y = self.g.ggml_rms_norm(self.ctx, x, eps)
+        return y if w is None else self.mul(y, w)
+
     def mlp(self, x: object, up: tuple[object, object | None], down: tuple[object, object | None],
             act: str) -> object:
         """``down(act(up(x)))``."""
         return self.linear(self.activation(self.linear(x, *up), act), *down)
 
     def attention(self, x: object, q: tuple, k: tuple, v: tuple, out: tuple, n_head: int, *,
-                  flash: bool = False) -> object:
+                  flash: bool = False, mask: object | None = None) -> object:
         """Multi-head self-attention without a mask over ``x`` [d, n] -> [d, n].
 
         ``x`` may also be a batch [d, n, B] of ``B`` independent sequences
@@ -298,7 +304,9 @@ class GraphBuilder:
         ``q``, ``k``, ``v``, ``out`` are (weight, bias) pairs of the projections.
         ``flash`` uses ggml's fused flash-attention kernel with f16 K/V and f32
         accumulation (what libmtmd does by default); otherwise softmax(QK^T)V
-        in f32.
+        in f32. ``mask`` ([n, n], -inf where query row i may not see key
+        column j; one sequence only; f16 for the flash path, f16 or f32
+        otherwise) is added to the scores.
         """
         g, ctx = self.g, self.ctx
         dims = shape(x) + (1, 1)
@@ -308,14 +316,16 @@ class GraphBuilder:
         dh = d // n_head
         heads = [g.ggml_reshape_4d(ctx, self.linear(x, *p), dh, n_head, n, batch) for p in (q, k, v)]
         qh, kh = (g.ggml_permute(ctx, t, 0, 2, 1, 3) for t in heads[:2])  # [dh, n, heads, B]
+        if mask is not None and batch != 1:
+            raise InvalidModelError("a masked attention runs one sequence")
         if flash:
             vh = g.ggml_permute(ctx, heads[2], 0, 2, 1, 3)
             kh, vh = g.ggml_cast(ctx, kh, ggml.GGML_TYPE_F16), g.ggml_cast(ctx, vh, ggml.GGML_TYPE_F16)
-            fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, None, 1.0 / math.sqrt(dh), 0.0, 0.0)
+            fused = g.ggml_flash_attn_ext(ctx, qh, kh, vh, mask, 1.0 / math.sqrt(dh), 0.0, 0.0)
             g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)   # result: [dh, heads, n, B]
             return self.linear(self._merge_heads(fused, d, n, batch), *out)
         vh = g.ggml_cont(ctx, g.ggml_permute(ctx, heads[2], 1, 2, 0, 3))  # [n, dh, heads, B]
-        scores = self.softmax(g.ggml_mul_mat(ctx, kh, qh), 1.0 / math.sqrt(dh))
+        scores = self.softmax(g.ggml_mul_mat(ctx, kh, qh), 1.0 / math.sqrt(dh), mask)
         ctxv = g.ggml_mul_mat(ctx, vh, scores)                # [dh, n, heads, B]
         merged = g.ggml_cont(ctx, g.ggml_permute(ctx, ctxv, 0, 2, 1, 3))  # [dh, heads, n, B]
         return self.linear(self._merge_heads(merged, d, n, batch), *out)
@@ -355,6 +365,18 @@ class GraphBuilder:
             view = self.g.ggml_view_2d(self.ctx, x, t.ne[0], count, t.nb[1], start * t.nb[1])
         return self.g.ggml_cont(self.ctx, view)
 
+    def get_rows(self, table: object, ids: object) -> object:
+        """Rows ``ids`` (an I32 tensor [n]) of ``table`` [width, rows] -> [width, n]."""
+        return self.g.ggml_get_rows(self.ctx, table, ids)
+
+    def pad(self, x: object, *pads: int) -> object:
+        """``x`` with zeros appended along each dimension (``pads`` per ne dimension, up to 4)."""
+        p = list(pads) + [0] * (4 - len(pads))
+        return self.g.ggml_pad(self.ctx, x, *p)
+
+    def reshape_3d(self, x: object, ne0: int, ne1: int, ne2: int) -> object:
+        return self.g.ggml_reshape_3d(self.ctx, x, ne0, ne1, ne2)
+
     def repeat(self, x: object, like: object) -> object:
         """``x`` tiled to the shape of ``like`` (ggml broadcasting rules)."""
         return self.g.ggml_repeat(self.ctx, x, like)
@@ -375,13 +397,18 @@ class CompiledGraph:
         backend: where it runs (the weights must live there too).
         builder: the builder holding the graph's tensors; owned from now on.
         output: the tensor to compute.
+        before: nodes computed first, in this order, whether or not ``output`` depends on
+            them (writes into tensors that live outside the graph, such as a KV cache).
     """
 
-    def __init__(self, backend: Backend, builder: GraphBuilder, output: object) -> None:
+    def __init__(self, backend: Backend, builder: GraphBuilder, output: object,
+                 before: Sequence[object] = ()) -> None:
         g = self.g = backend.g
         self.backend, self.builder, self.output = backend, builder, output
         g.ggml_set_output(output)
         self.graph = g.ggml_new_graph_custom(builder.ctx, builder.max_nodes, False)
+        for node in before:
+            g.ggml_build_forward_expand(self.graph, node)
         g.ggml_build_forward_expand(self.graph, output)
         self.allocator = g.ggml_gallocr_new(backend.buffer_type)
         if not g.ggml_gallocr_alloc_graph(self.allocator, self.graph):

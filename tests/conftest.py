@@ -244,3 +244,21 @@ def internvl_f32_result(tmp_path_factory: pytest.TempPathFactory, internvl_check
 
     return convert(internvl_checkpoint, tmp_path_factory.mktemp("internvl_f32"), quant="f32",
                    vision_type="f32")
+
+
+@pytest.fixture(scope="session")
+def mllama_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama-3.2-Vision checkpoint: 56-px tiles (up to 4), 3 local + 2 global vision
+    layers, a 5-layer text model with cross-attention at layers 1 and 3 (tests/fixtures/mllama.py)."""
+    from tests.fixtures.mllama import build_mllama_checkpoint
+
+    return build_mllama_checkpoint(tmp_path_factory.mktemp("mllama") / "tiny-mllama")
+
+
+@pytest.fixture(scope="session")
+def mllama_f32_result(tmp_path_factory: pytest.TempPathFactory, mllama_checkpoint: Path):
+    """f32/f32 conversion of the mllama checkpoint."""
+    from edgevlm.convert import convert
+
+    return convert(mllama_checkpoint, tmp_path_factory.mktemp("mllama_f32"), quant="f32",
+                   vision_type="f32")

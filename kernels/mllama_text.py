@@ -1,0 +1,383 @@
+"""The Llama-3.2-Vision (mllama) text decoder on ggml, as transformers' ``MllamaTextModel``.
+
+Reads the LLM GGUF of ``convert/mllama.py`` (``general.architecture =
+"mllama"``). Self-attention layers are Llama 3.1 layers: RMSNorm, GQA with
+NEOX-style RoPE (HF's rotate-half layout is kept in the file) and llama3
+frequency divisors (``edgevlm.rope.freq_factors``), SwiGLU MLP. Their keys and
+values go to a KV cache that lives in backend buffers (one K and one V tensor
+per layer, ``[head_dim, kv_heads, n_ctx]``), written by the same graph that
+reads it.
+
+Cross-attention layers attend to the images' states. Their keys and values
+(``k_norm(k_proj(states))`` and ``v_proj(states)``) are computed once per
+image set by :meth:`MllamaTextModel.set_images` and kept in backend buffers
+for every later call. ``cross_attention_mask`` (per token: which tiles of
+which image it may see) follows transformers exactly, quirks included:
+
+* a token that may see no tile at all (text before the first ``<|image|>``)
+  gets *no* mask in the attention (it attends to every image token, padding
+  tiles included), while its cross-attention MLP output is zeroed;
+* without images (a text-only conversation) the cross-attention layers are
+  skipped entirely.
+
+After the last token of a call, a token given no mask row reuses the last
+row (what ``generate`` does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevlm import constants as C
+from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError
+
+from . import ggml
+from .backend import Backend
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .mllama_vision import gate_values
+from .vision import _positive, read_gguf_tensors
+
+ARCH = C.LLM_ARCH_MLLAMA
+KV_TYPES = {"f32": np.float32, "f16": np.float16}
+ROPE_BETA_FAST, ROPE_BETA_SLOW = 32.0, 1.0  # ggml defaults; unused without YaRN (ext_factor 0)
+
+
+@dataclass(frozen=True)
+class MllamaTextConfig:
+    """What the decoder graph needs from an mllama LLM file."""
+
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    eps: float
+    rope_base: float
+    n_ctx_train: int
+    n_vocab: int
+    cross_layers: tuple[int, ...]
+    image_token_id: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def read_text_config(meta: Mapping[str, Any], tensors: Mapping[str, RawTensor]) -> MllamaTextConfig:
+    """Parse an mllama LLM file's metadata.
+
+    Raises:
+        InvalidModelError: not an mllama file, or missing / inconsistent keys.
+    """
+    if meta.get("general.architecture") != ARCH:
+        raise InvalidModelError(f"general.architecture is {meta.get('general.architecture')!r}, not {ARCH!r}")
+    p = f"{ARCH}."
+    n_layer = _positive(meta, p + "block_count")
+    cross = tuple(int(x) for x in meta.get(C.KEY_MLLAMA_CROSS_ATTENTION_LAYERS) or [])
+    if not cross or any(not 0 <= i < n_layer for i in cross):
+        raise InvalidModelError(f"{C.KEY_MLLAMA_CROSS_ATTENTION_LAYERS} {list(cross)} must name layers "
+                                f"below {n_layer}")
+    if "output.weight" not in tensors:
+        raise InvalidModelError("the LLM file has no tensor 'output.weight'")
+    cfg = MllamaTextConfig(
+        n_embd=_positive(meta, p + "embedding_length"), n_layer=n_layer,
+        n_head=_positive(meta, p + "attention.head_count"),
+        n_head_kv=_positive(meta, p + "attention.head_count_kv"),
+        n_ff=_positive(meta, p + "feed_forward_length"),
+        eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_base=float(meta.get(p + "rope.freq_base", 10000.0)),
+        n_ctx_train=_positive(meta, p + "context_length"), n_vocab=int(tensors["output.weight"].ne[1]),
+        cross_layers=cross, image_token_id=int(meta.get(C.KEY_MLLAMA_IMAGE_TOKEN_ID, -1)))
+    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_head_kv:
+        raise InvalidModelError(f"{cfg.n_head} heads / {cfg.n_head_kv} KV heads do not divide "
+                                f"the width {cfg.n_embd}")
+    return cfg
+
+
+def image_spans(tokens: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """``[start, end)`` token range each image is seen from (transformers' processor rules).
+
+    An image is seen from its ``<|image|>`` token up to the next image token (the
+    last image: to the end); adjacent image tokens share the end of the last one.
+    """
+    locs = [i for i, t in enumerate(tokens) if t == image_token_id]
+    ends = locs[1:] + [len(tokens)]
+    for i in range(len(locs) - 2, -1, -1):
+        if ends[i] == locs[i] + 1:     # the next image token follows at once
+            ends[i] = ends[i + 1]
+    return list(zip(locs, ends))
+
+
+def cross_attention_mask(tokens: Sequence[int], image_token_id: int, n_tiles: Sequence[int],
+                         max_tiles: int) -> np.ndarray:
+    """``(len(tokens), n_images, max_tiles)`` 0/1 mask: which tiles each token may see.
+
+    Raises:
+        InvalidRequestError: the prompt has another number of image tokens than images.
+    """
+    spans = image_spans(tokens, image_token_id)
+    if len(spans) != len(n_tiles):
+        raise InvalidRequestError(f"the prompt has {len(spans)} image tokens for {len(n_tiles)} images")
+    mask = np.zeros((len(tokens), len(n_tiles), max_tiles), dtype=np.float32)
+    for i, ((start, end), tiles) in enumerate(zip(spans, n_tiles)):
+        mask[start:end, i, :tiles] = 1
+    return mask
+
+
+class MllamaTextModel:
+    """An mllama LLM GGUF on a ggml backend with a KV cache: tokens in, logits out.
+
+    Args:
+        path: The LLM GGUF.
+        device: ggml device ("auto", "cpu", "cuda", "metal", or a name).
+        n_threads: CPU threads.
+        n_ctx: Tokens the KV cache holds.
+        kv_type: "f32" or "f16" elements of the KV cache and of the images' cross-attention
+            keys and values (f16 halves both: 210 MB instead of 420 MB per 4-tile image for
+            the 11B's 8 cross-attention layers).
+
+    Raises:
+        InvalidModelError, KernelsUnavailableError, InvalidRequestError (bad kv_type / n_ctx).
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4, n_ctx: int = 512,
+                 kv_type: str = "f32") -> None:
+        if kv_type not in KV_TYPES or n_ctx < 1:
+            raise InvalidRequestError(f"kv_type must be one of {', '.join(KV_TYPES)} and n_ctx >= 1")
+        self.path, self.n_ctx, self.kv_type = Path(path), n_ctx, kv_type
+        self.meta, tensors = read_gguf_tensors(self.path)
+        self.config = cfg = read_text_config(self.meta, tensors)
+        self.gates = gate_values(tensors)
+        device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
+        factors = self.meta.get(C.KEY_ROPE_FREQ_FACTORS)
+        if factors is not None:
+            device_tensors["rope_freqs"] = RawTensor.from_numpy(np.asarray(factors, np.float32))
+        kv_shape = (n_ctx, cfg.n_head_kv, cfg.head_dim)
+        for il in range(cfg.n_layer):
+            if il not in cfg.cross_layers:
+                for kind in "kv":
+                    device_tensors[f"cache.{kind}.{il}"] = RawTensor.from_numpy(np.zeros(kv_shape, KV_TYPES[kv_type]))
+        self.backend = Backend(device, n_threads=n_threads)
+        try:
+            matmul = {n for n, t in device_tensors.items()
+                      if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
+            self.weights = Weights(self.backend, device_tensors, matmul=matmul,
+                                   extra=self.backend.extra_buffer_types(None))
+        except Exception:
+            self.backend.close()
+            raise
+        self.images: Weights | None = None
+        self.image_tiles: tuple[int, ...] = ()
+        self.n_image_tokens = self.tiles_per_image = self.tokens_per_tile = 0
+        self.n_past = 0
+        self._last_row: np.ndarray | None = None
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the conversation: the KV cache position, the images and their states."""
+        self.n_past = 0
+        self._last_row = None
+        self._drop_images()
+
+    def _drop_images(self) -> None:
+        if self.images is not None:
+            self.images.close()
+        self.images, self.image_tiles, self.n_image_tokens = None, (), 0
+
+    def set_images(self, states: Sequence[np.ndarray], n_tiles: Sequence[int]) -> None:
+        """Compute and keep the cross-attention keys and values of the conversation's images.
+
+        Args:
+            states: Per image, the projected vision states ``(max_tiles, tokens per tile, n_embd)``
+                (:meth:`MllamaVisionEncoder.encode`), in prompt order.
+            n_tiles: Per image, its real tiles.
+
+        Raises:
+            InvalidRequestError: shapes disagree with the model or each other.
+        """
+        if not states or len(states) != len(n_tiles):
+            raise InvalidRequestError(f"{len(states)} image states for {len(n_tiles)} tile counts")
+        shapes = {tuple(s.shape) for s in states}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != self.config.n_embd:
+            raise InvalidRequestError(f"image states of shapes {sorted(shapes)}; expected one shape "
+                                      f"(tiles, tokens, {self.config.n_embd})")
+        flat = np.concatenate([np.asarray(s, np.float32).reshape(-1, self.config.n_embd) for s in states])
+        kv = self._run_cross_kv(flat)
+        self._drop_images()
+        self.images = Weights(self.backend, kv)
+        self.image_tiles, self.n_image_tokens = tuple(int(t) for t in n_tiles), len(flat)
+        self.tiles_per_image, self.tokens_per_tile = states[0].shape[0], states[0].shape[1]
+
+    def _run_cross_kv(self, flat: np.ndarray) -> dict[str, RawTensor]:
+        """One graph for every cross layer's K (normed) and V; V is kept transposed ``[n, hd, kv_heads]``."""
+        cfg, w = self.config, self.weights
+        hd, kvh, n = cfg.head_dim, cfg.n_head_kv, len(flat)
+        b = GraphBuilder()
+        x = b.input("states", (cfg.n_embd, n))
+        parts = []
+        for il in cfg.cross_layers:
+            p = f"blk.{il}.cross_attn_"
+            k = b.rms_norm(b.reshape_3d(b.linear(x, w[p + "k_proj.weight"]), hd, kvh, n), w[p + "k_norm.weight"], cfg.eps)
+            parts += [b.reshape_2d(k, hd * kvh, n), b.linear(x, w[p + "v_proj.weight"])]
+        out = parts[0]
+        for part in parts[1:]:
+            out = b.concat(out, part, 0)
+        graph = CompiledGraph(self.backend, b, out)
+        try:
+            data = graph.run({"states": flat}).reshape(n, len(cfg.cross_layers), 2, kvh, hd)
+        finally:
+            graph.close()
+        kv, dtype = {}, KV_TYPES[self.kv_type]
+        for j, il in enumerate(cfg.cross_layers):
+            kv[f"k.{il}"] = RawTensor.from_numpy(data[:, j, 0].astype(dtype))                   # ne [hd, kvh, n]
+            kv[f"v.{il}"] = RawTensor.from_numpy(data[:, j, 1].transpose(1, 2, 0).astype(dtype))  # ne [n, hd, kvh]
+        return kv
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: Sequence[int], cross_mask: np.ndarray | None = None, *,
+                all_logits: bool = False) -> np.ndarray:
+        """Run ``tokens`` after the conversation so far; return their logits.
+
+        Args:
+            tokens: Token ids.
+            cross_mask: ``(len(tokens), n_images, max_tiles)`` 0/1 (see :func:`cross_attention_mask`);
+                ``None`` repeats the last row seen (or no row: every token is masked out).
+            all_logits: Logits of every token (else of the last only).
+
+        Returns:
+            float32 ``(len(tokens) or 1, n_vocab)``.
+
+        Raises:
+            InvalidRequestError: empty input, a bad token or mask.
+            ContextOverflowError: the KV cache is full.
+        """
+        n = len(tokens)
+        ids = np.asarray(tokens, dtype=np.int32)
+        if not n or ids.min() < 0 or ids.max() >= self.weights["token_embd.weight"].contents.ne[1]:
+            raise InvalidRequestError(f"tokens must be a non-empty list of ids in the vocabulary, got {list(tokens)[:8]}")
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(f"{self.n_past} + {n} tokens exceed the KV cache of {self.n_ctx}")
+        inputs = {"tokens": ids, "pos": np.arange(self.n_past, self.n_past + n, dtype=np.int32),
+                  "kq_mask": _causal_mask(self.n_past, n)}
+        if self.images is not None:
+            inputs.update(self._cross_inputs(n, cross_mask))
+        b = GraphBuilder()
+        try:
+            out, writes = self._build(b, n, all_logits)
+            graph = CompiledGraph(self.backend, b, out, before=writes)
+        except Exception:
+            b.close()
+            raise
+        try:
+            logits = graph.run(inputs)
+        finally:
+            graph.close()
+        self.n_past += n
+        return logits.reshape(-1, self.config.n_vocab)
+
+    def _cross_inputs(self, n: int, cross_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        want = (len(self.image_tiles), self.tiles_per_image)
+        if cross_mask is None:
+            row = self._last_row if self._last_row is not None else np.zeros(want, np.float32)
+            cross_mask = np.broadcast_to(row, (n, *want))
+        if cross_mask.shape != (n, *want):
+            raise InvalidRequestError(f"cross_mask of shape {cross_mask.shape}; expected {(n, *want)}")
+        self._last_row = np.array(cross_mask[-1], dtype=np.float32)
+        seen = np.repeat(cross_mask.reshape(n, -1) > 0, self.tokens_per_tile, axis=1)  # (n, image tokens)
+        keep = seen.any(axis=1)
+        additive = np.where(seen | ~keep[:, None], 0.0, -np.inf).astype(np.float32)
+        return {"cross_mask": additive, "cross_keep": keep.astype(np.float32).reshape(n, 1)}
+
+    def _build(self, b: GraphBuilder, n: int, all_logits: bool) -> tuple[object, list[object]]:
+        cfg, w = self.config, self.weights
+        x = b.get_rows(w["token_embd.weight"], b.input("tokens", (n,), ggml.GGML_TYPE_I32))
+        pos = b.input("pos", (n,), ggml.GGML_TYPE_I32)
+        kq_mask = b.input("kq_mask", (self.n_past + n, n))
+        if self.images is not None:
+            b.input("cross_mask", (self.n_image_tokens, n))
+            b.input("cross_keep", (1, n))
+        writes: list[object] = []
+        for il in range(cfg.n_layer):
+            if il in cfg.cross_layers:
+                if self.images is not None:
+                    x = self._cross_layer(b, il, x, n)
+                continue
+            x = self._self_layer(b, il, x, pos, kq_mask, n, writes)
+        x = b.rms_norm(x, w["output_norm.weight"], cfg.eps)
+        if not all_logits and n > 1:
+            x = b.rows(x, n - 1, 1)
+        return b.linear(x, w["output.weight"]), writes
+
+    def _attend(self, b: GraphBuilder, q: object, k: object, v_t: object, mask: object, n: int) -> object:
+        """softmax(q k^T / sqrt(hd) + mask) v over heads (GQA by broadcasting): ``[n_embd, n]``."""
+        g, hd = b.g, self.config.head_dim
+        probs = b.softmax(g.ggml_mul_mat(b.ctx, k, q), 1.0 / math.sqrt(hd), mask)   # [n_kv, n, H]
+        ctx = g.ggml_mul_mat(b.ctx, v_t, probs)                                        # [hd, n, H]
+        merged = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, ctx, 0, 2, 1, 3))
+        return b.reshape_2d(merged, self.config.n_embd, n)
+
+    def _rope(self, b: GraphBuilder, x: object, pos: object) -> object:
+        cfg = self.config
+        return b.g.ggml_rope_ext(b.ctx, x, pos, self.weights.get("rope_freqs"), cfg.head_dim,
+                                 ggml.GGML_ROPE_TYPE_NEOX, cfg.n_ctx_train, cfg.rope_base, 1.0, 0.0, 1.0,
+                                 ROPE_BETA_FAST, ROPE_BETA_SLOW)
+
+    def _self_layer(self, b: GraphBuilder, il: int, x: object, pos: object, kq_mask: object, n: int,
+                    writes: list[object]) -> object:
+        cfg, w, g, p = self.config, self.weights, b.g, f"blk.{il}."
+        hd, kvh, n_kv = cfg.head_dim, cfg.n_head_kv, self.n_past + n
+        h = b.rms_norm(x, w[p + "attn_norm.weight"], cfg.eps)
+        q = self._rope(b, b.reshape_3d(b.linear(h, w[p + "attn_q.weight"]), hd, cfg.n_head, n), pos)
+        k = self._rope(b, b.reshape_3d(b.linear(h, w[p + "attn_k.weight"]), hd, kvh, n), pos)
+        v = b.reshape_3d(b.linear(h, w[p + "attn_v.weight"]), hd, kvh, n)
+        views = []
+        for new, cache in ((k, w[f"cache.k.{il}"]), (v, w[f"cache.v.{il}"])):
+            nb = cache.contents.nb
+            writes.append(g.ggml_cpy(b.ctx, new, g.ggml_view_3d(b.ctx, cache, hd, kvh, n, nb[1], nb[2],
+                                                                 self.n_past * nb[2])))
+            views.append(g.ggml_view_3d(b.ctx, cache, hd, kvh, n_kv, nb[1], nb[2], 0))
+        keys = g.ggml_permute(b.ctx, views[0], 0, 2, 1, 3)                           # [hd, n_kv, kvh]
+        values_t = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, views[1], 1, 2, 0, 3))  # [n_kv, hd, kvh]
+        attn = self._attend(b, g.ggml_permute(b.ctx, q, 0, 2, 1, 3), keys, values_t, kq_mask, n)
+        x = b.add(x, b.linear(attn, w[p + "attn_output.weight"]))
+        return b.add(x, self._mlp(b, p, b.rms_norm(x, w[p + "ffn_norm.weight"], cfg.eps)))
+
+    def _mlp(self, b: GraphBuilder, p: str, h: object) -> object:
+        w = self.weights
+        gate = b.g.ggml_silu(b.ctx, b.linear(h, w[p + "ffn_gate.weight"]))
+        return b.linear(b.mul(gate, b.linear(h, w[p + "ffn_up.weight"])), w[p + "ffn_down.weight"])
+
+    def _cross_layer(self, b: GraphBuilder, il: int, x: object, n: int) -> object:
+        cfg, w, g, p = self.config, self.weights, b.g, f"blk.{il}."
+        assert self.images is not None
+        h = b.rms_norm(x, w[p + "attn_norm.weight"], cfg.eps)
+        q = b.reshape_3d(b.linear(h, w[p + "cross_attn_q_proj.weight"]), cfg.head_dim, cfg.n_head, n)
+        q = b.rms_norm(q, w[p + "cross_attn_q_norm.weight"], cfg.eps)
+        keys = g.ggml_permute(b.ctx, self.images[f"k.{il}"], 0, 2, 1, 3)          # [hd, n_img, kvh]
+        attn = self._attend(b, g.ggml_permute(b.ctx, q, 0, 2, 1, 3), keys, self.images[f"v.{il}"],
+                            b.inputs["cross_mask"], n)
+        x = b.add(x, b.scale(b.linear(attn, w[p + "cross_attn_o_proj.weight"]), self.gates[p + "cross_attn_attn_gate"]))
+        mlp = self._mlp(b, p, b.rms_norm(x, w[p + "ffn_norm.weight"], cfg.eps))
+        return b.add(x, b.scale(b.mul(mlp, b.inputs["cross_keep"]), self.gates[p + "cross_attn_mlp_gate"]))
+
+    def close(self) -> None:
+        self._drop_images()
+        if getattr(self, "weights", None) is not None:
+            self.weights.close()
+            self.weights = None
+        if getattr(self, "backend", None) is not None:
+            self.backend.close()
+            self.backend = None
+
+
+def _causal_mask(n_past: int, n: int) -> np.ndarray:
+    """``(n, n_past + n)``: token ``i`` sees positions up to ``n_past + i``."""
+    cols = np.arange(n_past + n)[None, :]
+    rows = n_past + np.arange(n)[:, None]
+    return np.where(cols <= rows, 0.0, -np.inf).astype(np.float32)
