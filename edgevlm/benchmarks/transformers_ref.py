@@ -8,6 +8,10 @@ first token counts what edgevlm's counts: from the call (image loading,
 chat template, processor) to the first sampled token. Each dtype is run once
 to warm up and then ``repeats`` times; the median and the first call are
 reported. torch and transformers are needed only for this option.
+
+:func:`transformers_items` serves ``edgevlm eval --reference transformers``
+(see :mod:`edgevlm.evaluate.reference`): a short greedy answer per item, for
+items/s.
 """
 
 from __future__ import annotations
