@@ -217,13 +217,12 @@ def run_eval(vlm: VLM, config: EvalConfig, *, compare: VLM | None = None, refere
             new.append(record)
             if on_item is not None:
                 on_item(record)
-    except BaseException:
+        wall_s = time.perf_counter() - t0
+        report = (run_reference(reference, items, layout, config, earlier + new)
+                  if reference is not None and earlier + new else None)
+    except BaseException:  # Ctrl-C, a crash, transformers failing: the metrics of what was done are written
         _finish(config, compare, earlier + new, len(earlier), errors, time.perf_counter() - t0, remaining)
         raise
-    wall_s = time.perf_counter() - t0
-    report = None
-    if reference is not None and earlier + new:
-        report = run_reference(reference, items, layout, config, earlier + new)
     return _finish(config, compare, earlier + new, len(earlier), errors, wall_s, remaining, report)
 
 

@@ -335,3 +335,21 @@ def test_compare_another_projector_with_the_same_llm(siglip_f32, siglip_q8, demo
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["compare"] != manifest["model"]
     assert manifest["compare"].split("/")[0] == manifest["model"].split("/")[0]  # the same LLM file
+
+
+def test_a_failing_reference_keeps_the_metrics(siglip_f32, demo, tmp_path, monkeypatch):
+    from edgevlm.errors import UnsupportedModelError
+    from edgevlm.evaluate import reference as reference_module
+
+    def fail(*args, **kwargs):
+        raise UnsupportedModelError("transformers has no 'X' to run the checkpoint as the reference")
+
+    monkeypatch.setattr(reference_module, "run_reference", fail)
+    monkeypatch.setattr("edgevlm.evaluate.runner.run_reference", fail)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    res = _run(*_eval_args(siglip_f32, demo, out, "--limit", "2", "--reference", "transformers",
+                           "--hf", str(tmp_path / "hf")))
+    _one_line_error(res, "transformers has no 'X'")
+    assert json.loads((out / "metrics.json").read_text())["items"] == 2 and len(_records(out)) == 2
