@@ -8,6 +8,10 @@ first token counts what edgevlm's counts: from the call (image loading,
 chat template, processor) to the first sampled token. Each dtype is run once
 to warm up and then ``repeats`` times; the median and the first call are
 reported. torch and transformers are needed only for this option.
+
+:func:`transformers_items` serves ``edgevlm eval --reference transformers``
+(see :mod:`edgevlm.evaluate.reference`): a short greedy answer per item, for
+items/s.
 """
 
 from __future__ import annotations
@@ -79,3 +83,66 @@ def transformers_first_turn(checkpoint: str | Path, image: str, question: str, t
         out[f"transformers_{label}_ttft_ms"] = round(statistics.median(times), 1)
         del model
     return out
+
+
+def _hf_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """edgevlm's messages in the processor's form: every content a list, images as ``{"type": "image"}``."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        out.append({"role": message["role"], "content": [
+            {"type": "image"} if part.get("type") == "image" else part for part in content]})
+    return out
+
+
+def _generate_answer(model: Any, processor: Any, image: str, messages: list[dict[str, Any]],
+                     max_new_tokens: int) -> str:
+    import torch
+    from PIL import Image
+
+    with Image.open(image) as img:
+        picture = img.convert("RGB")
+    text = processor.apply_chat_template(_hf_messages(messages), add_generation_prompt=True)
+    inputs = processor(text=text, images=[picture], return_tensors="pt")
+    inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return str(processor.tokenizer.decode(new, skip_special_tokens=True)).strip()
+
+
+def transformers_items(checkpoint: str | Path, requests: list[tuple[str, list[dict[str, Any]]]],
+                       choices: tuple[str, ...], threads: int) -> dict[str, Any]:
+    """Greedy ``generate`` of a short answer for each (image, messages) in transformers float32.
+
+    At most as many new tokens as the longest choice takes after a space. The
+    first request is run once more first to warm up (not counted).
+
+    Returns:
+        ``engine``, ``dtype``, ``method``, ``max_new_tokens``, ``items``, ``seconds``,
+        ``items_per_s`` and the ``answers`` (text, stripped).
+
+    Raises:
+        InvalidRequestError: no checkpoint folder or no requests.
+        UnsupportedModelError: torch / transformers missing, or an architecture they lack.
+    """
+    folder = Path(checkpoint).expanduser()
+    if not (folder / "config.json").is_file():
+        raise InvalidRequestError(f"--hf {folder}: not a Hugging Face checkpoint folder (no config.json)")
+    if not requests:
+        raise InvalidRequestError("the transformers reference has no items to run")
+    import torch
+
+    torch.set_num_threads(threads)
+    model, processor = _load(folder, torch.float32)
+    tokenizer = processor.tokenizer
+    max_new = max(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in choices)
+    _generate_answer(model, processor, *requests[0], max_new)
+    t0 = time.perf_counter()
+    answers = [_generate_answer(model, processor, image, messages, max_new) for image, messages in requests]
+    seconds = time.perf_counter() - t0
+    return {"engine": "transformers", "dtype": "float32", "method": "generate", "max_new_tokens": max_new,
+            "items": len(requests), "seconds": seconds, "items_per_s": len(requests) / seconds if seconds else 0.0,
+            "answers": answers}

@@ -67,19 +67,24 @@ def template_fields(template: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def layout(template: str, choices: tuple[str, ...], columns: tuple[str, ...] = ()) -> PromptLayout:
+def layout(template: str, choices: tuple[str, ...], columns: tuple[str, ...] | None = None) -> PromptLayout:
     """Split ``template`` into its shared head and per-item rest.
 
     Args:
         template: the prompt template.
         choices: the choices (``{choices}``).
-        columns: the CSV's extra columns (the per-item fields allowed).
+        columns: the items CSV's extra columns (the per-item fields allowed); None
+            where there is no CSV (one image: ``classify``), so only ``{choices}`` is allowed.
 
     Raises:
         DataError: a field that is neither ``choices`` nor a column.
     """
     fields = [f for f in template_fields(template) if f != "choices"]
-    unknown = [f for f in fields if f not in columns]
+    unknown = [f for f in fields if f not in (columns or ())]
+    if unknown and columns is None:
+        raise DataError(f"the prompt uses {{{unknown[0]}}}, but classifying one image fills in only {{choices}}: "
+                        "write the value into the prompt (literal braces as {{ and }}), or put the images in an "
+                        "items CSV with that column for edgevlm eval")
     if unknown:
         have = ", ".join(columns) if columns else "none besides image and label"
         raise DataError(f"the prompt uses {{{unknown[0]}}} but the items have no {unknown[0]!r} column "

@@ -1,8 +1,8 @@
 """A run's folder: its manifest (what the run is) and its append-only predictions log.
 
 Resuming rests on two rules: a run's manifest (model identity, prompt,
-system prompt, choices, method, chain of thought, image budget, compared
-model) must match the folder's, else the run is refused unless restarted;
+system prompt, choices, method, chain of thought and whether the direct
+answer is scored too, image budget, compared model) must match the folder's, else the run is refused unless restarted;
 and ``predictions.jsonl`` only ever grows, one line per item, written and
 flushed to disk before the next item starts. A line cut short by a crash is
 dropped (only that fragment: earlier lines are never rewritten).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ class RunManifest:
     cot_tokens: int
     image_tokens: int | None
     compare: str | None
+    #: --direct-too: the direct answer scored beside the CoT one (False in folders written before it existed).
+    direct: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -58,7 +60,7 @@ class RunManifest:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         values["choices"] = tuple(values.get("choices", ()))
-        return cls(**{f.name: values.get(f.name) for f in fields(cls)})
+        return cls(**{f.name: values.get(f.name, None if f.default is MISSING else f.default) for f in fields(cls)})
 
     def differences(self, other: RunManifest) -> list[str]:
         """The fields in which ``other`` differs."""

@@ -227,3 +227,129 @@ def test_a_progress_bar_on_a_terminal(siglip_f32, demo, tmp_path):
     os.close(master)
     assert proc.returncode == 0 and out.startswith("accuracy ")
     assert b"2/2" in seen and b"item" in seen  # tqdm's bar: count, rate, ETA
+
+
+def _one_line_error(res, words: str) -> None:
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("edgevlm: error: ") and res.output.count("\n") == 1, res.output
+    assert words in res.output, res.output
+
+
+def test_cot_with_the_direct_answer_too(siglip_f32, demo, tmp_path):
+    out = tmp_path / "run"
+    args = _eval_args(siglip_f32, demo, out, "--cot", "--cot-tokens", "8", "--direct-too")
+    first = _run(*args, "--limit", "2", "--json")
+    assert first.exit_code == 0, first.output
+    res = _run(*args, "--limit", "4")  # resumes: the mode is part of the run's identity
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("accuracy (CoT) ") and "\naccuracy (direct) " in res.output
+    records = _records(out)
+    assert [r["row"] for r in records] == [2, 3, 4, 5]
+    for r in records:
+        assert r["prediction"] in SHAPES and r["direct_prediction"] in SHAPES and isinstance(r["reasoning"], str)
+        assert r["direct_correct"] == (r["direct_prediction"] == r["label"])
+        assert math.isclose(sum(r["direct_probabilities"].values()), 1.0, abs_tol=1e-9)
+    metrics = json.loads((out / "metrics.json").read_text())
+    _check_metrics_recomputed(records, metrics)
+    direct = [{**r, "prediction": r["direct_prediction"]} for r in records]
+    assert metrics["direct_accuracy"] == pytest.approx(sum(r["direct_correct"] for r in records) / 4)
+    _check_metrics_recomputed(direct, {**metrics, "accuracy": metrics["direct_accuracy"],
+                                       "macro_f1": metrics["direct_macro_f1"], "per_class": metrics["direct_per_class"],
+                                       "confusion": metrics["direct_confusion"]})
+    assert json.loads((out / "manifest.json").read_text())["direct"] is True
+    # the direct answer is what a run without --cot answers
+    plain = json.loads(_run(*_eval_args(siglip_f32, demo, tmp_path / "plain", "--limit", "4", "--json")).output)
+    assert [r["prediction"] for r in _records(tmp_path / "plain")] == [r["direct_prediction"] for r in records]
+    assert plain["accuracy"] == metrics["direct_accuracy"]
+    mixed = _run(*_eval_args(siglip_f32, demo, out, "--cot", "--cot-tokens", "8"))
+    assert mixed.exit_code != 0 and "holds another run (different direct)" in mixed.output
+    _one_line_error(_run(*_eval_args(tmp_path / "no-model", demo, tmp_path / "x", "--direct-too")), "add --cot")
+
+
+def test_eval_beside_transformers_generate(siglip_f32, llava_siglip_checkpoint, demo, tmp_path):
+    out = tmp_path / "run"
+    res = _run(*_eval_args(siglip_f32, demo, out, "--limit", "4", "--reference", "transformers",
+                           "--hf", str(llava_siglip_checkpoint), "--reference-limit", "3", "--json"))
+    assert res.exit_code == 0, res.output
+    ref = json.loads(res.output)["reference"]
+    assert ref == json.loads((out / "metrics.json").read_text())["reference"]
+    assert (ref["engine"], ref["method"], ref["dtype"], ref["items"], ref["rows"]) == (
+        "transformers", "generate", "float32", 3, [2, 3, 4])
+    assert ref["items_per_s"] > 0 and ref["edgevlm_items_per_s"] > 0 and len(ref["answers"]) == 3
+    assert ref["speedup"] == pytest.approx(ref["edgevlm_items_per_s"] / ref["items_per_s"])
+    print(f"\nitems/s on the tiny model: edgevlm {ref['edgevlm_items_per_s']:.1f}, "
+          f"transformers generate {ref['items_per_s']:.1f}")
+    text = _run(*_eval_args(siglip_f32, demo, out, "--limit", "4", "--reference", "transformers",
+                            "--hf", str(llava_siglip_checkpoint), "--reference-limit", "2"))
+    assert text.exit_code == 0 and "transformers generate (float32, first 2 items)" in text.output
+    no_model = tmp_path / "no-model"  # refused before a model is loaded
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--reference", "transformers")), "--hf PATH")
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--reference", "transformers",
+                                     "--hf", str(tmp_path))), "no config.json")
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--reference", "transformers", "--cot",
+                                     "--hf", str(llava_siglip_checkpoint))), "without --cot")
+
+
+def test_an_edited_label_is_refused_on_resume(siglip_f32, demo, tmp_path):
+    rows = (demo / "items.csv").read_text().splitlines()
+    data = demo / "edited.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    args = _eval_args(siglip_f32, demo, out, "--limit", "2")
+    args[args.index("--data") + 1] = str(data)
+    assert _run(*args).exit_code == 0
+    image, label, colour = rows[1].split(",")
+    other = next(s for s in SHAPES if s != label)
+    data.write_text("\n".join([rows[0], f"{image},{other},{colour}"] + rows[2:]) + "\n")
+    res = _run(*args[:-2])
+    assert res.exit_code != 0 and res.output.count("\n") == 1, res.output
+    assert f"the CSV changed under the run: row 2 now has label '{other}' (was '{label}')" in res.output
+    assert len(_records(out)) == 2
+
+
+def test_refused_before_any_model_loads(demo, tmp_path, painting):
+    no_model = tmp_path / "no-model"
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--compare", str(no_model), "--method",
+                                     "grammar")), "--compare needs the score method")
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--compare-mmproj", str(no_model),
+                                     "--method", "grammar")), "--compare needs the score method")
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--limit", "0")),
+                    "--limit must be at least 1, got 0")
+    _one_line_error(_run(*_eval_args(no_model, demo, tmp_path / "a", "--limit", "-3")), "got -3")
+    res = _run("classify", "--model", str(no_model), "--image", str(painting), "--choice", "red", "--choice", "blue",
+               "-p", "Is it {colour}?")
+    _one_line_error(res, "classifying one image fills in only {choices}")
+    assert "column" not in res.output.split(":", 2)[2].split(";")[0].split(",")[0]
+    assert not (tmp_path / "a").exists()
+
+
+def test_compare_another_projector_with_the_same_llm(siglip_f32, siglip_q8, demo, tmp_path):
+    (projector,) = siglip_q8.glob("mmproj-*.gguf")
+    out = tmp_path / "run"
+    res = _run(*_eval_args(siglip_f32, demo, out, "--compare-mmproj", str(projector), "--limit", "3", "--json"))
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)["compare"]
+    (llm,) = [p for p in siglip_f32.glob("*.gguf") if "mmproj" not in p.name]
+    assert report["model"] == f"{llm} + {projector}" and report["items"] == 3
+    assert 0 < report["max_kl"]  # another projector: other image embeddings, another distribution
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compare"] != manifest["model"]
+    assert manifest["compare"].split("/")[0] == manifest["model"].split("/")[0]  # the same LLM file
+
+
+def test_a_failing_reference_keeps_the_metrics(siglip_f32, demo, tmp_path, monkeypatch):
+    from edgevlm.errors import UnsupportedModelError
+    from edgevlm.evaluate import reference as reference_module
+
+    def fail(*args, **kwargs):
+        raise UnsupportedModelError("transformers has no 'X' to run the checkpoint as the reference")
+
+    monkeypatch.setattr(reference_module, "run_reference", fail)
+    monkeypatch.setattr("edgevlm.evaluate.runner.run_reference", fail)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    out = tmp_path / "run"
+    res = _run(*_eval_args(siglip_f32, demo, out, "--limit", "2", "--reference", "transformers",
+                           "--hf", str(tmp_path / "hf")))
+    _one_line_error(res, "transformers has no 'X'")
+    assert json.loads((out / "metrics.json").read_text())["items"] == 2 and len(_records(out)) == 2

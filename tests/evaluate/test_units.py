@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from edgevlm.errors import DataError, RunConflictError
+from edgevlm.errors import DataError, InvalidRequestError, RunConflictError
 from edgevlm.evaluate import compute_metrics, load_choices, load_items
 from edgevlm.evaluate import prompts, store
+from edgevlm.evaluate.runner import EvalConfig, check_settings, todo_items
 from edgevlm.evaluate.metrics import Outcome
 from edgevlm.evaluate.plots import DPI, bar_size, figure_size, save_confusion, save_f1
 
@@ -83,6 +84,14 @@ def test_bad_templates(template, words):
         prompts.layout(template, CHOICES, ("where",))
 
 
+def test_a_field_without_a_csv_is_refused_as_classify_has_no_columns():
+    with pytest.raises(DataError) as info:
+        prompts.layout("Is it {colour}?", CHOICES)  # classify: one image, no CSV
+    message = str(info.value)
+    assert "{colour}" in message and "classifying one image fills in only {choices}" in message
+    assert "items have no" not in message and "besides image and label" not in message
+
+
 def test_metrics_by_hand():
     pairs = [("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("dog", "dog"), ("bird", "cat"), ("cat", "cat")]
     m = compute_metrics([Outcome(label, pred, ms=500.0) for label, pred in pairs], CHOICES)
@@ -138,3 +147,45 @@ def test_a_torn_last_line_is_dropped_and_earlier_lines_kept(tmp_path):
     log.path.write_text('{"row": 2}\nnot json\n')
     with pytest.raises(DataError, match="line 2 is not a JSON object"):
         log.read()
+
+
+def test_a_manifest_written_before_direct_too_resumes_as_not_direct(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    old = _manifest().to_json()
+    del old["direct"]  # a folder from before --direct-too
+    (out / store.MANIFEST).write_text(json.dumps(old))
+    store.prepare(out, _manifest(), restart=False)
+    with pytest.raises(RunConflictError, match="different direct"):
+        store.prepare(out, _manifest(direct=True), restart=False)
+
+
+def test_an_edited_label_or_field_is_refused_on_resume(tmp_path):
+    csv = _csv(tmp_path, "image,label,where\na.png,cat,garden\nb.png,dog,park\n")
+    config = EvalConfig(data=csv, choices=CHOICES, out=tmp_path / "run")
+    items = load_items(csv, CHOICES)
+    earlier = [{"row": 2, "image": "a.png", "label": "cat", "fields": {"where": "garden"}}]
+    todo, remaining = todo_items(items, earlier, config)
+    assert [i.row for i in todo] == [3] and remaining == 0
+    for text, words in (("a.png,dog,garden", "row 2 now has label 'dog' (was 'cat')"),
+                        ("a.png,cat,house", "row 2 now has fields {'where': 'house'} (was {'where': 'garden'})"),
+                        ("z.png,cat,garden", "row 2 now has image 'z.png' (was 'a.png')")):
+        edited = load_items(_csv(tmp_path, f"image,label,where\n{text}\nb.png,dog,park\n"), CHOICES)
+        with pytest.raises(RunConflictError, match=r"the CSV changed under the run") as info:
+            todo_items(edited, earlier, config)
+        assert words in str(info.value) and "--restart" in str(info.value)
+    with pytest.raises(RunConflictError, match="row 4 now has no such row"):
+        todo_items(items, [{"row": 4, "image": "c.png", "label": "cat", "fields": {}}], config)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(limit=0), "--limit must be at least 1, got 0"),
+    (dict(direct_too=True), "--direct-too .* add --cot"),
+    (dict(method="grammar", compare=True), "--compare needs the score method"),
+    (dict(cot=True, reference=True), "--reference transformers times the direct prompt"),
+])
+def test_settings_are_refused_without_a_model(tmp_path, changes, words):
+    flags = {k: changes.pop(k) for k in ("compare", "reference") if k in changes}
+    config = EvalConfig(data=tmp_path / "items.csv", choices=CHOICES, out=tmp_path / "run", **changes)
+    with pytest.raises(InvalidRequestError, match=words):
+        check_settings(config, **flags)

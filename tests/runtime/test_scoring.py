@@ -10,7 +10,7 @@ import pytest
 from edgevlm.chunks import TextChunk, unit_positions
 from edgevlm.errors import InvalidRequestError
 from edgevlm.prompt import normalize_messages
-from edgevlm.scoring import choice_grammar, gbnf_literal, log_softmax, token_paths
+from edgevlm.scoring import answer_lead, choice_grammar, gbnf_literal, log_softmax, token_paths
 
 PROSE = "Describe everything you see in this picture in great detail, in full sentences."
 
@@ -121,19 +121,68 @@ def _top_words(vlm, messages, n):
     raise AssertionError("too few word tokens")
 
 
+def _path_rows(vlm, messages, tokens):
+    """log-softmax rows after the prompt and after each of ``tokens`` (len(tokens) + 1 rows)."""
+    engine = vlm.engine
+    chunks = engine.prompt(normalize_messages(messages)).chunks
+    with engine.lock:
+        engine.kv.prefill(chunks)
+        first = log_softmax(engine.ctx.logits())
+        rest = engine.kv.evaluate_after(list(tokens))
+    return [first] + [log_softmax(row) for row in rest]
+
+
+def _check_greedy_under_the_grammar(vlm, messages, choices, generated, scores):
+    """What greedy decoding under the choices' grammar must satisfy, checked against the model's own rows.
+
+    Each generated token is the most probable token that keeps the text a prefix of
+    some answer (the grammar's admissible set), and the end token is chosen only when
+    it beats every continuation. When the grammar spelled its choice as scoring
+    tokenised it, its sequence log-probability is the scored one and cannot exceed
+    the scored best (scoring maximises over those sequences). Returns the path's
+    log-probability.
+    """
+    model = vlm.engine.model
+    tail = vlm.prompt_text(messages).rsplit("<__media__>", 1)[-1]
+    answers = [(answer_lead(tail, c) + c).encode() for c in choices]
+    pieces = [model.token_bytes(t) for t in range(vlm.n_vocab)]
+    eog = [t for t in range(vlm.n_vocab) if model.is_eog(t)]
+    rows = _path_rows(vlm, messages, generated.tokens)
+    text, total = b"", 0.0
+    for i, token in enumerate(generated.tokens):
+        allowed = [t for t, piece in enumerate(pieces) if piece and t not in eog
+                   and any(a.startswith(text + piece) for a in answers)]
+        allowed += eog if text in answers else []
+        assert token in allowed
+        assert rows[i][token] >= max(rows[i][t] for t in allowed) - 1e-4, (choices, i)
+        text += pieces[token]
+        total += float(rows[i][token])
+    assert text == answers[generated.index]
+    if any(a != text and a.startswith(text) for a in answers):  # it stopped on the end token: that beat going on
+        going_on = [t for t, piece in enumerate(pieces) if piece and any(a.startswith(text + piece) for a in answers)]
+        assert max(rows[-1][t] for t in eog) >= max(rows[-1][t] for t in going_on) - 1e-4
+    elif generated.tokens == scores.tokens[generated.index]:
+        assert total == pytest.approx(scores.logprobs[generated.index], abs=1e-3)
+        assert total <= max(scores.logprobs) + 1e-3
+    return total
+
+
 def test_constrained_generation_always_answers_a_choice(siglip_vlm, square_image, capsys):
     sets = [["red", "green", "blue"], ["1", "2", "3", "10"], ["a cat", "a dog on the road", "the house"]]
-    agree = total = 0
+    agree = total = canonical = 0
     for seed in range(6):
         messages = _messages(square_image(32, seed), PROSE)  # a prompt that invites prose
         for choices in sets:
             scores = siglip_vlm.score_choices(messages, choices)
             generated = siglip_vlm.generate_choice(messages, choices)
             assert scores.choice in choices and generated.choice == choices[generated.index]
+            _check_greedy_under_the_grammar(siglip_vlm, messages, choices, generated, scores)
             total += 1
             agree += scores.choice == generated.choice
+            canonical += generated.tokens == scores.tokens[generated.index]
     with capsys.disabled():
-        print(f"\nscoring vs constrained generation (multi-token choices): {agree}/{total} agree")
+        print(f"\nscoring vs constrained generation (multi-token choices): {agree}/{total} agree; the grammar "
+              f"spelled its choice as scoring tokenises it {canonical}/{total} times")
 
 
 def test_scoring_and_constrained_generation_agree_on_one_token_choices(siglip_vlm, square_image):
