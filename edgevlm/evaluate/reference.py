@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.evaluate import prompts
+import edgevlm.evaluate.prompts as prompts
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.evaluate.data import Item
