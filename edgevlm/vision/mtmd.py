@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,7 +183,7 @@ class MtmdEncoder:
                 for i, c in enumerate(made)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
-                 max_tokens: int | None = None) -> list[Chunk]:
+                 max_tokens: int | None | Sequence[int | None] = None) -> list[Chunk]:
         """Split ``prompt`` at media markers into text and image chunks (see :meth:`image_chunks`).
 
         Raises:
