@@ -83,8 +83,9 @@ def check_image_tokens(tokens: int, budget: ImageBudget, family: Family, image: 
         return
     raise ContextOverflowError(
         f"{image.source}: a {image.width}x{image.height} image needs at least {tokens} image "
-        f"tokens with this model, more than the budget of {budget.tokens}; raise "
-        "--image-tokens / max_image_tokens= (and --ctx if needed)")
+        f"tokens with this model, more than the budget of {budget.tokens}"
+        f"{family.budget_note(image, tokens)}; raise --image-tokens / max_image_tokens= to at least "
+        f"{tokens} (and --ctx if needed)")
 
 
 class PromptLayout(Protocol):

@@ -256,6 +256,11 @@ class Family:
             *intake_size(width, height), max_tokens)
         return ImageCost(tokens=plan.n_tokens, positions=plan.n_tokens, cells=plan.n_tokens, views=plan.n_views)
 
+    def budget_note(self, image: LoadedImage, tokens: int) -> str:
+        """Why ``image`` needs ``tokens``, more than an explicit budget, appended to that error (hook;
+        default: nothing)."""
+        return ""
+
     def delimiter_tokens(self, llm: LlamaModel) -> int:
         """Tokens the prompt layout puts around each image, counted in its budget (hook; default 0)."""
         return 0
