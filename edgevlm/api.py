@@ -34,7 +34,7 @@ from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
 from edgevlm.user_config import resolve_model_name
 from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import LoadedImage, load_image
+from edgevlm.vision.images import LoadedImage, intake_size, load_image
 
 LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
@@ -631,7 +631,8 @@ class VLM:
         if self.engine.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
         budget = self.engine.image_budget(max_image_tokens, 1)
-        cost = self.engine.family.image_cost(width, height, self.engine.encoder, budget.tokens)
+        planned = intake_size(width, height)  # what a request of that image will plan
+        cost = self.engine.family.image_cost(*planned, self.engine.encoder, budget.tokens)
         # only the size and a name are read for the message: no pixels are allocated
         sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
         check_image_tokens(cost.tokens, budget, self.engine.family, sized)

@@ -19,6 +19,7 @@ cells, so capacity checks count cells.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -150,3 +151,53 @@ def unit_positions(chunks: list[Chunk]) -> tuple[list[Unit], list[int], list[Chu
             pos += chunk.n_pos
     starts.append(pos)  # sentinel: total positions
     return units, starts, owners
+
+
+#: Context kept free for the text and the answer when images are capped (tokens, at most
+#: a quarter of the context).
+ANSWER_RESERVE_TOKENS = 512
+
+
+def answer_reserve(n_ctx: int) -> int:
+    """Cells a request's images leave free for the text and the answer."""
+    return min(ANSWER_RESERVE_TOKENS, n_ctx // 4)
+
+
+def image_groups(chunks: Sequence[Chunk]) -> list[list[ImageChunk]]:
+    """Image chunks grouped per image, in order (a new group at each change of image or non-image chunk)."""
+    groups: list[list[ImageChunk]] = []
+    previous: str | None = None
+    for chunk in chunks:
+        if not isinstance(chunk, ImageChunk):
+            previous = None
+            continue
+        digest = chunk.key.split("/", 1)[0]
+        if digest != previous:
+            groups.append([])
+        groups[-1].append(chunk)
+        previous = digest
+    return groups
+
+
+def overflow_detail(chunks: list[Chunk], n_ctx: int) -> tuple[str, str]:
+    """What a prompt's KV cells are made of, for a too-small-context message: the text and
+    what each image needs (marking plans already at their smallest, i.e. over the budget they
+    were planned under); and, unless every image is at its smallest, the ``--image-tokens``
+    budget that would leave :func:`answer_reserve` for an answer. ("", "") without images."""
+    groups = image_groups(chunks)
+    if not groups:
+        return "", ""
+    needs = [sum(c.n_cells for c in g) for g in groups]
+    smallest = [g[0].budget is not None and n > g[0].budget for g, n in zip(groups, needs)]
+    text = kv_cells(chunks) - sum(needs)
+    if len(set(zip(needs, smallest))) == 1 and len(needs) > 1:
+        listed = f"{needs[0]} tokens each{' (their smallest plans)' if smallest[0] else ''}"
+    else:
+        listed = ", ".join(f"{n}{' (its smallest plan)' if low else ''}" for n, low in zip(needs, smallest)) + " tokens"
+    what = f": {text} text tokens + {len(needs)} image{'s' if len(needs) > 1 else ''} needing {listed}"
+    room = n_ctx - text
+    fit = (room - min(answer_reserve(n_ctx), room // 4)) // len(needs)
+    if fit < 1 or all(smallest):
+        return what, ""
+    return what, (f"give each image at most {fit} tokens with --image-tokens {fit} / max_image_tokens={fit} "
+                  "(where the model can plan an image that small)")

@@ -25,11 +25,12 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore
-from edgevlm.chunks import Chunk, ImageChunk, TextChunk
+from edgevlm.chunks import ANSWER_RESERVE_TOKENS, Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
 from edgevlm.embeddings import ImageEmbeddings
-from edgevlm.errors import InvalidRequestError, UnsupportedModelError
+from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
 from edgevlm.families.base import Family
 from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextStream, sample_reply
+from edgevlm.image_plans import ImagePlans
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
 from edgevlm.prompt import ImagePart, Message
@@ -41,9 +42,6 @@ from edgevlm.stats import GenerationStats, PrefillStats
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import LoadedImage, preload_decoders
 
-#: Context kept free for the text and the answer when images are capped (tokens, at most
-#: a quarter of the context).
-ANSWER_RESERVE_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -80,6 +78,7 @@ class Engine:
         self.lock = threading.RLock()
         self.embeddings = ImageEmbeddings(encoder, llm.n_embd_inp, embedding_store) if encoder else None
         self.kv = KVPrefix(ctx, encoder, self.embeddings, snapshots)
+        self.plans = ImagePlans()
         self.last_prefill = PrefillStats()
         self.closed = False
         if encoder is not None:
@@ -96,10 +95,55 @@ class Engine:
             max_image_tokens: this request's budget per image (None: the load default).
         """
         self.check_open()
-        n_images = sum(isinstance(p, ImagePart) for m in messages for p in m.parts)
-        chunks = self.layout.chunks(messages, gen=gen, budget=self.image_budget(max_image_tokens, n_images))
+        images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
+        budget = self.request_budget(max_image_tokens, images)
+        try:
+            chunks = self.layout.chunks(messages, gen=gen, budget=budget)
+            fits = not budget.kept or kv_cells(chunks) <= self.ctx.n_ctx
+        except ContextOverflowError:
+            if not budget.kept:
+                raise
+            fits = False
+        if not fits:  # the new images do not fit beside the kept ones: share the context evenly
+            budget = self.image_budget(max_image_tokens, len(images))
+            chunks = self.layout.chunks(messages, gen=gen, budget=budget)
+        if images:
+            self.plans.record(images, [budget.for_image(i).tokens for i in images], self._chosen(max_image_tokens),
+                              chunks)
         prefix = self.layout.text_prefix(messages) if self.kv.snapshots is not None else ()
         return Prompt(chunks, prefix)
+
+    def _chosen(self, requested: int | None) -> int | None:
+        """The budget asked for: the request's, else the load default.
+
+        Raises:
+            InvalidRequestError: a budget below 1.
+        """
+        chosen = requested if requested is not None else self.max_image_tokens
+        if chosen is not None and chosen < 1:
+            raise InvalidRequestError(f"max_image_tokens must be at least 1, got {chosen}")
+        return chosen
+
+    def request_budget(self, requested: int | None, images: Sequence[LoadedImage]) -> ImageBudget:
+        """Each image's budget in a request: as :meth:`image_budget`, except that images still in
+        the live or a parked KV state keep their earlier plan (see :mod:`edgevlm.image_plans`)
+        and only the new ones share what the context has left. (:meth:`prompt` falls back to
+        :meth:`image_budget` when the new images cannot fit beside the kept ones.)
+
+        Raises:
+            InvalidRequestError: a budget below 1.
+        """
+        chosen = self._chosen(requested)
+        kept = self.plans.kept(images, chosen, self.kv.held_image_keys()) if images else {}
+        new = [image for image in images if image.digest not in kept]
+        if not kept:
+            return self.image_budget(requested, len(images))
+        n_ctx = self.ctx.n_ctx
+        left = n_ctx - answer_reserve(n_ctx) - sum(kept[i.digest].cells for i in images
+                                                                     if i.digest in kept)
+        cap = max(1, left // max(1, len(new)))
+        tokens = min(chosen, cap) if chosen is not None else cap
+        return ImageBudget(tokens, chosen is not None, tuple((d, p.tokens) for d, p in kept.items()))
 
     def image_budget(self, requested: int | None, n_images: int) -> ImageBudget:
         """Each image's budget: the request's, else the load default, capped by the context.
@@ -110,13 +154,11 @@ class Engine:
         Raises:
             InvalidRequestError: a budget below 1.
         """
-        chosen = requested if requested is not None else self.max_image_tokens
-        if chosen is not None and chosen < 1:
-            raise InvalidRequestError(f"max_image_tokens must be at least 1, got {chosen}")
+        chosen = self._chosen(requested)
         if n_images == 0:
             return ImageBudget(chosen, chosen is not None)
         n_ctx = self.ctx.n_ctx
-        cap = max(1, (n_ctx - min(ANSWER_RESERVE_TOKENS, n_ctx // 4)) // n_images)
+        cap = max(1, (n_ctx - answer_reserve(n_ctx)) // n_images)
         return ImageBudget(min(chosen, cap) if chosen is not None else cap, chosen is not None)
 
     # ------------------------------------------------------------------ prefill

@@ -263,13 +263,18 @@ class LlamaContext:
         self._lib.llama_memory_clear(self.memory, True)
         self._has_logits = False
 
-    def check_fits(self, n_cells: int, what: str = "the prompt") -> None:
-        """Refuse ``n_cells`` KV cells (text tokens + image embeddings) beyond the context."""
+    def check_fits(self, n_cells: int, what: str = "the prompt", detail: str = "", alternative: str = "") -> None:
+        """Refuse ``n_cells`` KV cells (text tokens + image embeddings) beyond the context.
+
+        ``detail``: what the cells are (e.g. each image's tokens); ``alternative``: advice
+        offered before raising the context (e.g. an image-token budget).
+        """
         if n_cells > self.n_ctx:
             raise ContextOverflowError(
                 f"{what} needs {n_cells} tokens of context (image embeddings included) but the "
-                f"context holds {self.n_ctx}; "
-                f"raise it with --ctx / n_ctx= (the model was trained with {self.model.n_ctx_train})"
+                f"context holds {self.n_ctx}{detail}; {alternative + ', or ' if alternative else ''}"
+                f"raise it with --ctx / n_ctx= to at least {n_cells} "
+                f"(the model was trained with {self.model.n_ctx_train})"
             )
 
     def save_state(self) -> bytes:

@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edgevlm.chunks import Unit
+from edgevlm.chunks import ImageUnit, Unit
 
 #: RAM budget for parked conversation states (bytes).
 DEFAULT_PARK_BYTES = 1 << 30
@@ -113,6 +113,10 @@ class ParkedStates:
         entry = self._items.pop(key)
         self._bytes -= entry.nbytes
         return entry
+
+    def image_keys(self) -> set[str]:
+        """Keys of the image chunks some parked state holds."""
+        return {u.key for entry in self._items.values() for u in entry.units if isinstance(u, ImageUnit)}
 
     def clear(self) -> None:
         """Drop every parked state."""

@@ -22,7 +22,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from edgevlm.chunks import Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, unit_positions
+from edgevlm.chunks import (Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, overflow_detail,
+                             unit_positions)
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.errors import EdgeVLMError, InvalidRequestError
 from edgevlm.llm import LlamaContext
@@ -66,6 +67,11 @@ class KVPrefix:
         self.ctx.clear()
         self.parked.clear()
         self.units, self.starts, self._prompt_end = [], [0], 0
+
+    def held_image_keys(self) -> set[str]:
+        """Keys of the image chunks the live or a parked KV state holds."""
+        live = {u.key for u in self.units if isinstance(u, ImageUnit)}
+        return live | self.parked.image_keys()
 
     def recent_tokens(self, n: int) -> list[int]:
         """Text tokens among the last ``n`` units (the sampler's penalty window)."""
@@ -130,7 +136,9 @@ class KVPrefix:
         if not units:
             raise InvalidRequestError("the prompt is empty")
         total, cells = starts[-1], kv_cells(chunks)
-        self.ctx.check_fits(max(total, cells))
+        if max(total, cells) > self.ctx.n_ctx:
+            detail, alternative = overflow_detail(chunks, self.ctx.n_ctx)
+            self.ctx.check_fits(max(total, cells), detail=detail, alternative=alternative)
         stats = PrefillStats(prompt_positions=total, kv_cells=cells)
         boundaries = self._boundaries(units, text_prefix)
         keep = self._reuse(units, starts, boundaries, stats)

@@ -9,6 +9,7 @@ with learned embeddings builds chunks itself (OmniFusion).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from edgevlm import constants as C
@@ -35,16 +36,28 @@ class ImageBudget:
 
     tokens: int | None = None
     explicit: bool = False
+    kept: tuple[tuple[str, int | None], ...] = ()
+    """(digest, tokens) of images that keep the budget of their earlier plan (still in a KV
+    state; see :mod:`edgevlm.image_plans`); every other image gets ``tokens``."""
+
+    def for_image(self, image: LoadedImage) -> ImageBudget:
+        """The budget of one image of the request."""
+        for digest, tokens in self.kept:
+            if digest == image.digest:
+                return ImageBudget(tokens, self.explicit)
+        return ImageBudget(self.tokens, self.explicit) if self.kept else self
 
 
 NO_BUDGET = ImageBudget()
 
 
-def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Family, delimiters: int = 0) -> None:
+def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Family, delimiters: int = 0,
+                         budgets: Mapping[str, ImageBudget] | None = None) -> None:
     """Refuse an image over an explicit budget when the family plans views by budget.
 
     Models trained on one view have a fixed cost and ignore the budget.
     ``delimiters``: tokens around each image that its budget also counts.
+    ``budgets``: per image digest (of the chunks' images), where not ``budget``.
 
     Raises:
         ContextOverflowError: the smallest plan of an image needs more tokens
@@ -57,7 +70,7 @@ def enforce_image_budget(chunks: list[Chunk], budget: ImageBudget, family: Famil
             per_image[chunk.image.digest] = per_image.get(chunk.image.digest, 0) + chunk.n_tokens
             sources.setdefault(chunk.image.digest, chunk.image)
     for digest, tokens in per_image.items():
-        check_image_tokens(tokens + delimiters, budget, family, sources[digest])
+        check_image_tokens(tokens + delimiters, (budgets or {}).get(digest, budget), family, sources[digest])
 
 
 def check_image_tokens(tokens: int, budget: ImageBudget, family: Family, image: LoadedImage) -> None:
@@ -70,8 +83,9 @@ def check_image_tokens(tokens: int, budget: ImageBudget, family: Family, image: 
         return
     raise ContextOverflowError(
         f"{image.source}: a {image.width}x{image.height} image needs at least {tokens} image "
-        f"tokens with this model, more than the budget of {budget.tokens}; raise "
-        "--image-tokens / max_image_tokens= (and --ctx if needed)")
+        f"tokens with this model, more than the budget of {budget.tokens}"
+        f"{family.budget_note(image, tokens)}; raise --image-tokens / max_image_tokens= to at least "
+        f"{tokens} (and --ctx if needed)")
 
 
 class PromptLayout(Protocol):
@@ -143,9 +157,14 @@ class TemplateLayout:
                 "this model was loaded without a vision projector; pass mmproj=... / --mmproj")
         if self.encoder is None:
             return [TextChunk(tuple(self.llm.tokenize(text, add_special=True)))]
-        prepared = [self.family.prepare_image(image, budget.tokens, self.encoder) for image in images]
-        chunks = self.encoder.tokenize(text, prepared, add_special=True, max_tokens=budget.tokens)
-        enforce_image_budget(chunks, budget, self.family)
+        budgets = [budget.for_image(image) for image in images]
+        prepared = [self.family.prepare_image(image, b.tokens, self.encoder) for image, b in zip(images, budgets)]
+        per_image = [b.tokens for b in budgets]
+        same = len(set(per_image)) <= 1
+        chunks = self.encoder.tokenize(text, prepared, add_special=True,
+                                       max_tokens=budget.tokens if same else per_image)
+        enforce_image_budget(chunks, budget, self.family,
+                             budgets={p.digest: b for p, b in zip(prepared, budgets)})
         return chunks
 
     def text_prefix(self, messages: list[Message]) -> tuple[int, ...]:

@@ -47,6 +47,29 @@ def shape(t: object) -> tuple[int, ...]:
     return tuple(ne)
 
 
+def _described(t: object) -> str:
+    name = t.contents.name.decode(errors="replace")
+    return f"{name or 'a tensor'} of shape {list(shape(t))}"
+
+
+def check_linear(x: object, w: object, b: object | None) -> None:
+    """Raise :class:`InvalidModelError` where ``mul_mat(w, x) + b`` would fail a ggml assert.
+
+    ggml_can_mul_mat: same ``ne[0]``, and ``x``'s outer dimensions multiples of ``w``'s;
+    the bias must broadcast over the product (ggml_can_repeat).
+    """
+    wn, xn = list(w.contents.ne), list(x.contents.ne)
+    if wn[0] != xn[0] or xn[2] % wn[2] or xn[3] % wn[3]:
+        raise InvalidModelError(f"the model's matrix {_described(w)} cannot multiply {_described(x)}: "
+                                f"its input width is {wn[0]}, the layer receives {xn[0]}; the file's "
+                                "tensors do not match its metadata (a damaged or mislabelled projector?)")
+    if b is not None:
+        bn, out = list(b.contents.ne), [wn[1], xn[1], xn[2], xn[3]]
+        if any(o % n for o, n in zip(out, bn)):
+            raise InvalidModelError(f"the model's bias {_described(b)} does not fit the output of "
+                                    f"{_described(w)} ({out[0]} wide)")
+
+
 @dataclass(frozen=True)
 class RawTensor:
     """Tensor bytes in ggml layout: ``ggml_type`` and ``ne`` (fastest first)."""
@@ -275,7 +298,13 @@ class GraphBuilder:
 
     # ---------------------------------------------------------------- layers
     def linear(self, x: object, w: object, b: object | None = None) -> object:
-        """``x @ W.T + b`` for ``x`` [in, n] and ``w`` [in, out] -> [out, n]."""
+        """``x @ W.T + b`` for ``x`` [in, n] and ``w`` [in, out] -> [out, n].
+
+        Raises:
+            InvalidModelError: the shapes do not fit (checked here, where ggml would abort
+                the process with ``GGML_ASSERT(ggml_can_mul_mat)``).
+        """
+        check_linear(x, w, b)
         return self.add(self.g.ggml_mul_mat(self.ctx, w, x), b)
 
     def layer_norm(self, x: object, w: object | None, b: object | None, eps: float) -> object:

@@ -11,9 +11,13 @@ in CLIP: ``[CLS, p0, p1, ...] + position_embd``, and the CLS row is dropped
 after the feature layer when the select strategy says so.
 
 Which layers run: ``clip.vision.feature_layer`` (deepest entry, as libmtmd)
-when present, else ``block_count - 1`` (libmtmd's LLaVA default, i.e. HF
-``hidden_states[-2]``). ``v.post_ln`` is applied only when the last block runs
-(HF towers apply it to the last hidden state only).
+when present; else all ``block_count`` blocks in files from llama.cpp's legacy
+LLaVA converter (it already dropped the last one; see :func:`layers_to_run`),
+else ``block_count - 1`` (libmtmd's LLaVA default, i.e. HF
+``hidden_states[-2]``). That converter also swaps the FFN names; the swap is
+undone from the shapes (:func:`tower_block_params`). ``v.post_ln`` is applied
+only when the last block runs (HF towers apply it to the last hidden state
+only).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from edgevlm.errors import InvalidModelError, UnsupportedModelError
 from edgevlm.gguf_info import GGUFHeader, read_header
 
 from .backend import Backend
-from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, shape
 from .tower_weights import LOG, apply_weight_type, choose_weight_type, matmul_weights
 
 # HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
@@ -108,6 +112,22 @@ def projector_kind(meta: Mapping[str, Any]) -> str:
     return str(meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "")
 
 
+def layers_to_run(meta: Mapping[str, Any], names: set[str], block_count: int) -> int:
+    """Tower blocks to run: the deepest ``feature_layer``, else what the file's layout implies.
+
+    llama.cpp's legacy LLaVA converter (``clip.has_llava_projector``, no ``v.post_ln``, no
+    ``feature_layer``) already dropped the last block and wrote the blocks it kept as
+    ``block_count``: all of them run. Files holding every block (ours, or with ``v.post_ln``)
+    run ``block_count - 1`` (HF ``hidden_states[-2]``, libmtmd's LLaVA default).
+    """
+    layers = meta.get("clip.vision.feature_layer")
+    if layers:
+        return max(int(x) for x in layers)
+    if meta.get("clip.has_llava_projector") and "v.post_ln.weight" not in names:
+        return block_count
+    return block_count - 1
+
+
 def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
     """Build a :class:`TowerConfig` from GGUF metadata and tensor names.
 
@@ -122,8 +142,7 @@ def read_tower_config(meta: Mapping[str, Any], names: set[str]) -> TowerConfig:
             "use vision_engine='mtmd'")
     p = "clip.vision."
     block_count = _positive(meta, p + "block_count")
-    layers = meta.get(p + "feature_layer")
-    n_layers = max(int(x) for x in layers) if layers else block_count - 1
+    n_layers = layers_to_run(meta, names, block_count)
     has_class = "v.class_embd" in names
     strategy = meta.get(C.KEY_VISION_SELECT_STRATEGY, "default")
     hf_act = meta.get(C.KEY_VISION_ACTIVATION)
@@ -336,6 +355,21 @@ def _layer_params(w: Weights, prefix: str) -> dict[str, tuple[object, object | N
     return {part: _pair(w, f"{prefix}.{part}") for part in parts}
 
 
+def tower_block_params(w: Weights, prefix: str, width: int) -> dict[str, tuple[object, object | None]]:
+    """A tower block's parameters, ``ffn_up`` / ``ffn_down`` swapped back where the file swapped them.
+
+    llama.cpp's legacy converters store CLIP's ``fc1`` as ``ffn_down`` and ``fc2`` as
+    ``ffn_up``. As clip.cpp does, the swap is seen in the shapes: the up projection takes
+    ``width`` inputs (ggml ``ne[0] == width``), the down projection the MLP's width. When
+    both are ``width`` wide the names are taken as written.
+    """
+    params = _layer_params(w, prefix)
+    up, down = params["ffn_up"], params["ffn_down"]
+    if shape(down[0])[0] == width and shape(up[0])[0] != width:
+        params["ffn_up"], params["ffn_down"] = down, up
+    return params
+
+
 def patchify(pixels: np.ndarray, patch: int) -> np.ndarray:
     """(3, S, S) -> (n_patches, 3*patch*patch), rows in raster order, columns (c, y, x).
 
@@ -372,7 +406,8 @@ def build_tower(b: GraphBuilder, w: Weights, cfg: TowerConfig, *, flash: bool = 
     if cfg.pre_ln:
         x = b.layer_norm(x, *_pair(w, "v.pre_ln"), cfg.eps)
     for il in range(cfg.n_layers):
-        x = b.transformer_layer(x, _layer_params(w, f"v.blk.{il}"), n_head=cfg.n_head, eps=cfg.eps,
+        x = b.transformer_layer(x, tower_block_params(w, f"v.blk.{il}", cfg.width), n_head=cfg.n_head,
+                                eps=cfg.eps,
                                 act=cfg.activation, norm_first=True, flash=flash)
     if cfg.post_ln:
         x = b.layer_norm(x, *_pair(w, "v.post_ln"), cfg.eps)

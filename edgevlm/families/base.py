@@ -31,7 +31,7 @@ import numpy as np
 from edgevlm import constants as C
 from edgevlm.descriptor import ModelDescriptor
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
-from edgevlm.vision.images import LoadedImage
+from edgevlm.vision.images import LoadedImage, intake_size
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.kernels.vision import TowerConfig, VisionTower
@@ -128,11 +128,16 @@ class ImageCost:
 
 
 def blank_image(width: int, height: int) -> LoadedImage:
-    """A mid-grey image of the given size (for pricing an image without having it)."""
+    """A size-only image (no pixels are allocated), for pricing an image without having it.
+
+    Plans that read only the size (the kernels pipelines, tile grids) never touch pixels;
+    libmtmd, which plans from a bitmap, gets a zeroed one of the size when it asks
+    (``edgevlm.vision.mtmd``), so callers cap the size at intake's first
+    (:func:`edgevlm.vision.images.intake_size`).
+    """
     if width < 1 or height < 1:
         raise InvalidRequestError(f"an image of {width}x{height} pixels has no pixels")
-    return LoadedImage(width, height, b"\x80" * (width * height * 3), f"blank-{width}x{height}",
-                       f"<blank {width}x{height} image>")
+    return LoadedImage(width, height, b"", f"blank-{width}x{height}", f"<blank {width}x{height} image>")
 
 
 ImageProcessor = Callable[[LoadedImage], np.ndarray]
@@ -248,8 +253,13 @@ class Family:
 
         proj = self.model.projector
         plan = self.pipeline_for(read_tower_config(proj.metadata, set(proj.tensor_names)), {}).plan(
-            width, height, max_tokens)
+            *intake_size(width, height), max_tokens)
         return ImageCost(tokens=plan.n_tokens, positions=plan.n_tokens, cells=plan.n_tokens, views=plan.n_views)
+
+    def budget_note(self, image: LoadedImage, tokens: int) -> str:
+        """Why ``image`` needs ``tokens``, more than an explicit budget, appended to that error (hook;
+        default: nothing)."""
+        return ""
 
     def delimiter_tokens(self, llm: LlamaModel) -> int:
         """Tokens the prompt layout puts around each image, counted in its budget (hook; default 0)."""
@@ -268,11 +278,13 @@ class Family:
                    max_tokens: int | None = None) -> ImageCost:
         """What an image of ``width`` x ``height`` costs under ``max_tokens``, before encoding (hook).
 
-        The default prepares a blank image of that size as a request would and
-        asks the encoder how it splits it (exact for every engine, cheap:
-        nothing is encoded).
+        The default takes the size intake would give the image (the long side
+        capped at :data:`~edgevlm.vision.images.MAX_SIDE`), prepares a
+        size-only image of it as a request would and asks the encoder how it
+        splits it (exact for every engine, cheap: nothing is encoded, no pixels
+        are allocated but libmtmd's bitmap of at most the intake size).
         """
-        image = self.prepare_image(blank_image(width, height), max_tokens, encoder)
+        image = self.prepare_image(blank_image(*intake_size(width, height)), max_tokens, encoder)
         chunks = encoder.image_chunks(image, max_tokens=max_tokens)
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),

@@ -276,9 +276,10 @@ class InternVLLayout(TemplateLayout):
             if tokens:
                 out.append(TextChunk(tuple(tokens)))
             if i < len(images):
-                tiled = self.family.prepare_image(images[i], budget.tokens, self.mtmd)
-                views = self.mtmd.image_chunks(tiled, max_tokens=budget.tokens)
-                check_image_tokens(sum(c.n_tokens for c in views) + self.delimiters, budget, self.family,
+                own = budget.for_image(images[i])
+                tiled = self.family.prepare_image(images[i], own.tokens, self.mtmd)
+                views = self.mtmd.image_chunks(tiled, max_tokens=own.tokens)
+                check_image_tokens(sum(c.n_tokens for c in views) + self.delimiters, own, self.family,
                                    images[i])
                 out.extend(views)
         return out

@@ -119,7 +119,8 @@ class OmniFusionLayout:
             if message.role == "user":
                 for part in message.parts:
                     if isinstance(part, ImagePart):
-                        views = self.encoder.image_chunks(part.image, max_tokens=_minus(budget.tokens, 2))
+                        views = self.encoder.image_chunks(
+                            part.image, max_tokens=_minus(budget.for_image(part.image).tokens, 2))
                         chunks += [self.special["SOI"], *views, self.special["EOI"]]
                 chunks.append(self.special["USER"])
             chunks += self._text(message.text)

@@ -14,22 +14,17 @@ would in transformers' processor.
 
 from __future__ import annotations
 
-import math
-
-from collections.abc import Callable
-
 from edgevlm.descriptor import ModelDescriptor
-from edgevlm.families.base import Family, blank_image, register
-from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import LoadedImage, resized
+from edgevlm.families.base import register
+from edgevlm.families.libmtmd import LibmtmdFamily
 
 QWEN2VL_PROJECTOR_TYPES = ("qwen2vl_merger",)
-#: Attempts at shrinking an image into its budget (each aims a little lower).
-_FIT_STEPS = 8
 
 
 @register
-class Qwen2VLFamily(Family):
+class Qwen2VLFamily(LibmtmdFamily):
+    """libmtmd's Qwen2-VL; the budget is met by :meth:`LibmtmdFamily.prepare_image`."""
+
     name = "qwen2vl"
     describes = "Qwen2-VL patch merger"
     priority = 10
@@ -37,29 +32,3 @@ class Qwen2VLFamily(Family):
     @classmethod
     def matches(cls, model: ModelDescriptor) -> bool:
         return model.projector is not None and model.projector.projector_type in QWEN2VL_PROJECTOR_TYPES
-
-    def prepare_image(self, image: LoadedImage, max_tokens: int | None, encoder: VisionEncoder) -> LoadedImage:
-        """Downscale until libmtmd's plan has at most ``max_tokens`` embeddings (else the smallest)."""
-        if max_tokens is None:
-            return image
-        size = fit_size(image.width, image.height, max_tokens, lambda w, h: _tokens(encoder, w, h))
-        return resized(image, *size)
-
-
-def _tokens(encoder: VisionEncoder, width: int, height: int) -> int:
-    return sum(c.n_tokens for c in encoder.image_chunks(blank_image(width, height)))
-
-
-def fit_size(width: int, height: int, max_tokens: int, tokens_at: Callable[[int, int], int]) -> tuple[int, int]:
-    """The largest size (same aspect, found in a few steps) whose token count fits ``max_tokens``."""
-    need = tokens_at(width, height)
-    w, h = width, height
-    for _ in range(_FIT_STEPS):
-        if need <= max_tokens:
-            return w, h
-        scale = math.sqrt(max_tokens / need) * 0.97
-        w, h = max(1, int(w * scale)), max(1, int(h * scale))
-        before, need = need, tokens_at(w, h)
-        if need >= before:  # the encoder's floor: smaller images cost no less
-            return w, h
-    return w, h

@@ -9,7 +9,7 @@ the model family's choice (:mod:`edgevlm.families`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -63,8 +63,9 @@ class VisionEncoder(Protocol):
         ...
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
-                 max_tokens: int | None = None) -> list[Chunk]:
-        """Split ``prompt`` at media markers into text and image chunks (``max_tokens`` per image)."""
+                 max_tokens: int | None | Sequence[int | None] = None) -> list[Chunk]:
+        """Split ``prompt`` at media markers into text and image chunks (``max_tokens`` per image:
+        one budget for all, or one per image)."""
         ...
 
     def encode(self, chunk: ImageChunk) -> np.ndarray:

@@ -338,6 +338,17 @@ def _target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def intake_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """The size :func:`load_image` gives an image of ``width`` x ``height`` (the long side capped
+    at ``max_side``): what pricing an image by its size must plan, as the request will."""
+    return _target_size((width, height), max_side)
+
+
+def has_pixels(image: LoadedImage) -> bool:
+    """False for a size-only image (``rgb`` empty; see ``edgevlm.families.base.blank_image``)."""
+    return bool(image.rgb) or image.width * image.height == 0
+
+
 def _orientation(pil: PILImage.Image) -> int:
     try:
         value = pil.getexif().get(0x0112, 1)
@@ -449,13 +460,18 @@ def resized(image: LoadedImage, width: int, height: int) -> LoadedImage:
 
     if (width, height) == (image.width, image.height):
         return image
+    if not has_pixels(image):  # a size-only image stays one (pricing allocates no pixels)
+        w, h = max(1, width), max(1, height)
+        return LoadedImage(w, h, b"", f"blank-{w}x{h}", image.source)
     pil = Image.frombytes("RGB", (image.width, image.height), image.rgb)
     rgb, digest = _pixels(pil.resize((max(1, width), max(1, height)), Image.Resampling.BICUBIC))
     return LoadedImage(max(1, width), max(1, height), rgb, digest, image.source)
 
 
 def to_pil(image: LoadedImage) -> PILImage.Image:
-    """The image as a PIL RGB image (a copy of its pixels)."""
+    """The image as a PIL RGB image (a copy of its pixels; mid-grey for a size-only image)."""
     from PIL import Image
 
+    if not has_pixels(image):
+        return Image.new("RGB", (image.width, image.height), (128, 128, 128))
     return Image.frombytes("RGB", (image.width, image.height), image.rgb)

@@ -11,7 +11,8 @@ model family's choice (:mod:`edgevlm.families`).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -107,8 +108,9 @@ class KernelsEncoder:
                            n_views=plan.n_views)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
-                 max_tokens: int | None = None) -> list[Chunk]:
-        """Split ``prompt`` at media markers into text and image chunks.
+                 max_tokens: int | None | Sequence[int | None] = None) -> list[Chunk]:
+        """Split ``prompt`` at media markers into text and image chunks (``max_tokens``: one budget
+        for every image, or one per image).
 
         Raises:
             InvalidRequestError: the number of markers differs from the number of images.
@@ -117,10 +119,11 @@ class KernelsEncoder:
         if len(parts) - 1 != len(images):
             raise InvalidRequestError(f"the prompt has {len(parts) - 1} image markers but "
                                       f"{len(images)} images were given")
+        budgets = list(max_tokens) if isinstance(max_tokens, Sequence) else [max_tokens] * len(images)
         out: list[Chunk] = []
         for i, text in enumerate(parts):
             if i:
-                out.extend(self.image_chunks(images[i - 1], max_tokens=max_tokens))
+                out.extend(self.image_chunks(images[i - 1], max_tokens=budgets[i - 1]))
             tokens = self.model.tokenize(text, add_special=add_special and i == 0) if text or i == 0 else []
             if tokens:
                 out.append(TextChunk(tuple(tokens)))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from edgevlm.errors import (
     UnsupportedModelError,
 )
 from edgevlm.llm import LlamaContext, LlamaModel
-from edgevlm.vision.images import LoadedImage
+from edgevlm.vision.images import LoadedImage, has_pixels
 
 
 class _OwnedChunk:
@@ -183,7 +183,7 @@ class MtmdEncoder:
                 for i, c in enumerate(made)]
 
     def tokenize(self, prompt: str, images: list[LoadedImage], *, add_special: bool,
-                 max_tokens: int | None = None) -> list[Chunk]:
+                 max_tokens: int | None | Sequence[int | None] = None) -> list[Chunk]:
         """Split ``prompt`` at media markers into text and image chunks (see :meth:`image_chunks`).
 
         Raises:
@@ -197,8 +197,7 @@ class MtmdEncoder:
         bitmaps = []
         try:
             for img in images:
-                bm = lib.mtmd_bitmap_init(img.width, img.height,
-                                          (ctypes.c_ubyte * len(img.rgb)).from_buffer_copy(img.rgb))
+                bm = lib.mtmd_bitmap_init(img.width, img.height, _bitmap_bytes(img))
                 if not bm:
                     raise ImageError(f"{img.source}: libmtmd could not take the image")
                 lib.mtmd_bitmap_set_id(bm, img.digest.encode())
@@ -280,6 +279,14 @@ class MtmdEncoder:
         if rc != 0:
             raise RuntimeFailure(f"decoding image embeddings failed (code {rc}); raise --ctx?")
         return int(new_pos.value)
+
+
+def _bitmap_bytes(image: LoadedImage) -> ctypes.Array:
+    """The RGB bytes libmtmd copies into a bitmap; a size-only image (pricing) gets one zeroed
+    buffer, made here only because libmtmd plans from a bitmap (callers cap the size first)."""
+    if has_pixels(image):
+        return (ctypes.c_ubyte * len(image.rgb)).from_buffer_copy(image.rgb)
+    return (ctypes.c_ubyte * (image.width * image.height * 3))()
 
 
 def _native(chunk: ImageChunk) -> _OwnedChunk:

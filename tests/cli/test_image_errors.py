@@ -51,10 +51,13 @@ def test_large_photo_is_answered_in_bounded_memory(siglip_f32, tmp_path):
     photo.save(path, quality=90)
     code = ("import sys, runpy\n"
             "sys.argv = ['edgevlm'] + sys.argv[1:]\n"
+            "code = 0\n"
             "try:\n    runpy.run_module('edgevlm.cli.main', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
+            "except SystemExit as exc:\n"
+            "    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
-            "print('PEAK_KB', hwm.split()[1], file=sys.stderr)\n")
+            "print('PEAK_KB', hwm.split()[1], file=sys.stderr)\n"
+            "sys.exit(code)\n")  # the CLI's exit status, after the peak is read
     proc = subprocess.run([sys.executable, "-c", code, "chat", "--model", str(siglip_f32), "--image", str(path),
                            "-p", "Describe it.", "--max-tokens", "2", "--threads", "2", "--no-cache"],
                           capture_output=True, text=True, timeout=300)

@@ -143,16 +143,18 @@ def test_libmtmd_gap_is_as_recorded(llava_next_f32_result, tower, spec):
 
 def test_third_party_llava16_mmproj_runs_the_same(llava_next_f32_result, llava_next_checkpoint, tower,
                                                    spec, tmp_path):
-    """llama.cpp's legacy llava-1.6 layout: every block + post-LN, no feature_layer, no edgevlm keys,
-    ``model.image_newline``. The kernels run block_count - 1 blocks without the post-LN."""
-    from tests.kernels.test_third_party import _write_third_party
+    """The layout llama.cpp's legacy converter writes for llava-1.6 (tests/llama_cpp_mmproj.py): last
+    block dropped, block_count = blocks kept, no post-LN, fc1 stored as ``ffn_down``, no feature_layer,
+    no edgevlm keys, ``model.image_newline``. The kernels run every stored block with the FFN unswapped."""
+    from tests.llama_cpp_mmproj import write_llama_cpp_mmproj
 
-    path = _write_third_party(llava_next_f32_result.mmproj_path, llava_next_checkpoint,
-                              tmp_path / "mmproj-model-f32.gguf",
-                              rename={"v.image_newline": "model.image_newline"})
+    path = write_llama_cpp_mmproj(llava_next_f32_result.mmproj_path, llava_next_checkpoint,
+                                  tmp_path / "mmproj-model-f16.gguf")
     third = VisionTower(path, device="cpu", n_threads=2)
     try:
-        assert "edgevlm.version" not in third.meta and third.config.n_layers == third.config.block_count - 1
+        cfg = third.config
+        assert "edgevlm.version" not in third.meta and "v.post_ln.weight" not in third.weights
+        assert cfg.n_layers == cfg.block_count == tower.config.n_layers and not cfg.post_ln
         third_spec = read_anyres_spec(path)
         np.testing.assert_array_equal(third_spec.newline, spec.newline)
         for name in ("wide", "tall"):
