@@ -80,9 +80,41 @@ def run_compare(vlm: VLM, spec: dict[str, Any], *, image: str | None, prompt: st
     return report
 
 
+def guard_peer_amx() -> bool:
+    """On AMX builds, make llama-cpp-python load weights without extra buffer types, as edgevlm does.
+
+    Its ``Llama`` has no such option, and quantised weights in ggml's AMX buffer type
+    crash the pinned llama.cpp (SIGILL/SIGSEGV) on these CPUs; the peer gets the same
+    guard as edgevlm (README "Builds"), so the comparison stays like for like.
+
+    Returns:
+        Whether the guard was applied.
+    """
+    from edgevlm import native
+
+    if not native.cpu_has_amx():
+        return False
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+    if getattr(original, "edgevlm_amx_guard", False):
+        return True
+
+    def guarded() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    guarded.edgevlm_amx_guard = True  # type: ignore[attr-defined]
+    lib.llama_model_default_params = guarded
+    return True
+
+
 def load_peer(vlm: VLM) -> tuple[Any, str]:
     """llama-cpp-python's Llama + multimodal chat handler on vlm's files and settings."""
     from llama_cpp import Llama, llama_chat_format
+
+    guard_peer_amx()
 
     handler_cls = getattr(llama_chat_format, "MTMDChatHandler", None)
     run = vlm.settings

@@ -218,7 +218,7 @@ def _peer_server(vlm: VLM) -> Iterator[tuple[str | None, str]]:
         yield None, f"not measured: llama_cpp.server needs {exc.name} (pip install 'llama-cpp-python[server]')"
         return
     run, port = vlm.settings, free_port()
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", str(vlm.model_path),
+    args = [sys.executable, "-m", "edgevlm.benchmarks.peer_server", "--model", str(vlm.model_path),
             "--clip_model_path", str(vlm.mmproj_path), "--chat_format", "mtmd", "--host", "127.0.0.1",
             "--port", str(port), "--n_ctx", str(run.n_ctx), "--n_batch", str(run.n_batch),
             "--n_ubatch", str(run.n_batch), "--n_threads", str(run.n_threads),
