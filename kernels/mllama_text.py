@@ -185,6 +185,20 @@ class MllamaTextModel:
         self._last_row = None
         self._drop_images()
 
+    def rewind(self, n_past: int) -> None:
+        """Keep the first ``n_past`` cached positions (the rest are overwritten by the next forward).
+
+        The images' cross-attention keys and values stay; the next :meth:`forward` must pass its
+        ``cross_mask`` (the last row seen belongs to the dropped tokens).
+
+        Raises:
+            InvalidRequestError: ``n_past`` outside ``[0, self.n_past]``.
+        """
+        if not 0 <= n_past <= self.n_past:
+            raise InvalidRequestError(f"cannot rewind to {n_past} of {self.n_past} cached positions")
+        self.n_past = n_past
+        self._last_row = None
+
     def _drop_images(self) -> None:
         if self.images is not None:
             self.images.close()

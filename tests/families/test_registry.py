@@ -21,7 +21,7 @@ def _family_of(folder) -> str:
 
 def test_every_builtin_family_is_registered():
     load_builtin_families()
-    builtin = {"llava", "llava-next", "internvl", "omnifusion", "qwen2vl", "libmtmd", "text"}
+    builtin = {"llava", "llava-next", "internvl", "omnifusion", "qwen2vl", "libmtmd", "text", "mllama"}
     assert builtin <= set(FAMILIES)
     for cls in FAMILIES.values():
         assert cls.name and cls.describes, f"{cls.__name__} must say what it is"

@@ -1,0 +1,407 @@
+"""Llama-3.2-Vision (mllama) behind :class:`edgevlm.VLM`: a :class:`~edgevlm.engine_protocol.VLMEngine`
+on :class:`~edgevlm.mllama_runtime.MllamaPipeline` (edgevlm's ggml graphs; llama.cpp only tokenises).
+
+* Prompts: the GGUF's chat template (else the built-in format) with ``<|image|>`` in place of
+  each image, tokenised by the vocabulary-only llama.cpp model. An image is one token in the
+  text; the LLM reads it through cross-attention to the image's vision states.
+* Prefix reuse: the engine keeps the conversation's tokens (the self-attention KV cache) and
+  the cross-attention keys and values of its images. A request with the same images (in the
+  same order) keeps the longest common token prefix and reads only the rest; the images are
+  neither re-encoded nor their keys recomputed. A request with other images re-reads its text
+  (tokens before the first image attend to every image, so no prefix survives a change of the
+  image set) with the images' vision states from a RAM cache (:data:`IMAGE_CACHE` images), so
+  only new images are encoded.
+* Sampling: llama.cpp's sampler chain on the kernels' logits (:meth:`edgevlm.llm.Sampler.sample_logits`)
+  through :func:`edgevlm.generation.run_reply`: temperature, top-k/p, min-p, repeat penalty, seed,
+  grammar, stop strings, log-probabilities, cancellation, exactly as the llama.cpp engine.
+
+Not done for mllama (clear errors): choice scoring, on-disk caches (embeddings, KV snapshots),
+parking several conversations (one live conversation; another one re-reads its text),
+memory plans.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgevlm import native
+from edgevlm.chunks import Chunk, TextChunk
+from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
+from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
+from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
+                                run_reply)
+from edgevlm.kernels.mllama_text import cross_attention_mask
+from edgevlm.llm import Sampler, default_threads
+from edgevlm.mllama_runtime import EncodedImage, MllamaPipeline
+from edgevlm.progress import LoadStage
+from edgevlm.prompt import Message, build_prompt
+from edgevlm.scoring import ChoiceGeneration, ChoiceScores
+from edgevlm.stats import PrefillStats
+from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders, to_pil
+from edgevlm.vision.mllama_tiles import best_canvas
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm.families.base import Family, ImageCost
+
+#: Images whose vision states stay in RAM (an 11B image: 4 x 1601 x 4096 float32 = 105 MB).
+IMAGE_CACHE = 4
+#: Tokens read per graph during a prefill (cancellation is checked between batches).
+PREFILL_BATCH = 512
+#: Default context when :func:`edgevlm.load` is given none: the training context, at most this.
+DEFAULT_CTX = 4096
+
+
+@dataclass(frozen=True)
+class MllamaPrompt:
+    """A request: its tokens (``<|image|>`` where each image is) and its images in order."""
+
+    tokens: tuple[int, ...]
+    images: tuple[LoadedImage, ...]
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        """One text chunk: images are single ``<|image|>`` tokens read through cross-attention."""
+        return [TextChunk(self.tokens)]
+
+
+def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
+    """Load an mllama pair for :func:`edgevlm.load` (the family's :meth:`open_engine`).
+
+    Raises:
+        UnsupportedModelError: a memory budget (mllama is not priced yet).
+        InvalidModelError, InvalidRequestError, KernelsUnavailableError: from the graphs.
+    """
+    files = request.described.files
+    if request.memory_budget is not None:
+        raise UnsupportedModelError("memory_budget: edgevlm.plan does not price Llama-3.2-Vision (mllama) "
+                                    "models yet; load without a budget")
+    assert files.mmproj is not None  # the family refuses an LLM file without its projector
+    trained = int(request.described.llm_metadata.get("mllama.context_length", DEFAULT_CTX))
+    n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)
+    if n_ctx > trained:
+        raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {trained} tokens the model was trained for")
+    threads = request.n_threads or default_threads()
+    request.report.report(LoadStage.LOADING_LLM, 0.0, files.llm.name)
+    pipe = MllamaPipeline(files.llm, files.mmproj, device=request.device, n_threads=threads, n_ctx=n_ctx,
+                          kv_type=request.kv_type)
+    request.report.report(LoadStage.CREATING_CONTEXT, 0.0, files.llm.name)
+    try:
+        template = request.chat_template if request.chat_template is not None else pipe.vocab.chat_template()
+        settings = RuntimeSettings(n_ctx=n_ctx, n_batch=PREFILL_BATCH, n_threads=threads, n_threads_batch=threads,
+                                   n_gpu_layers=0 if request.device == "cpu" else -1, kv_type=request.kv_type,
+                                   flash_attn=0)
+        return MllamaEngine(pipe, family, template=template,
+                            chat_format=request.chat_format or family.default_chat_format(),
+                            seed=request.seed, settings=settings)
+    except BaseException:
+        pipe.close()
+        raise
+
+
+class MllamaEngine:
+    """One mllama conversation at a time, with prefix reuse (see the module docstring).
+
+    Args:
+        pipeline: the loaded tokenizer, vision encoder and text decoder.
+        family: the model's family.
+        template: the chat template (None: ``chat_format``).
+        chat_format: a key of ``edgevlm.prompt.CHAT_FORMATS``.
+        seed: the default sampling seed.
+        settings: what :attr:`edgevlm.VLM.settings` reports.
+    """
+
+    def __init__(self, pipeline: MllamaPipeline, family: Family, *, template: str | None, chat_format: str,
+                 seed: int, settings: RuntimeSettings) -> None:
+        self.pipe = pipeline
+        self.family = family
+        self.template, self.chat_format, self.seed, self._settings = template, chat_format, seed, settings
+        self.lock = threading.RLock()
+        self.closed = False
+        self.last_prefill = PrefillStats()
+        vocab = pipeline.vocab
+        self.image_token = pipeline.text.config.image_token_id
+        self.marker = vocab.token_text(self.image_token)
+        self._bos = vocab.token_text(vocab.bos) if vocab.add_bos and vocab.bos >= 0 else ""
+        self._eos = vocab.token_text(vocab.eos) if vocab.eos >= 0 else ""
+        self.history: list[int] = []          # the tokens in the self-attention KV cache
+        self.image_keys: tuple[str, ...] = ()  # digests of the images whose cross-attention K/V are set
+        self.encoded: OrderedDict[str, EncodedImage] = OrderedDict()
+        self.n_encode_calls = 0
+        self.next_logits: np.ndarray | None = None  # logits after ``history`` (None: not computed)
+        preload_decoders()
+
+    # ------------------------------------------------------------------ info
+    @property
+    def n_ctx(self) -> int:
+        return self.pipe.text.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self.pipe.text.config.n_vocab
+
+    @property
+    def vision_engine(self) -> str:
+        return "kernels"
+
+    @property
+    def encoder_calls(self) -> int:
+        return self.n_encode_calls
+
+    @property
+    def caching(self) -> bool:
+        return False  # no on-disk tier for mllama yet
+
+    def settings(self) -> RuntimeSettings:
+        return self._settings
+
+    def tokenize(self, text: str) -> list[int]:
+        self.check_open()
+        return self.pipe.vocab.tokenize(text, add_special=False)
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_text(self, messages: list[Message], *, gen: bool = True) -> str:
+        self.check_open()
+        return build_prompt(messages, self.marker, template=self.template, chat_format=self.chat_format,
+                            gen=gen, bos=self._bos, eos=self._eos)[0]
+
+    def prompt(self, messages: list[Message], *, gen: bool = True,
+               max_image_tokens: int | None = None) -> MllamaPrompt:
+        """The request's tokens and images (``max_image_tokens`` is ignored: an image's tiles are fixed).
+
+        Raises:
+            InvalidRequestError: the rendered prompt's image tokens and the images disagree.
+            ContextOverflowError: the prompt does not fit the context.
+        """
+        self.check_open()
+        text, images = build_prompt(messages, self.marker, template=self.template, chat_format=self.chat_format,
+                                    gen=gen, bos=self._bos, eos=self._eos)
+        tokens = tuple(self.pipe.tokenize(text))
+        if tokens.count(self.image_token) != len(images):
+            raise InvalidRequestError(f"the prompt has {tokens.count(self.image_token)} {self.marker} tokens "
+                                      f"for {len(images)} images (write no {self.marker} in the text)")
+        if len(tokens) >= self.n_ctx:
+            raise ContextOverflowError(f"the prompt takes {len(tokens)} tokens; the context holds {self.n_ctx} "
+                                       "(load with a larger n_ctx)")
+        return MllamaPrompt(tokens, tuple(images))
+
+    def prompt_chunks(self, messages: list[Message], *, gen: bool = True,
+                      max_image_tokens: int | None = None) -> list[Chunk]:
+        return self.prompt(messages, gen=gen).chunks
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None = None) -> PrefillStats:
+        """Make the caches hold ``prompt`` with the logits of its last position (prefix reused).
+
+        Raises:
+            InvalidRequestError: the model was closed.
+        """
+        with self.lock:
+            self.check_open()
+            stats = PrefillStats(prompt_positions=len(prompt.tokens), kv_cells=len(prompt.tokens))
+            reuse = self._keep_prefix(prompt, stats)
+            started = time.perf_counter()
+            self._read(prompt, cancelled)
+            stats.reused_positions = reuse
+            stats.evaluated_positions = len(self.history) - reuse
+            stats.decode_ms = (time.perf_counter() - started) * 1e3
+            self.last_prefill = stats
+            return stats
+
+    def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats) -> int:
+        """Rewind the caches to what ``prompt`` can reuse; set the images' cross-attention K/V if they differ."""
+        text = self.pipe.text
+        keys = tuple(image.digest for image in prompt.images)
+        if keys == self.image_keys:
+            common = 0
+            for a, b in zip(self.history, prompt.tokens):
+                if a != b:
+                    break
+                common += 1
+            reuse = min(common, len(prompt.tokens) - 1)  # the last token is read again for its logits
+            text.rewind(reuse)
+            del self.history[reuse:]
+            stats.images_reused = prompt.tokens[:reuse].count(self.image_token)
+            return reuse
+        text.reset()
+        self.history, self.image_keys, self.next_logits = [], (), None
+        encoded = [self._encoded(image, stats) for image in prompt.images]
+        if encoded:
+            text.set_images([e.states for e in encoded], [e.tiles.n_tiles for e in encoded])
+        self.image_keys = keys
+        return 0
+
+    def _encoded(self, image: LoadedImage, stats: PrefillStats | None = None) -> EncodedImage:
+        """The image's vision states: from the RAM cache, else encoded (and cached)."""
+        hit = self.encoded.get(image.digest)
+        if hit is not None:
+            self.encoded.move_to_end(image.digest)
+            if stats is not None:
+                stats.images_from_cache += 1
+            return hit
+        started = time.perf_counter()
+        encoded = self.pipe.encode_image(to_pil(image))
+        self.n_encode_calls += 1
+        if stats is not None:
+            stats.images_encoded += 1
+            stats.encode_ms += (time.perf_counter() - started) * 1e3
+        self.encoded[image.digest] = encoded
+        while len(self.encoded) > IMAGE_CACHE:
+            self.encoded.popitem(last=False)
+        return encoded
+
+    def _read(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None) -> None:
+        """Read the prompt's tokens after ``history`` in batches (stopping between them when cancelled)."""
+        tokens, text = prompt.tokens, self.pipe.text
+        mask = (cross_attention_mask(tokens, self.image_token, text.image_tiles, text.tiles_per_image)
+                if prompt.images else None)
+        self.next_logits = None
+        done = len(self.history)
+        while done < len(tokens):
+            if cancelled is not None and cancelled():
+                return
+            end = min(len(tokens), done + PREFILL_BATCH)
+            logits = text.forward(tokens[done:end], mask[done:end] if mask is not None else None)[-1]
+            self.history.extend(tokens[done:end])
+            done = end
+            self.next_logits = logits
+
+    def append_token(self, token: int) -> None:
+        """Read one generated token (its cross-attention row repeats the last one, as transformers' generate)."""
+        self.next_logits = self.pipe.text.forward([token])[-1]
+        self.history.append(token)
+
+    def logits(self) -> np.ndarray:
+        """The next-token logits after the live conversation.
+
+        Raises:
+            InvalidRequestError: the last prefill was cancelled (there are no logits).
+        """
+        if self.next_logits is None:
+            raise InvalidRequestError("no logits: the last prefill was cancelled")
+        return self.next_logits
+
+    def next_token_logits(self, prompt: MllamaPrompt) -> np.ndarray:
+        with self.lock:
+            self.prefill(prompt)
+            return self.logits().copy()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: MllamaPrompt, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream:
+        """Prefill ``prompt`` and stream the reply (the lock is held while it streams)."""
+        return TextStream(lambda hooks: self._generate(prompt, options, hooks), cancel)
+
+    def _generate(self, prompt: MllamaPrompt, options: SamplingOptions, hooks: StreamHooks) -> Iterator[str]:
+        user_cancelled = hooks.cancelled
+        hooks.cancelled = lambda: self.closed or user_cancelled()
+        with self.lock:
+            started = time.perf_counter()
+            stats = self.prefill(prompt, hooks.cancelled)
+            start = ReplyStart(stats, started, self.seed, tuple(self.history[-64:]))
+            yield from run_reply(self.pipe.vocab, _Decoder(self), options, start, hooks)
+
+    # ------------------------------------------------------------------ not done for mllama
+    def score_choices(self, messages: list[Message], choices: Sequence[str], *,
+                      max_image_tokens: int | None = None) -> ChoiceScores:
+        raise UnsupportedModelError("score_choices is not implemented for Llama-3.2-Vision (mllama) yet; "
+                                    "use chat(..., grammar=...) or next_token_logits")
+
+    def generate_choice(self, messages: list[Message], choices: Sequence[str], *,
+                        max_image_tokens: int | None = None) -> ChoiceGeneration:
+        raise UnsupportedModelError("generate_choice is not implemented for Llama-3.2-Vision (mllama) yet; "
+                                    "use chat(..., grammar=...)")
+
+    # ------------------------------------------------------------------ images
+    def embed_image(self, image: LoadedImage, *, cache: bool = True,
+                    max_image_tokens: int | None = None) -> np.ndarray:
+        """The image's projected vision states of its real tiles: (tiles x tokens per tile, n_embd).
+
+        What the cross-attention layers attend to (mllama gives the LLM no image embeddings in
+        its input sequence). ``cache=False`` encodes again (for timing).
+        """
+        with self.lock:
+            self.check_open()
+            if cache:
+                encoded = self._encoded(image)
+            else:
+                encoded = self.pipe.encode_image(to_pil(image))
+                self.n_encode_calls += 1
+        states = encoded.states[:encoded.tiles.n_tiles]
+        return states.reshape(-1, states.shape[-1])
+
+    def image_cost(self, width: int, height: int, max_image_tokens: int | None = None) -> ImageCost:
+        """An image costs one context token (``<|image|>``); the LLM attends to its tiles' states.
+
+        ``tokens``: the vision states cross-attended (tiles x tokens per tile); ``positions`` and
+        ``cells``: 1; ``views``: the tiles. The budget is ignored (the tiling is fixed).
+        """
+        from edgevlm.families.base import ImageCost
+
+        self.check_open()
+        cfg = self.pipe.vision.config
+        w, h = intake_size(width, height)
+        canvas_h, canvas_w = best_canvas(h, w, cfg.max_image_tiles, cfg.image_size)
+        tiles = (canvas_h // cfg.image_size) * (canvas_w // cfg.image_size)
+        return ImageCost(tokens=tiles * cfg.n_positions, positions=1, cells=1, views=tiles)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the live conversation (the RAM cache of vision states stays)."""
+        with self.lock:
+            self.check_open()
+            self.pipe.text.reset()
+            self.history, self.image_keys, self.next_logits = [], (), None
+
+    @contextmanager
+    def isolated_caches(self, root: Path) -> Iterator[None]:
+        """Run with an empty image cache and conversation; both are put back empty/as they were."""
+        with self.lock:
+            saved, self.encoded = self.encoded, OrderedDict()
+            self.reset()
+            try:
+                yield
+            finally:
+                self.encoded = saved
+                self.reset()
+
+    def check_open(self) -> None:
+        """Raises: InvalidRequestError: the model was closed."""
+        if self.closed:
+            raise InvalidRequestError("this model was closed (VLM.close()); load it again with edgevlm.load()")
+
+    def close(self) -> None:
+        """Free the graphs, weights and caches; idempotent (waits for a running request)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.encoded.clear()
+            self.pipe.close()
+        native.release_free_memory()
+
+
+class _Decoder:
+    """:class:`edgevlm.generation.TokenDecoder` on an :class:`MllamaEngine`'s live conversation."""
+
+    def __init__(self, engine: MllamaEngine) -> None:
+        self.engine = engine
+
+    def sample(self, sampler: Sampler) -> int:
+        return sampler.sample_logits(self.engine.logits())
+
+    def logits(self) -> np.ndarray:
+        return self.engine.logits()
+
+    def fits(self, n_generated: int) -> bool:
+        return len(self.engine.history) < self.engine.n_ctx
+
+    def append(self, token: int) -> None:
+        self.engine.append_token(token)
