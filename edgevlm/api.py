@@ -21,7 +21,7 @@ from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings, VLMEngine
-from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedModelError
+from edgevlm.errors import InvalidRequestError, MemoryBudgetError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import CancelToken, SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
@@ -621,13 +621,7 @@ class VLM:
             UnsupportedModelError: no projector, or one the kernels engine cannot describe.
             ImageError: the image cannot be read.
         """
-        from edgevlm.kernels.vision import read_tower_config
-        from edgevlm.vision.preprocess import tower_pixels
-
-        projector = self.model.projector
-        if projector is None:
-            raise UnsupportedModelError("this model has no vision projector")
-        return tower_pixels(load_image(image), read_tower_config(projector.metadata, set(projector.tensor_names)))
+        return self.engine.tower_pixels(load_image(image))
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""

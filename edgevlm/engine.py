@@ -321,6 +321,20 @@ class Engine:
         enforce_image_budget(list(chunks), budget, self.family, self.family.delimiter_tokens(self.model))
         return chunks
 
+    def tower_pixels(self, image: LoadedImage) -> np.ndarray:
+        """``image`` preprocessed as the projector file declares, as one vision-tower view: (3, S, S).
+
+        Raises:
+            UnsupportedModelError: no projector, or one the kernels engine cannot describe.
+        """
+        from edgevlm.kernels.vision import read_tower_config
+        from edgevlm.vision.preprocess import tower_pixels
+
+        projector = self.family.model.projector
+        if projector is None:
+            raise UnsupportedModelError("this model has no vision projector")
+        return tower_pixels(image, read_tower_config(projector.metadata, set(projector.tensor_names)))
+
     def embed_image(self, image: LoadedImage, *, cache: bool = True,
                     max_image_tokens: int | None = None) -> np.ndarray:
         """What the LLM receives for ``image``: (n_tokens, n_embd), views concatenated in order."""

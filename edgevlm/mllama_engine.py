@@ -47,7 +47,7 @@ from edgevlm.prompt import Message, build_prompt
 from edgevlm.scoring import ChoiceGeneration, ChoiceScores
 from edgevlm.stats import PrefillStats
 from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders, to_pil
-from edgevlm.vision.mllama_tiles import best_canvas
+from edgevlm.vision.mllama_tiles import best_canvas, mllama_tiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family, ImageCost
@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 IMAGE_CACHE = 4
 #: Tokens read per graph during a prefill (cancellation is checked between batches).
 PREFILL_BATCH = 512
+#: Why edgevlm.plan and memory budgets refuse mllama.
+PLAN_NOT_DONE = "edgevlm.plan does not price Llama-3.2-Vision (mllama) models yet"
 #: Default context when :func:`edgevlm.load` is given none: the training context, at most this.
 DEFAULT_CTX = 4096
 
@@ -82,8 +84,7 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     """
     files = request.described.files
     if request.memory_budget is not None:
-        raise UnsupportedModelError("memory_budget: edgevlm.plan does not price Llama-3.2-Vision (mllama) "
-                                    "models yet; load without a budget")
+        raise UnsupportedModelError(f"memory_budget: {PLAN_NOT_DONE}; load without a budget")
     assert files.mmproj is not None  # the family refuses an LLM file without its projector
     trained = int(request.described.llm_metadata.get("mllama.context_length", DEFAULT_CTX))
     n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)
@@ -336,6 +337,16 @@ class MllamaEngine:
                 self.n_encode_calls += 1
         states = encoded.states[:encoded.tiles.n_tiles]
         return states.reshape(-1, states.shape[-1])
+
+    def tower_pixels(self, image: LoadedImage) -> np.ndarray:
+        """The image's first tile as the vision tower takes it: (3, S, S) float32 (MllamaImageProcessor's
+        tiling; :meth:`embed_image` encodes every tile)."""
+        self.check_open()
+        cfg = self.pipe.vision.config
+        tiles = mllama_tiles(to_pil(image), tile_size=cfg.image_size, max_image_tiles=cfg.max_image_tiles,
+                             max_num_tiles=cfg.max_num_tiles, aspect_ratios=cfg.aspect_ratios,
+                             mean=cfg.image_mean, std=cfg.image_std, resample=cfg.resample)
+        return np.ascontiguousarray(tiles.pixels[0], dtype=np.float32)
 
     def image_cost(self, width: int, height: int, max_image_tokens: int | None = None) -> ImageCost:
         """An image costs one context token (``<|image|>``); the LLM attends to its tiles' states.

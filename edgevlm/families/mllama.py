@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from edgevlm import constants as C
 from edgevlm.descriptor import ModelDescriptor
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.families.base import Family, FamilyOptions, register
+from edgevlm.families.base import Family, FamilyOptions, ImageCost, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.engine_protocol import EngineRequest, VLMEngine
@@ -41,6 +41,16 @@ class MllamaFamily(Family):
                 "the pair (the mllama LLM GGUF and its edgevlm-mllama projector GGUF; llama.cpp cannot run "
                 "its cross-attention layers alone); give both files (model=folder, or mmproj=...)")
         super().__init__(model, options)
+
+    def planned_image_cost(self, width: int, height: int, max_tokens: int | None,
+                           engine: str) -> ImageCost | None:
+        """Not priced yet: ``edgevlm.plan`` / ``memory_budget`` refuse mllama.
+
+        Raises:
+            UnsupportedModelError: always.
+        """
+        raise UnsupportedModelError("edgevlm.plan does not price Llama-3.2-Vision (mllama) models yet "
+                                    "(load them without memory_budget)")
 
     def open_engine(self, request: EngineRequest) -> VLMEngine:
         """The mllama engine on edgevlm's kernels (see :mod:`edgevlm.mllama_engine`)."""

@@ -151,6 +151,8 @@ def test_properties_and_images(vlm):
     cost = vlm.image_cost(168, 50)
     assert (cost.positions, cost.cells) == (1, 1) and emb.shape == (cost.tokens, 64)
     assert vlm.tokenize("hello") == vlm.tokenize("hello") and vlm.tokenize("hello")
+    assert vlm.tower_pixels(gradient_image(168, 50)).shape == (3, 56, 56)
+    assert vlm.prompt_chunks([_ask("hi")])[0].tokens[0] == vlm.tokenize("<|begin_of_text|>")[0]
 
 
 def test_unsupported_features_raise_clear_errors(vlm, mllama_f32_result):
@@ -166,6 +168,8 @@ def test_unsupported_features_raise_clear_errors(vlm, mllama_f32_result):
         vlm.generate_choice(messages, ["yes", "no"])
     with pytest.raises(UnsupportedModelError, match="plan"):
         edgevlm.load(mllama_f32_result.llm_path.parent, memory_budget="8GiB", n_gpu_layers=0)
+    with pytest.raises(UnsupportedModelError, match="mllama"):
+        edgevlm.plan(mllama_f32_result.llm_path.parent)
     with pytest.raises(UnsupportedModelError, match="Llama-3.2-Vision"):  # the LLM file without its projector
         family_for(describe_model(ModelFiles(mllama_f32_result.llm_path, None)))
 
