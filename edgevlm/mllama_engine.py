@@ -9,22 +9,21 @@ on :class:`~edgevlm.mllama_runtime.MllamaPipeline` (edgevlm's ggml graphs; llama
   same order) keeps the longest common token prefix and reads only the rest; the images are
   neither re-encoded nor their keys recomputed. A request with other images re-reads its text
   (tokens before the first image attend to every image, so no prefix survives a change of the
-  image set) with the images' vision states from a RAM cache (:data:`IMAGE_CACHE` images), so
-  only new images are encoded.
+  image set) with the images' vision states from :class:`~edgevlm.mllama_images.MllamaImages`
+  (RAM, and disk when the caches are on), so only new images are encoded.
 * Sampling: llama.cpp's sampler chain on the kernels' logits (:meth:`edgevlm.llm.Sampler.sample_logits`)
   through :func:`edgevlm.generation.run_reply`: temperature, top-k/p, min-p, repeat penalty, seed,
   grammar, stop strings, log-probabilities, cancellation, exactly as the llama.cpp engine.
 
-Not done for mllama (clear errors): choice scoring, on-disk caches (embeddings, KV snapshots),
-parking several conversations (one live conversation; another one re-reads its text),
-memory plans.
+Not done for mllama: choice scoring and memory plans (clear errors); KV snapshots on disk and
+parking several conversations (one live conversation; another one re-reads its text).
+The vision states are cached on disk like other models' image embeddings.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgevlm import native
+from edgevlm.cache import EmbeddingStore, file_identity
 from edgevlm.chunks import Chunk, TextChunk
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
@@ -41,19 +41,18 @@ from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, Stream
                                 run_reply)
 from edgevlm.kernels.mllama_text import cross_attention_mask
 from edgevlm.llm import Sampler, default_threads
-from edgevlm.mllama_runtime import EncodedImage, MllamaPipeline
+from edgevlm.mllama_images import MllamaImages, n_tiles_for
+from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.progress import LoadStage
 from edgevlm.prompt import Message, build_prompt
 from edgevlm.scoring import ChoiceGeneration, ChoiceScores
 from edgevlm.stats import PrefillStats
 from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders, to_pil
-from edgevlm.vision.mllama_tiles import best_canvas, mllama_tiles
+from edgevlm.vision.mllama_tiles import mllama_tiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family, ImageCost
 
-#: Images whose vision states stay in RAM (an 11B image: 4 x 1601 x 4096 float32 = 105 MB).
-IMAGE_CACHE = 4
 #: Tokens read per graph during a prefill (cancellation is checked between batches).
 PREFILL_BATCH = 512
 #: Why edgevlm.plan and memory budgets refuse mllama.
@@ -100,7 +99,8 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
         settings = RuntimeSettings(n_ctx=n_ctx, n_batch=PREFILL_BATCH, n_threads=threads, n_threads_batch=threads,
                                    n_gpu_layers=0 if request.device == "cpu" else -1, kv_type=request.kv_type,
                                    flash_attn=0)
-        return MllamaEngine(pipe, family, template=template,
+        images = MllamaImages(pipe, EmbeddingStore() if request.cache else None, file_identity(files.mmproj))
+        return MllamaEngine(pipe, images, family, template=template,
                             chat_format=request.chat_format or family.default_chat_format(),
                             seed=request.seed, settings=settings)
     except BaseException:
@@ -113,6 +113,7 @@ class MllamaEngine:
 
     Args:
         pipeline: the loaded tokenizer, vision encoder and text decoder.
+        images: the images' vision states (RAM and disk tiers over the pipeline's encoder).
         family: the model's family.
         template: the chat template (None: ``chat_format``).
         chat_format: a key of ``edgevlm.prompt.CHAT_FORMATS``.
@@ -120,9 +121,9 @@ class MllamaEngine:
         settings: what :attr:`edgevlm.VLM.settings` reports.
     """
 
-    def __init__(self, pipeline: MllamaPipeline, family: Family, *, template: str | None, chat_format: str,
+    def __init__(self, pipeline: MllamaPipeline, images: MllamaImages, family: Family, *, template: str | None, chat_format: str,
                  seed: int, settings: RuntimeSettings) -> None:
-        self.pipe = pipeline
+        self.pipe, self.images = pipeline, images
         self.family = family
         self.template, self.chat_format, self.seed, self._settings = template, chat_format, seed, settings
         self.lock = threading.RLock()
@@ -135,8 +136,6 @@ class MllamaEngine:
         self._eos = vocab.token_text(vocab.eos) if vocab.eos >= 0 else ""
         self.history: list[int] = []          # the tokens in the self-attention KV cache
         self.image_keys: tuple[str, ...] = ()  # digests of the images whose cross-attention K/V are set
-        self.encoded: OrderedDict[str, EncodedImage] = OrderedDict()
-        self.n_encode_calls = 0
         self.next_logits: np.ndarray | None = None  # logits after ``history`` (None: not computed)
         preload_decoders()
 
@@ -155,11 +154,11 @@ class MllamaEngine:
 
     @property
     def encoder_calls(self) -> int:
-        return self.n_encode_calls
+        return self.images.n_encode_calls
 
     @property
     def caching(self) -> bool:
-        return False  # no on-disk tier for mllama yet
+        return self.images.store is not None  # vision states on disk (no KV snapshots for mllama yet)
 
     def settings(self) -> RuntimeSettings:
         return self._settings
@@ -234,30 +233,11 @@ class MllamaEngine:
             return reuse
         text.reset()
         self.history, self.image_keys, self.next_logits = [], (), None
-        encoded = [self._encoded(image, stats) for image in prompt.images]
-        if encoded:
-            text.set_images([e.states for e in encoded], [e.tiles.n_tiles for e in encoded])
+        found = [self.images.get(image, stats) for image in prompt.images]
+        if found:
+            text.set_images([v.states for v in found], [v.n_tiles for v in found])
         self.image_keys = keys
         return 0
-
-    def _encoded(self, image: LoadedImage, stats: PrefillStats | None = None) -> EncodedImage:
-        """The image's vision states: from the RAM cache, else encoded (and cached)."""
-        hit = self.encoded.get(image.digest)
-        if hit is not None:
-            self.encoded.move_to_end(image.digest)
-            if stats is not None:
-                stats.images_from_cache += 1
-            return hit
-        started = time.perf_counter()
-        encoded = self.pipe.encode_image(to_pil(image))
-        self.n_encode_calls += 1
-        if stats is not None:
-            stats.images_encoded += 1
-            stats.encode_ms += (time.perf_counter() - started) * 1e3
-        self.encoded[image.digest] = encoded
-        while len(self.encoded) > IMAGE_CACHE:
-            self.encoded.popitem(last=False)
-        return encoded
 
     def _read(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None) -> None:
         """Read the prompt's tokens after ``history`` in batches (stopping between them when cancelled)."""
@@ -330,12 +310,8 @@ class MllamaEngine:
         """
         with self.lock:
             self.check_open()
-            if cache:
-                encoded = self._encoded(image)
-            else:
-                encoded = self.pipe.encode_image(to_pil(image))
-                self.n_encode_calls += 1
-        states = encoded.states[:encoded.tiles.n_tiles]
+            found = self.images.get(image, cache=cache)
+        states = found.states[:found.n_tiles]
         return states.reshape(-1, states.shape[-1])
 
     def tower_pixels(self, image: LoadedImage) -> np.ndarray:
@@ -358,9 +334,7 @@ class MllamaEngine:
 
         self.check_open()
         cfg = self.pipe.vision.config
-        w, h = intake_size(width, height)
-        canvas_h, canvas_w = best_canvas(h, w, cfg.max_image_tiles, cfg.image_size)
-        tiles = (canvas_h // cfg.image_size) * (canvas_w // cfg.image_size)
+        tiles = n_tiles_for(cfg, *intake_size(width, height))
         return ImageCost(tokens=tiles * cfg.n_positions, positions=1, cells=1, views=tiles)
 
     # ------------------------------------------------------------------ state
@@ -373,14 +347,12 @@ class MllamaEngine:
 
     @contextmanager
     def isolated_caches(self, root: Path) -> Iterator[None]:
-        """Run with an empty image cache and conversation; both are put back empty/as they were."""
-        with self.lock:
-            saved, self.encoded = self.encoded, OrderedDict()
+        """Run with empty image caches (disk tier under ``root``) and no conversation; put back after."""
+        with self.lock, self.images.isolated(root):
             self.reset()
             try:
                 yield
             finally:
-                self.encoded = saved
                 self.reset()
 
     def check_open(self) -> None:
@@ -394,7 +366,7 @@ class MllamaEngine:
             if self.closed:
                 return
             self.closed = True
-            self.encoded.clear()
+            self.images.clear()
             self.pipe.close()
         native.release_free_memory()
 

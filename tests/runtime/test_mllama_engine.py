@@ -197,3 +197,21 @@ def test_cli_one_shot(mllama_f32_result, tmp_path):
                                    "--max-tokens", "6", "--temperature", "0", "-p", "what is it?"])
     assert res.exit_code == 0, res.output
     assert res.output.strip()
+
+
+def test_vision_states_come_from_the_disk_cache_in_another_load(mllama_f32_result, tmp_path, monkeypatch):
+    import edgevlm
+
+    monkeypatch.setenv("EDGEVLM_CACHE_DIR", str(tmp_path / "cache"))
+    messages = [_ask("what is it?", [gradient_image(150, 90, seed=4)])]
+    logits = []
+    for round_ in range(2):
+        with edgevlm.load(mllama_f32_result.llm_path.parent, n_ctx=128, kv_type="f32", n_threads=1,
+                          n_gpu_layers=0) as model:
+            assert model.caching
+            logits.append(model.next_token_logits(messages))
+            pre = model.last_prefill
+            assert (pre.images_encoded, pre.images_from_cache, model.encoder_calls) == (
+                (1, 0, 1) if round_ == 0 else (0, 1, 0))
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert list((tmp_path / "cache").rglob("*.emb"))
