@@ -15,8 +15,11 @@ on :class:`~edgevlm.mllama_runtime.MllamaPipeline` (edgevlm's ggml graphs; llama
   through :func:`edgevlm.generation.run_reply`: temperature, top-k/p, min-p, repeat penalty, seed,
   grammar, stop strings, log-probabilities, cancellation, exactly as the llama.cpp engine.
 
-Not done for mllama: choice scoring and memory plans (clear errors); KV snapshots on disk and
-parking several conversations (one live conversation; another one re-reads its text).
+* Several conversations: a request that leaves the live conversation parks a copy of it
+  (:mod:`edgevlm.parking`: the KV prefix copied to RAM, the images' cross-attention K/V shared,
+  not copied), so alternating between conversations reads only each one's new turn.
+
+Not done for mllama: choice scoring and memory plans (clear errors); KV snapshots on disk.
 The vision states are cached on disk like other models' image embeddings.
 """
 
@@ -34,15 +37,16 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
-from edgevlm.chunks import Chunk, TextChunk
+from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
-from edgevlm.kernels.mllama_text import cross_attention_mask
+from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
 from edgevlm.llm import Sampler, default_threads
 from edgevlm.mllama_images import MllamaImages, n_tiles_for
 from edgevlm.mllama_runtime import MllamaPipeline
+from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.progress import LoadStage
 from edgevlm.prompt import Message, build_prompt
 from edgevlm.scoring import ChoiceGeneration, ChoiceScores
@@ -137,6 +141,8 @@ class MllamaEngine:
         self.history: list[int] = []          # the tokens in the self-attention KV cache
         self.image_keys: tuple[str, ...] = ()  # digests of the images whose cross-attention K/V are set
         self.next_logits: np.ndarray | None = None  # logits after ``history`` (None: not computed)
+        self.prompt_end = 0  # the last request's prompt length (a request sharing less leaves it)
+        self.parked = ParkedStates()
         preload_decoders()
 
     # ------------------------------------------------------------------ info
@@ -213,20 +219,27 @@ class MllamaEngine:
             stats.reused_positions = reuse
             stats.evaluated_positions = len(self.history) - reuse
             stats.decode_ms = (time.perf_counter() - started) * 1e3
-            self.last_prefill = stats
+            self.last_prefill, self.prompt_end = stats, len(prompt.tokens)
             return stats
 
     def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats) -> int:
-        """Rewind the caches to what ``prompt`` can reuse; set the images' cross-attention K/V if they differ."""
+        """Rewind the caches to what ``prompt`` can reuse (live or parked); set the images' K/V if they differ."""
         text = self.pipe.text
         keys = tuple(image.digest for image in prompt.images)
-        if keys == self.image_keys:
-            common = 0
-            for a, b in zip(self.history, prompt.tokens):
-                if a != b:
-                    break
-                common += 1
-            reuse = min(common, len(prompt.tokens) - 1)  # the last token is read again for its logits
+        live = common_prefix(self.history, prompt.tokens) if keys == self.image_keys else -1
+        entry_id, shared = self.parked.best(_units(keys, prompt.tokens), len(prompt.tokens))
+        if live < self.prompt_end:
+            self._park()  # the request leaves this conversation: keep it for later
+        if entry_id is not None and shared - 1 > max(live, 0):
+            started = time.perf_counter()
+            entry = self.parked.take(entry_id)
+            assert isinstance(entry.state, TextState)
+            text.attach(entry.state)
+            self.history, self.image_keys, self.next_logits = [int(u) for u in entry.units[1:]], keys, None
+            live = shared - 1
+            stats.parked_restored, stats.restore_ms = True, (time.perf_counter() - started) * 1e3
+        if live >= 0:
+            reuse = min(live, len(prompt.tokens) - 1)  # the last token is read again for its logits
             text.rewind(reuse)
             del self.history[reuse:]
             stats.images_reused = prompt.tokens[:reuse].count(self.image_token)
@@ -238,6 +251,14 @@ class MllamaEngine:
             text.set_images([v.states for v in found], [v.n_tiles for v in found])
         self.image_keys = keys
         return 0
+
+    def _park(self) -> None:
+        """Keep a copy of the live conversation in the parked LRU (see :mod:`edgevlm.parking`)."""
+        if not self.history or self.parked.max_bytes <= 0:
+            return
+        state = self.pipe.text.snapshot()
+        if not self.parked.park(ParkedState(_units(self.image_keys, self.history), (), state)):
+            state.close()
 
     def _read(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None) -> None:
         """Read the prompt's tokens after ``history`` in batches (stopping between them when cancelled)."""
@@ -342,8 +363,9 @@ class MllamaEngine:
         """Forget the live conversation (the RAM cache of vision states stays)."""
         with self.lock:
             self.check_open()
+            self.parked.clear()
             self.pipe.text.reset()
-            self.history, self.image_keys, self.next_logits = [], (), None
+            self.history, self.image_keys, self.next_logits, self.prompt_end = [], (), None, 0
 
     @contextmanager
     def isolated_caches(self, root: Path) -> Iterator[None]:
@@ -367,8 +389,15 @@ class MllamaEngine:
                 return
             self.closed = True
             self.images.clear()
+            self.parked.clear()  # their image buffers live on the backend closed next
             self.pipe.close()
         native.release_free_memory()
+
+
+def _units(image_keys: tuple[str, ...], tokens: Sequence[int]) -> tuple[Unit, ...]:
+    """A conversation's identity for :class:`~edgevlm.parking.ParkedStates`: its image set (one unit:
+    no prefix survives another image set), then its tokens."""
+    return (ImageUnit("mllama:" + ",".join(image_keys)), *tokens)
 
 
 class _Decoder:

@@ -215,3 +215,25 @@ def test_vision_states_come_from_the_disk_cache_in_another_load(mllama_f32_resul
                 (1, 0, 1) if round_ == 0 else (0, 1, 0))
     np.testing.assert_array_equal(logits[0], logits[1])
     assert list((tmp_path / "cache").rglob("*.emb"))
+
+
+def test_alternating_conversations_are_parked(vlm):
+    """A request leaving the live conversation parks it; going back restores it (no re-read, no re-encode)."""
+    a = [_ask("what is in the picture?", [gradient_image(120, 60, seed=11)])]
+    b = [_ask("describe this one", [gradient_image(60, 120, seed=12)])]
+    vlm.reset()
+    first_a = vlm.chat(a, max_tokens=4, temperature=0)
+    vlm.chat(b, max_tokens=4, temperature=0)
+    calls = vlm.encoder_calls
+    follow_a = a + [{"role": "assistant", "content": first_a.text}, _ask("and the colours?")]
+    got = vlm.next_token_logits(follow_a)
+    pre = vlm.last_prefill
+    print(f"back to conversation A: parked state restored in {pre.restore_ms:.2f} ms, "
+          f"{pre.reused_positions} of {pre.prompt_positions} positions reused")
+    assert pre.parked_restored and pre.reused_positions >= len(vlm.prompt_chunks(a)[0].tokens) - 1
+    assert pre.images_encoded == 0 and pre.images_from_cache == 0 and vlm.encoder_calls == calls
+    again_b = vlm.next_token_logits(b)  # and B was parked when A came back
+    assert vlm.last_prefill.parked_restored and vlm.last_prefill.evaluated_positions == 1
+    vlm.reset()
+    np.testing.assert_allclose(got, vlm.next_token_logits(follow_a), atol=1e-4)
+    np.testing.assert_allclose(again_b, vlm.next_token_logits(b), atol=1e-4)
