@@ -19,7 +19,10 @@ on :class:`~edgevlm.mllama_runtime.MllamaPipeline` (edgevlm's ggml graphs; llama
   (:mod:`edgevlm.parking`: the KV prefix copied to RAM, the images' cross-attention K/V shared,
   not copied), so alternating between conversations reads only each one's new turn.
 
-Not done for mllama: choice scoring and memory plans (clear errors); KV snapshots on disk.
+* Choices: ``score_choices`` (the choices' tokens evaluated after the prompt, then cut back) and
+  ``generate_choice`` (greedy under the choices' grammar), as on the llama.cpp engine.
+
+Not done for mllama: memory plans (a clear error); KV snapshots on disk.
 The vision states are cached on disk like other models' image embeddings.
 """
 
@@ -39,7 +42,7 @@ from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
 from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
-from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
+from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure, UnsupportedModelError
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
 from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
@@ -49,7 +52,8 @@ from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.progress import LoadStage
 from edgevlm.prompt import Message, build_prompt
-from edgevlm.scoring import ChoiceGeneration, ChoiceScores
+from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, GrammarSampler, answer_lead, check_choices,
+                             choice_grammar, choice_tokens, generation_answers, score_sequences, settled_answer)
 from edgevlm.stats import PrefillStats
 from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders, to_pil
 from edgevlm.vision.mllama_tiles import mllama_tiles
@@ -142,6 +146,7 @@ class MllamaEngine:
         self.image_keys: tuple[str, ...] = ()  # digests of the images whose cross-attention K/V are set
         self.next_logits: np.ndarray | None = None  # logits after ``history`` (None: not computed)
         self.prompt_end = 0  # the last request's prompt length (a request sharing less leaves it)
+        self.last_row: np.ndarray | None = None  # the last prompt's last cross-attention mask row
         self.parked = ParkedStates()
         preload_decoders()
 
@@ -266,6 +271,7 @@ class MllamaEngine:
         mask = (cross_attention_mask(tokens, self.image_token, text.image_tiles, text.tiles_per_image)
                 if prompt.images else None)
         self.next_logits = None
+        self.last_row = mask[-1] if mask is not None else None
         done = len(self.history)
         while done < len(tokens):
             if cancelled is not None and cancelled():
@@ -313,13 +319,43 @@ class MllamaEngine:
     # ------------------------------------------------------------------ not done for mllama
     def score_choices(self, messages: list[Message], choices: Sequence[str], *,
                       max_image_tokens: int | None = None) -> ChoiceScores:
-        raise UnsupportedModelError("score_choices is not implemented for Llama-3.2-Vision (mllama) yet; "
-                                    "use chat(..., grammar=...) or next_token_logits")
+        """Each choice's log-probability as the answer (as :meth:`edgevlm.engine.Engine.score_choices`).
+
+        Raises:
+            InvalidRequestError: bad choices; ContextOverflowError: they do not fit.
+        """
+        choices = check_choices(choices)
+        prompt = self.prompt(messages)
+        tail_text = self.prompt_text(messages).rsplit(self.marker, 1)[-1]
+        tail_tokens = prompt.tokens[len(prompt.tokens) - prompt.tokens[::-1].index(self.image_token):] \
+            if prompt.images else prompt.tokens
+        pairs = [choice_tokens(self.pipe.vocab, tail_text, tail_tokens, answer_lead(tail_text, c) + c)
+                 for c in choices]
+        with self.lock:
+            stats = self.prefill(prompt)
+            branch = _Branch(self)
+            return score_sequences(branch, branch, choices, [t for t, _ in pairs], stats,
+                                   joint=all(j for _, j in pairs))
 
     def generate_choice(self, messages: list[Message], choices: Sequence[str], *,
                         max_image_tokens: int | None = None) -> ChoiceGeneration:
-        raise UnsupportedModelError("generate_choice is not implemented for Llama-3.2-Vision (mllama) yet; "
-                                    "use chat(..., grammar=...)")
+        """Greedy decoding under a grammar admitting only ``choices`` (as the llama.cpp engine's).
+
+        Raises:
+            InvalidRequestError: bad choices; RuntimeFailure: the grammar ended off the answers.
+        """
+        choices = check_choices(choices)
+        prompt = self.prompt(messages)
+        tail_text = self.prompt_text(messages).rsplit(self.marker, 1)[-1]
+        answers = generation_answers(choices, lambda c: answer_lead(tail_text, c))
+        with self.lock:
+            stats = self.prefill(prompt)
+            tokens = _Branch(self).answer(answers)
+        text = self.pipe.vocab.detokenize(list(tokens))
+        if text not in answers:
+            raise RuntimeFailure(f"the constrained answer {text[:60]!r} is not one of the choices")
+        return ChoiceGeneration(choice=choices[answers.index(text)], index=answers.index(text), tokens=tokens,
+                                prefill=stats)
 
     # ------------------------------------------------------------------ images
     def embed_image(self, image: LoadedImage, *, cache: bool = True,
@@ -392,6 +428,54 @@ class MllamaEngine:
             self.parked.clear()  # their image buffers live on the backend closed next
             self.pipe.close()
         native.release_free_memory()
+
+
+class _Branch:
+    """Scoring's view of an :class:`MllamaEngine` after a prefill (:class:`edgevlm.scoring.ScoringContext`
+    and :class:`~edgevlm.scoring.BranchEvaluator`): tokens evaluated after the prompt, then cut back."""
+
+    def __init__(self, engine: MllamaEngine) -> None:
+        self.engine = engine
+        self.n_batch = PREFILL_BATCH
+
+    def check_fits(self, n_cells: int, what: str = "the prompt", detail: str = "", alternative: str = "") -> None:
+        if n_cells > self.engine.n_ctx:
+            raise ContextOverflowError(f"{what} needs {n_cells} tokens of context but it holds "
+                                       f"{self.engine.n_ctx}; load with a larger n_ctx")
+
+    def logits(self) -> np.ndarray:
+        return self.engine.logits()
+
+    def evaluate_after(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) of ``tokens`` after the prompt (they see the prompt's last
+        cross-attention row, as generated tokens do); the caches are left as they were."""
+        engine = self.engine
+        text, held = engine.pipe.text, len(engine.history)
+        row = engine.last_row
+        mask = np.broadcast_to(row, (len(tokens), *row.shape)) if row is not None else None
+        try:
+            return text.forward(list(tokens), mask, all_logits=True)
+        finally:
+            text.rewind(held)
+
+    def answer(self, answers: Sequence[str]) -> tuple[int, ...]:
+        """Greedy tokens of one of ``answers`` under their grammar; the caches are cut back afterwards."""
+        vocab, logits = self.engine.pipe.vocab, self.engine.logits()
+        sampler = GrammarSampler(vocab, choice_grammar(answers))
+        generated: list[int] = []
+        try:
+            for _ in range(max(len(a.encode("utf-8")) for a in answers) + 1):  # a token holds a byte at least
+                token = sampler.sample_logits(logits)
+                if vocab.is_eog(token):
+                    break
+                generated.append(token)
+                if settled_answer(vocab.detokenize(generated), answers):
+                    break
+                self.check_fits(len(self.engine.history) + len(generated), "the prompt and the answer")
+                logits = self.evaluate_after(generated)[-1]
+        finally:
+            sampler.close()
+        return tuple(generated)
 
 
 def _units(image_keys: tuple[str, ...], tokens: Sequence[int]) -> tuple[Unit, ...]:

@@ -94,25 +94,29 @@ def test_follow_up_reuses_the_prefix_and_the_image(vlm):
     np.testing.assert_allclose(cached, fresh, atol=1e-4)
 
 
-def test_next_token_logits_equal_transformers(vlm, hf):
+def _hf_logits(hf, ids, image):
+    """transformers' logits (len(ids), n_vocab) of ``ids`` with one image."""
     import torch
     from transformers.models.mllama.processing_mllama import (
         convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
 
     from tests.fixtures.mllama import image_processor
 
-    image = gradient_image(100, 60, seed=2)
-    messages = [_ask("what colour is it?", [image])]
-    got = vlm.next_token_logits(messages)
-    model, tok = hf
-    ids = tok(vlm.prompt_text(messages)).input_ids
+    model = hf[0]
     batch = image_processor()(images=[[image]], return_tensors="np")
     sparse = get_cross_attention_token_mask(ids, model.config.image_token_index)
     mask = convert_sparse_cross_attention_mask_to_dense([sparse], batch["num_tiles"], 4, len(ids))
     kwargs = {k: torch.from_numpy(batch[k]) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
     with torch.no_grad():
-        ref = model(input_ids=torch.tensor([ids]), cross_attention_mask=torch.from_numpy(mask),
-                    **kwargs).logits[0, -1].numpy()
+        return model(input_ids=torch.tensor([ids]), cross_attention_mask=torch.from_numpy(mask),
+                     **kwargs).logits[0].numpy()
+
+
+def test_next_token_logits_equal_transformers(vlm, hf):
+    image = gradient_image(100, 60, seed=2)
+    messages = [_ask("what colour is it?", [image])]
+    got = vlm.next_token_logits(messages)
+    ref = _hf_logits(hf, hf[1](vlm.prompt_text(messages)).input_ids, image)[-1]
     assert got.shape == (vlm.n_vocab,) == ref.shape
     print(f"next-token logits vs transformers: max-abs {np.abs(got - ref).max():.2e}")
     np.testing.assert_allclose(got, ref, atol=5e-3)
@@ -158,20 +162,17 @@ def test_properties_and_images(vlm):
 def test_unsupported_features_raise_clear_errors(vlm, mllama_f32_result):
     import edgevlm
     from edgevlm.descriptor import ModelFiles, describe_model
-    from edgevlm.errors import UnsupportedModelError
+    from edgevlm.errors import InvalidRequestError, UnsupportedModelError
     from edgevlm.families import family_for
 
-    messages = [_ask("which?", [gradient_image(56, 56)])]
-    with pytest.raises(UnsupportedModelError, match="mllama"):
-        vlm.score_choices(messages, ["yes", "no"])
-    with pytest.raises(UnsupportedModelError, match="mllama"):
-        vlm.generate_choice(messages, ["yes", "no"])
     with pytest.raises(UnsupportedModelError, match="plan"):
         edgevlm.load(mllama_f32_result.llm_path.parent, memory_budget="8GiB", n_gpu_layers=0)
     with pytest.raises(UnsupportedModelError, match="mllama"):
         edgevlm.plan(mllama_f32_result.llm_path.parent)
     with pytest.raises(UnsupportedModelError, match="Llama-3.2-Vision"):  # the LLM file without its projector
         family_for(describe_model(ModelFiles(mllama_f32_result.llm_path, None)))
+    with pytest.raises(InvalidRequestError, match="kv_type"):
+        edgevlm.load(mllama_f32_result.llm_path.parent, kv_type="q8_0", n_gpu_layers=0)
 
 
 def test_close_then_use_raises(mllama_f32_result):
@@ -237,3 +238,27 @@ def test_alternating_conversations_are_parked(vlm):
     vlm.reset()
     np.testing.assert_allclose(got, vlm.next_token_logits(follow_a), atol=1e-4)
     np.testing.assert_allclose(again_b, vlm.next_token_logits(b), atol=1e-4)
+
+
+def test_score_choices_equal_transformers(vlm, hf):
+    from edgevlm.scoring import log_softmax
+
+    image = gradient_image(90, 70, seed=5)
+    messages = [_ask("is it red?", [image])]
+    scores = vlm.score_choices(messages, ["yes", "no", "maybe later today"])
+    ids = hf[1](vlm.prompt_text(messages)).input_ids
+    for choice, tokens, logprob in zip(scores.choices, scores.tokens, scores.logprobs):
+        rows = log_softmax(_hf_logits(hf, ids + list(tokens), image)[len(ids) - 1:-1])
+        ref = float(sum(rows[i, t] for i, t in enumerate(tokens)))
+        print(f"{choice!r}: {len(tokens)} tokens, logprob {logprob:.4f} (transformers {ref:.4f})")
+        assert logprob == pytest.approx(ref, abs=1e-2)
+    assert sum(scores.probabilities) == pytest.approx(1.0)
+    np.testing.assert_allclose(scores.next_logprobs, log_softmax(vlm.next_token_logits(messages)), atol=1e-5)
+
+
+def test_generate_choice_is_one_of_the_choices(vlm):
+    messages = [_ask("is it red?", [gradient_image(90, 70, seed=5)])]
+    before = vlm.next_token_logits(messages)
+    got = vlm.generate_choice(messages, ["yes", "no", "maybe later today"])
+    assert got.choice in ("yes", "no", "maybe later today") and got.tokens
+    np.testing.assert_array_equal(before, vlm.next_token_logits(messages))  # the caches were cut back
