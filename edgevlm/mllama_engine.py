@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgevlm import constants as C
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
 from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
@@ -93,7 +94,7 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     if request.memory_budget is not None:
         raise UnsupportedModelError(f"memory_budget: {PLAN_NOT_DONE}; load without a budget")
     assert files.mmproj is not None  # the family refuses an LLM file without its projector
-    trained = int(request.described.llm_metadata.get("mllama.context_length", DEFAULT_CTX))
+    trained = int(request.described.llm_metadata.get(f"{C.LLM_ARCH_MLLAMA}.context_length", DEFAULT_CTX))
     n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)
     if n_ctx > trained:
         raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {trained} tokens the model was trained for")
@@ -101,8 +102,8 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     request.report.report(LoadStage.LOADING_LLM, 0.0, files.llm.name)
     pipe = MllamaPipeline(files.llm, files.mmproj, device=request.device, n_threads=threads, n_ctx=n_ctx,
                           kv_type=request.kv_type)
-    request.report.report(LoadStage.CREATING_CONTEXT, 0.0, files.llm.name)
-    try:
+    try:  # a progress callback that raises aborts the load: the graphs are freed again
+        request.report.report(LoadStage.CREATING_CONTEXT, 0.0, files.llm.name)
         template = request.chat_template if request.chat_template is not None else pipe.vocab.chat_template()
         settings = RuntimeSettings(n_ctx=n_ctx, n_batch=PREFILL_BATCH, n_threads=threads, n_threads_batch=threads,
                                    n_gpu_layers=0 if request.device == "cpu" else -1, kv_type=request.kv_type,
@@ -117,7 +118,8 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
 
 
 class MllamaEngine:
-    """One mllama conversation at a time, with prefix reuse (see the module docstring).
+    """mllama behind :class:`edgevlm.VLM`: one live conversation, others parked, with prefix reuse
+    (see the module docstring).
 
     Args:
         pipeline: the loaded tokenizer, vision encoder and text decoder.
