@@ -95,7 +95,7 @@ def test_follow_up_reuses_the_prefix_and_the_image(vlm):
 
 
 def _hf_logits(hf, ids, image):
-    """transformers' logits (len(ids), n_vocab) of ``ids`` with one image."""
+    """transformers' logits (len(ids), n_vocab) of ``ids`` with one image (or a list of images)."""
     import torch
     from transformers.models.mllama.processing_mllama import (
         convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
@@ -103,13 +103,28 @@ def _hf_logits(hf, ids, image):
     from tests.fixtures.mllama import image_processor
 
     model = hf[0]
-    batch = image_processor()(images=[[image]], return_tensors="np")
+    batch = image_processor()(images=[image if isinstance(image, list) else [image]], return_tensors="np")
     sparse = get_cross_attention_token_mask(ids, model.config.image_token_index)
     mask = convert_sparse_cross_attention_mask_to_dense([sparse], batch["num_tiles"], 4, len(ids))
     kwargs = {k: torch.from_numpy(batch[k]) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
     with torch.no_grad():
         return model(input_ids=torch.tensor([ids]), cross_attention_mask=torch.from_numpy(mask),
                      **kwargs).logits[0].numpy()
+
+
+@pytest.mark.parametrize(("sizes", "system"), [
+    ([(56, 56)], None), ([(112, 56)], None), ([(168, 56)], None), ([(112, 112)], None),  # 1, 2, 3, 4 tiles
+    ([(100, 60)], "You describe pictures."),  # text before the image
+    ([(56, 112), (168, 56)], None),           # two images
+])
+def test_tile_layouts_and_prompts_equal_transformers(vlm, hf, sizes, system):
+    images = [gradient_image(*size, seed=i + 20) for i, size in enumerate(sizes)]
+    messages = ([{"role": "system", "content": system}] if system else []) + [_ask("what is it?", images)]
+    got = vlm.next_token_logits(messages)
+    ref = _hf_logits(hf, hf[1](vlm.prompt_text(messages)).input_ids, images)[-1]
+    tiles = [vlm.image_cost(*size).views for size in sizes]
+    print(f"{tiles} tiles{', system first' if system else ''}: max-abs {np.abs(got - ref).max():.2e}")
+    np.testing.assert_allclose(got, ref, atol=5e-3)
 
 
 def test_next_token_logits_equal_transformers(vlm, hf):
