@@ -134,6 +134,7 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     report.weigh(_file_bytes(files.llm), _file_bytes(files.mmproj))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
+    _check_gpu_layers(n_gpu_layers)
     own = family.open_engine(EngineRequest(
         described=described, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
         kv_type=kv_type, seed=seed, device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
@@ -150,7 +151,6 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         _refuse_over_budget(_plan(described, family, request, _process_bytes()))
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
-    _check_gpu_layers(n_gpu_layers)
     spec = _EngineSpec(described=described, family=family, engine_name=engine_name, options=options,
                        vision_device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
                        chat_template=chat_template, chat_format=chat_format, cache=cache,

@@ -188,6 +188,8 @@ def test_unsupported_features_raise_clear_errors(vlm, mllama_f32_result):
         family_for(describe_model(ModelFiles(mllama_f32_result.llm_path, None)))
     with pytest.raises(InvalidRequestError, match="kv_type"):
         edgevlm.load(mllama_f32_result.llm_path.parent, kv_type="q8_0", n_gpu_layers=0)
+    with pytest.raises(UnsupportedModelError, match="libmtmd cannot run"):
+        edgevlm.load(mllama_f32_result.llm_path.parent, vision_engine="mtmd", n_gpu_layers=0)
 
 
 def test_close_then_use_raises(mllama_f32_result):
