@@ -20,48 +20,27 @@ from edgevlm import native
 from edgevlm.chunks import Chunk
 from edgevlm.descriptor import ModelDescriptor, ModelFiles, check_pair, describe_model
 from edgevlm.engine import Engine
-from edgevlm.errors import InvalidRequestError, MemoryBudgetError, UnsupportedModelError
+from edgevlm.engine_protocol import EngineRequest, RuntimeSettings, VLMEngine
+from edgevlm.errors import InvalidRequestError, MemoryBudgetError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import CancelToken, SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
 from edgevlm.planner import MemoryPlan, PlanRequest, parse_size, plan_memory
 from edgevlm.progress import LoadReporter, LoadStage, ProgressCallback
 from edgevlm.prompt import normalize_messages
-from edgevlm.prompt_layout import check_image_tokens
 from edgevlm.resolve import resolve
 from edgevlm.scoring import ChoiceGeneration, ChoiceScores
 from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
 from edgevlm.user_config import resolve_model_name
 from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import LoadedImage, intake_size, load_image
+from edgevlm.vision.images import load_image
 
 LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
 
 #: Batch size for projectors whose image tokens attend to each other (non-causal).
 NON_CAUSAL_MIN_BATCH = 2048
-
-
-@dataclass(frozen=True)
-class RuntimeSettings:
-    """How a loaded model runs (what a peer must be given to run it the same way).
-
-    Attributes:
-        n_ctx, n_batch: context and batch size in tokens.
-        n_threads, n_threads_batch: CPU threads for generation / prompt processing.
-        n_gpu_layers: LLM layers offloaded (-1 all).
-        kv_type: KV cache element type.
-        flash_attn: llama.cpp's flash-attention setting (-1 auto, 0 off, 1 on).
-    """
-
-    n_ctx: int
-    n_batch: int
-    n_threads: int
-    n_threads_batch: int
-    n_gpu_layers: int
-    kv_type: str
-    flash_attn: int
 
 
 def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLike[str] | None = None,
@@ -155,6 +134,14 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     report.weigh(_file_bytes(files.llm), _file_bytes(files.mmproj))
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
+    _check_gpu_layers(n_gpu_layers)
+    own = family.open_engine(EngineRequest(
+        described=described, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+        kv_type=kv_type, seed=seed, device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
+        chat_template=chat_template, chat_format=chat_format, cache=cache, max_image_tokens=max_image_tokens,
+        memory_budget=memory_budget, report=report))
+    if own is not None:  # a family running its LLM outside llama.cpp
+        return _ready(VLM(own, described, load_ms=(time.perf_counter() - t0) * 1e3), report)
     if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
         n_gpu_layers, vision_device = _fit_gpu(described, family, gpu, n_ctx, n_batch, kv_type, vision_device)
     if memory_budget is not None:
@@ -164,15 +151,18 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         _refuse_over_budget(_plan(described, family, request, _process_bytes()))
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
-    _check_gpu_layers(n_gpu_layers)
     spec = _EngineSpec(described=described, family=family, engine_name=engine_name, options=options,
                        vision_device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
                        chat_template=chat_template, chat_format=chat_format, cache=cache,
                        max_image_tokens=max_image_tokens)
     engine = _open_engine(spec, report)
-    vlm = VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3)
+    return _ready(VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3), report)
+
+
+def _ready(vlm: VLM, report: LoadReporter) -> VLM:
+    """Report the load's end; a callback raising there closes the model again."""
     try:
-        report.report(LoadStage.READY, 1.0, files.llm.name)
+        report.report(LoadStage.READY, 1.0, vlm.files.llm.name)
     except BaseException:
         vlm.close()
         raise
@@ -382,7 +372,7 @@ class VLM:
     between conversations evaluates only each one's new turn.
     """
 
-    def __init__(self, engine: Engine, model: ModelDescriptor, *, load_ms: float = 0.0) -> None:
+    def __init__(self, engine: VLMEngine, model: ModelDescriptor, *, load_ms: float = 0.0) -> None:
         self.engine = engine
         self.model = model
         self.load_ms = load_ms
@@ -407,26 +397,26 @@ class VLM:
 
     @property
     def n_ctx(self) -> int:
-        return self.engine.ctx.n_ctx
+        return self.engine.n_ctx
 
     @property
     def n_vocab(self) -> int:
-        return self.engine.model.n_vocab
+        return self.engine.n_vocab
 
     @property
     def vision_engine(self) -> str | None:
         """"kernels" or "mtmd" (None without a projector)."""
-        return self.engine.encoder.name if self.engine.encoder else None
+        return self.engine.vision_engine
 
     @property
     def encoder_calls(self) -> int:
         """How many times the vision encoder ran (cache hits do not count)."""
-        return self.engine.encoder.n_encode_calls if self.engine.encoder else 0
+        return self.engine.encoder_calls
 
     @property
     def caching(self) -> bool:
         """Whether the on-disk caches (embeddings, KV snapshots) are on."""
-        return self.engine.kv.snapshots is not None
+        return self.engine.caching
 
     @property
     def last_prefill(self) -> PrefillStats:
@@ -435,16 +425,11 @@ class VLM:
 
     @property
     def settings(self) -> RuntimeSettings:
-        ctx = self.engine.ctx
-        n_threads, n_threads_batch = ctx.options.threads()
-        return RuntimeSettings(n_ctx=ctx.n_ctx, n_batch=ctx.n_batch, n_threads=n_threads,
-                               n_threads_batch=n_threads_batch, n_gpu_layers=ctx.options.n_gpu_layers,
-                               kv_type=ctx.options.kv_type, flash_attn=ctx.flash_attn_type)
+        return self.engine.settings()
 
     def tokenize(self, text: str) -> list[int]:
         """The LLM's tokens for ``text`` (no special tokens added)."""
-        self.engine.check_open()
-        return self.engine.model.tokenize(text, add_special=False)
+        return self.engine.tokenize(text)
 
     @property
     def closed(self) -> bool:
@@ -538,22 +523,19 @@ class VLM:
     def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True,
                       max_image_tokens: int | None = None) -> list[Chunk]:
         """The chunks (text tokens, image chunks) the model sees for ``messages``."""
-        return self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt,
-                                  max_image_tokens=max_image_tokens).chunks
+        return self.engine.prompt_chunks(normalize_messages(messages), gen=add_generation_prompt,
+                                         max_image_tokens=max_image_tokens)
 
     def prompt_text(self, messages: Messages, *, add_generation_prompt: bool = True) -> str:
         """The rendered prompt, images shown as the media marker."""
-        self.engine.check_open()
-        return self.engine.layout.text(normalize_messages(messages), gen=add_generation_prompt)
+        return self.engine.prompt_text(normalize_messages(messages), gen=add_generation_prompt)
 
     def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True,
                           max_image_tokens: int | None = None) -> np.ndarray:
         """Logits (n_vocab,) of the token after the prompt (generation prompt added)."""
         prompt = self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt,
                                     max_image_tokens=max_image_tokens)
-        with self.engine.lock:
-            self.engine.prefill(prompt)
-            return self.engine.logits()
+        return self.engine.next_token_logits(prompt)
 
     def score_choices(self, messages: Messages, choices: Sequence[str], *,
                       max_image_tokens: int | None = None) -> ChoiceScores:
@@ -627,16 +609,7 @@ class VLM:
         Raises:
             UnsupportedModelError: the model has no projector.
         """
-        self.engine.check_open()
-        if self.engine.encoder is None:
-            raise UnsupportedModelError("this model has no vision projector")
-        budget = self.engine.image_budget(max_image_tokens, 1)
-        planned = intake_size(width, height)  # what a request of that image will plan
-        cost = self.engine.family.image_cost(*planned, self.engine.encoder, budget.tokens)
-        # only the size and a name are read for the message: no pixels are allocated
-        sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
-        check_image_tokens(cost.tokens, budget, self.engine.family, sized)
-        return cost
+        return self.engine.image_cost(width, height, max_image_tokens)
 
     def tower_pixels(self, image: Any) -> np.ndarray:
         """``image`` preprocessed as the projector file declares, as one vision-tower view: (3, S, S) float32.
@@ -648,13 +621,7 @@ class VLM:
             UnsupportedModelError: no projector, or one the kernels engine cannot describe.
             ImageError: the image cannot be read.
         """
-        from edgevlm.kernels.vision import read_tower_config
-        from edgevlm.vision.preprocess import tower_pixels
-
-        projector = self.model.projector
-        if projector is None:
-            raise UnsupportedModelError("this model has no vision projector")
-        return tower_pixels(load_image(image), read_tower_config(projector.metadata, set(projector.tensor_names)))
+        return self.engine.tower_pixels(load_image(image))
 
     def reset(self) -> None:
         """Forget the cached conversations (the next call evaluates from scratch)."""

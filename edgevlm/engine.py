@@ -27,20 +27,21 @@ from edgevlm import native
 from edgevlm.cache import EmbeddingStore
 from edgevlm.chunks import ANSWER_RESERVE_TOKENS, Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
 from edgevlm.embeddings import ImageEmbeddings
+from edgevlm.engine_protocol import RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
-from edgevlm.families.base import Family
+from edgevlm.families.base import Family, ImageCost
 from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextStream, sample_reply
 from edgevlm.image_plans import ImagePlans
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
 from edgevlm.prompt import ImagePart, Message
-from edgevlm.prompt_layout import ImageBudget, PromptLayout, enforce_image_budget
+from edgevlm.prompt_layout import ImageBudget, PromptLayout, check_image_tokens, enforce_image_budget
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
                              generate_answer, generation_answers, score_sequences)
 from edgevlm.snapshots import SnapshotStore
 from edgevlm.stats import GenerationStats, PrefillStats
 from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import LoadedImage, preload_decoders
+from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders
 
 
 
@@ -83,6 +84,66 @@ class Engine:
         self.closed = False
         if encoder is not None:
             preload_decoders()  # one-time work belongs to load, not to the first request
+
+    # ------------------------------------------------------------------ info (the VLMEngine interface)
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    @property
+    def vision_engine(self) -> str | None:
+        """"kernels" or "mtmd" (None without a projector)."""
+        return self.encoder.name if self.encoder else None
+
+    @property
+    def encoder_calls(self) -> int:
+        return self.encoder.n_encode_calls if self.encoder else 0
+
+    @property
+    def caching(self) -> bool:
+        return self.kv.snapshots is not None
+
+    def settings(self) -> RuntimeSettings:
+        ctx = self.ctx
+        n_threads, n_threads_batch = ctx.options.threads()
+        return RuntimeSettings(n_ctx=ctx.n_ctx, n_batch=ctx.n_batch, n_threads=n_threads,
+                               n_threads_batch=n_threads_batch, n_gpu_layers=ctx.options.n_gpu_layers,
+                               kv_type=ctx.options.kv_type, flash_attn=ctx.flash_attn_type)
+
+    def tokenize(self, text: str) -> list[int]:
+        self.check_open()
+        return self.model.tokenize(text, add_special=False)
+
+    def prompt_chunks(self, messages: list[Message], *, gen: bool = True,
+                      max_image_tokens: int | None = None) -> list[Chunk]:
+        return self.prompt(messages, gen=gen, max_image_tokens=max_image_tokens).chunks
+
+    def prompt_text(self, messages: list[Message], *, gen: bool = True) -> str:
+        self.check_open()
+        return self.layout.text(messages, gen=gen)
+
+    def next_token_logits(self, prompt: Prompt) -> np.ndarray:
+        with self.lock:
+            self.prefill(prompt)
+            return self.logits()
+
+    def image_cost(self, width: int, height: int, max_image_tokens: int | None = None) -> ImageCost:
+        """What an image of ``width`` x ``height`` costs in the context, before encoding it.
+
+        Raises:
+            UnsupportedModelError: the model has no projector.
+        """
+        encoder, budget = self._one_image(max_image_tokens)
+        planned = intake_size(width, height)  # what a request of that image will plan
+        cost = self.family.image_cost(*planned, encoder, budget.tokens)
+        # only the size and a name are read for the message: no pixels are allocated
+        sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
+        check_image_tokens(cost.tokens, budget, self.family, sized)
+        return cost
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, messages: list[Message], *, gen: bool = True,
@@ -237,8 +298,8 @@ class Engine:
         return text, last.tokens if isinstance(last, TextChunk) else ()
 
     # ------------------------------------------------------------------ images
-    def image_chunks(self, image: LoadedImage, max_image_tokens: int | None = None) -> list[ImageChunk]:
-        """The chunks one image becomes in a request (the same budget rules as a request).
+    def _one_image(self, max_image_tokens: int | None) -> tuple[VisionEncoder, ImageBudget]:
+        """The encoder and the budget of one image alone in a request.
 
         Raises:
             UnsupportedModelError: a model without a projector.
@@ -246,11 +307,33 @@ class Engine:
         self.check_open()
         if self.encoder is None:
             raise UnsupportedModelError("this model has no vision projector")
-        budget = self.image_budget(max_image_tokens, 1)
-        prepared = self.family.prepare_image(image, budget.tokens, self.encoder)
-        chunks = self.encoder.image_chunks(prepared, max_tokens=budget.tokens)
+        return self.encoder, self.image_budget(max_image_tokens, 1)
+
+    def image_chunks(self, image: LoadedImage, max_image_tokens: int | None = None) -> list[ImageChunk]:
+        """The chunks one image becomes in a request (the same budget rules as a request).
+
+        Raises:
+            UnsupportedModelError: a model without a projector.
+        """
+        encoder, budget = self._one_image(max_image_tokens)
+        prepared = self.family.prepare_image(image, budget.tokens, encoder)
+        chunks = encoder.image_chunks(prepared, max_tokens=budget.tokens)
         enforce_image_budget(list(chunks), budget, self.family, self.family.delimiter_tokens(self.model))
         return chunks
+
+    def tower_pixels(self, image: LoadedImage) -> np.ndarray:
+        """``image`` preprocessed as the projector file declares, as one vision-tower view: (3, S, S).
+
+        Raises:
+            UnsupportedModelError: no projector, or one the kernels engine cannot describe.
+        """
+        from edgevlm.kernels.vision import read_tower_config
+        from edgevlm.vision.preprocess import tower_pixels
+
+        projector = self.family.model.projector
+        if projector is None:
+            raise UnsupportedModelError("this model has no vision projector")
+        return tower_pixels(image, read_tower_config(projector.metadata, set(projector.tensor_names)))
 
     def embed_image(self, image: LoadedImage, *, cache: bool = True,
                     max_image_tokens: int | None = None) -> np.ndarray:

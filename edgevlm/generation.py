@@ -117,6 +117,49 @@ class _Run:
                                total_ms=(end - self.started_at) * 1e3)
 
 
+class TokenDecoder(Protocol):
+    """The model side of the token loop: whatever holds the prompt and decodes one token at a time."""
+
+    def sample(self, sampler: Sampler) -> int:
+        """The next token under ``sampler`` (accepted into its chain)."""
+        ...
+
+    def logits(self) -> np.ndarray:
+        """The current next-token logits (n_vocab,)."""
+        ...
+
+    def fits(self, n_generated: int) -> bool:
+        """Whether the context has room for the ``n_generated``-th generated token."""
+        ...
+
+    def append(self, token: int) -> None:
+        """Decode ``token`` after what is held; the logits become the next token's."""
+        ...
+
+
+class ContextDecoder:
+    """:class:`TokenDecoder` on a llama.cpp context, committing each token to the KV ledger."""
+
+    def __init__(self, ctx: LlamaContext, kv: KVPrefix, prompt_cells: int) -> None:
+        self.ctx, self.kv, self.prompt_cells = ctx, kv, prompt_cells
+
+    def sample(self, sampler: Sampler) -> int:
+        return sampler.sample(self.ctx)
+
+    def logits(self) -> np.ndarray:
+        return self.ctx.logits()
+
+    def fits(self, n_generated: int) -> bool:
+        # cells in use once this token is in: the prompt's plus every generated token
+        pos = self.kv.cached_positions
+        return max(pos + 1, self.prompt_cells + n_generated) <= self.ctx.n_ctx
+
+    def append(self, token: int) -> None:
+        pos = self.kv.cached_positions
+        self.ctx.decode_tokens([token], pos, logits_last=True)
+        self.kv.commit([token], [pos, pos + 1])
+
+
 def sample_reply(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, options: SamplingOptions,
                  prefill: PrefillStats, started_at: float, hooks: StreamHooks) -> Iterator[str]:
     """Sample after a prefill, committing each token to ``kv``; yields text pieces.
@@ -129,21 +172,48 @@ def sample_reply(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, options: Samp
         started_at: ``time.perf_counter()`` at the request's start (for TTFT).
         hooks: the stream's callbacks (statistics, cancellation, log-probabilities).
     """
-    sampler = Sampler(llm, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+    decoder = ContextDecoder(ctx, kv, prefill.kv_cells)
+    yield from run_reply(llm, decoder, options, ReplyStart(prefill, started_at, ctx.options.seed,
+                                                           kv.recent_tokens(64)), hooks)
+
+
+@dataclass(frozen=True)
+class ReplyStart:
+    """Where a reply starts: its prefill, the request's start time, the default seed, recent tokens."""
+
+    prefill: PrefillStats
+    started_at: float
+    seed: int
+    history: tuple[int, ...] | list[int] = ()
+
+
+def run_reply(vocab: LlamaModel, decoder: TokenDecoder, options: SamplingOptions, start: ReplyStart,
+              hooks: StreamHooks) -> Iterator[str]:
+    """The token loop on any :class:`TokenDecoder`: llama.cpp's sampler chain, stop strings, statistics.
+
+    Args:
+        vocab: the model's vocabulary (llama.cpp: sampler, grammar, token text).
+        decoder: holds the prompt; decodes the sampled tokens.
+        options: sampling options (``seed`` None: ``start.seed``).
+        start: the prefill statistics, start time, default seed and the prompt's last tokens
+            (the repeat-penalty window).
+        hooks: the stream's callbacks.
+    """
+    sampler = Sampler(vocab, temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
                       min_p=options.min_p, repeat_penalty=options.repeat_penalty,
-                      seed=options.seed if options.seed is not None else ctx.options.seed,
+                      seed=options.seed if options.seed is not None else start.seed,
                       grammar=options.grammar)
-    run = _Run(started_at)
+    run = _Run(start.started_at)
     try:
-        sampler.accept_history(kv.recent_tokens(64))
-        yield from _token_loop(llm, ctx, kv, sampler, options, prefill.kv_cells, run, hooks)
+        sampler.accept_history(list(start.history))
+        yield from _token_loop(vocab, decoder, sampler, options, run, hooks)
     except GeneratorExit:  # closed: every token so far is committed, the engine is consistent
         run.finish = "cancelled"
-        hooks.done(run.stats(prefill))
+        hooks.done(run.stats(start.prefill))
         raise
     finally:
         sampler.close()
-    hooks.done(run.stats(prefill))
+    hooks.done(run.stats(start.prefill))
 
 
 def token_logprob(llm: LlamaModel, logits: np.ndarray, token: int, n_top: int) -> TokenLogprob:
@@ -164,31 +234,28 @@ def _alternative(llm: LlamaModel, token: int, logprob: float) -> TokenAlternativ
     return TokenAlternative(raw.decode("utf-8", errors="replace"), raw, logprob)
 
 
-def _token_loop(llm: LlamaModel, ctx: LlamaContext, kv: KVPrefix, sampler: Sampler, options: SamplingOptions,
-                prompt_cells: int, run: _Run, hooks: StreamHooks) -> Iterator[str]:
+def _token_loop(llm: LlamaModel, decoder: TokenDecoder, sampler: Sampler, options: SamplingOptions,
+                run: _Run, hooks: StreamHooks) -> Iterator[str]:
     """Sample, decode and commit one token at a time, streaming text past the stop strings."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stops = StopMatcher(options.stop)
     started = False
     while run.n_generated < options.max_tokens:
         if hooks.cancelled():
             run.finish = "cancelled"
             break
-        token = sampler.sample(ctx)
+        token = decoder.sample(sampler)
         run.first_token_at = run.first_token_at or time.perf_counter()
         if llm.is_eog(token):
             run.finish = "stop"
             break
         run.n_generated += 1
-        pos = kv.cached_positions
-        # cells in use once this token is in: the prompt's plus every generated token
-        if max(pos + 1, prompt_cells + run.n_generated) > ctx.n_ctx:
+        if not decoder.fits(run.n_generated):
             break
         if options.logprobs is not None:  # before the decode below replaces the logits
-            hooks.logprobs.append(token_logprob(llm, ctx.logits(), token, options.logprobs))
-        ctx.decode_tokens([token], pos, logits_last=True)
-        kv.commit([token], [pos, pos + 1])
-        text = decoder.decode(llm.token_bytes(token))
+            hooks.logprobs.append(token_logprob(llm, decoder.logits(), token, options.logprobs))
+        decoder.append(token)
+        text = utf8.decode(llm.token_bytes(token))
         if not started:
             text = text.lstrip()
             started = bool(text)

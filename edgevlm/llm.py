@@ -483,6 +483,26 @@ class Sampler:
         # llama_sampler_sample also accepts the token into the chain.
         return int(self._lib.llama_sampler_sample(self.ptr, ctx.ptr, -1))
 
+    def sample_logits(self, logits: np.ndarray) -> int:
+        """Sample from ``logits`` (n_vocab,) computed outside llama.cpp, and accept the token.
+
+        The same chain as :meth:`sample` (grammar, penalties, top-k/p, min-p, temperature,
+        seeded draw) run on a ``llama_token_data_array`` (``llama_sampler_apply``).
+        """
+        lib = self._lib
+        n = len(logits)
+        cells = np.zeros(n, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        cells["id"] = np.arange(n, dtype=np.int32)
+        cells["logit"] = logits
+        data = cells.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+        candidates = lib.llama_token_data_array(data, n, -1, False)
+        lib.llama_sampler_apply(self.ptr, ctypes.byref(candidates))
+        if not 0 <= candidates.selected < candidates.size:
+            raise RuntimeFailure("llama.cpp's sampler selected no token")
+        token = int(candidates.data[candidates.selected].id)
+        lib.llama_sampler_accept(self.ptr, token)
+        return token
+
     def close(self) -> None:
         if getattr(self, "ptr", None):
             self._lib.llama_sampler_free(self.ptr)

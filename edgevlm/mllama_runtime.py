@@ -1,8 +1,8 @@
 """Llama-3.2-Vision (mllama) end to end on ``edgevlm.kernels``: images + prompt -> tokens.
 
-The first runtime piece for mllama: one conversation, greedy tokens. The
-engine contract (prefix reuse across requests, parking, snapshots, sampling
-and stop strings, the planner, the CLI) is not wired to it yet.
+One conversation, greedy tokens; :mod:`edgevlm.mllama_engine` puts it behind
+``edgevlm.load`` / ``VLM`` (prefix reuse across requests, sampling, stop strings,
+streaming, the CLI).
 
 * Tokenizer: llama.cpp cannot load the mllama LLM file, so its ``tokenizer.*``
   keys (and the Llama hyper-parameters llama.cpp reads first) are copied into

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from edgevlm.chunks import ImageUnit, Unit
 
@@ -42,6 +43,15 @@ DEFAULT_PARK_BYTES = 1 << 30
 DEFAULT_PARK_ENTRIES = 16
 
 
+class ParkedPayload(Protocol):
+    """A parked state that is not llama.cpp bytes (an engine's own): its size, and what frees it."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class ParkedState:
     """A sequence's KV state and what it holds.
@@ -49,16 +59,21 @@ class ParkedState:
     Attributes:
         units: chunk identity units in the state.
         starts: each unit's first position, plus the end position.
-        state: ``llama_state_seq_get_data`` bytes.
+        state: ``llama_state_seq_get_data`` bytes, or an engine's own payload (closed when dropped).
     """
 
     units: tuple[Unit, ...]
     starts: tuple[int, ...]
-    state: bytes
+    state: bytes | ParkedPayload
 
     @property
     def nbytes(self) -> int:
-        return len(self.state)
+        return len(self.state) if isinstance(self.state, bytes) else self.state.nbytes
+
+    def drop(self) -> None:
+        """Free a payload that is not bytes (evicted or cleared, never restored)."""
+        if not isinstance(self.state, bytes):
+            self.state.close()
 
 
 class ParkedStates:
@@ -89,6 +104,7 @@ class ParkedStates:
         while self._bytes > self.max_bytes or len(self._items) > self.max_entries:
             _, dropped = self._items.popitem(last=False)
             self._bytes -= dropped.nbytes
+            dropped.drop()
         return True
 
     def best(self, units: Sequence[Unit], limit: int) -> tuple[int | None, int]:
@@ -120,6 +136,8 @@ class ParkedStates:
 
     def clear(self) -> None:
         """Drop every parked state."""
+        for entry in self._items.values():
+            entry.drop()
         self._items.clear()
         self._bytes = 0
 

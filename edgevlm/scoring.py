@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -43,6 +44,22 @@ from edgevlm.errors import InvalidRequestError, RuntimeFailure
 from edgevlm.llm import LlamaContext, LlamaModel, Sampler
 from edgevlm.prefill import KVPrefix
 from edgevlm.stats import PrefillStats
+
+class ScoringContext(Protocol):
+    """What scoring needs from the context holding the prompt: its batch, its room, its last logits."""
+
+    n_batch: int
+
+    def check_fits(self, n_cells: int, what: str = "the prompt", detail: str = "", alternative: str = "") -> None: ...
+
+    def logits(self) -> np.ndarray: ...
+
+
+class BranchEvaluator(Protocol):
+    """Evaluates tokens after the prompt and cuts them back (:meth:`edgevlm.prefill.KVPrefix.evaluate_after`)."""
+
+    def evaluate_after(self, tokens: Sequence[int]) -> np.ndarray: ...
+
 
 #: Anchor text a choice is tokenised after when the joint tokenisation merges across the boundary.
 ANCHOR = "\n"
@@ -196,7 +213,7 @@ class TrieLogits:
         return total
 
 
-def evaluate_trie(kv: KVPrefix, first: np.ndarray, sequences: Sequence[tuple[int, ...]]) -> tuple[TrieLogits, int, int]:
+def evaluate_trie(kv: BranchEvaluator, first: np.ndarray, sequences: Sequence[tuple[int, ...]]) -> tuple[TrieLogits, int, int]:
     """Decode the token paths after the prompt the KV cache holds; the cache is cut back after each.
 
     Returns:
@@ -213,7 +230,7 @@ def evaluate_trie(kv: KVPrefix, first: np.ndarray, sequences: Sequence[tuple[int
     return TrieLogits(rows), n_tokens, len(paths)
 
 
-def score_sequences(kv: KVPrefix, ctx: LlamaContext, choices: tuple[str, ...],
+def score_sequences(kv: BranchEvaluator, ctx: ScoringContext, choices: tuple[str, ...],
                     tokens: Sequence[tuple[int, ...]], prefill: PrefillStats,
                     *, joint: bool = True) -> ChoiceScores:
     """Score each choice's ``tokens`` after the prompt the context holds (logits of its last position).
@@ -298,7 +315,7 @@ def generate_answer(model: LlamaModel, ctx: LlamaContext, kv: KVPrefix, answers:
                     break
                 generated.append(token)
                 text = model.detokenize(generated)
-                if _settled(text, answers):
+                if settled_answer(text, answers):
                     break
                 ctx.check_fits(prefill.kv_cells + len(generated), "the prompt and the answer")
                 ctx.decode_tokens([token], start + len(generated) - 1, logits_last=True)
@@ -310,7 +327,7 @@ def generate_answer(model: LlamaModel, ctx: LlamaContext, kv: KVPrefix, answers:
     return answers.index(text), tuple(generated)
 
 
-def _settled(text: str, answers: Sequence[str]) -> bool:
+def settled_answer(text: str, answers: Sequence[str]) -> bool:
     """``text`` is an answer that no other answer extends (nothing is left to decide)."""
     return text in answers and not any(a != text and a.startswith(text) for a in answers)
 

@@ -130,6 +130,62 @@ def cross_attention_mask(tokens: Sequence[int], image_token_id: int, n_tiles: Se
     return mask
 
 
+class ImageKV:
+    """The images' cross-attention keys and values in backend buffers, shared by reference count
+    between the live conversation and parked :class:`TextState` copies (freed with the last)."""
+
+    def __init__(self, weights: Weights) -> None:
+        self.weights, self.refs = weights, 1
+
+    def __getitem__(self, name: str) -> object:
+        return self.weights[name]
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.nbytes
+
+    def share(self) -> ImageKV:
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            self.weights.close()
+
+
+@dataclass
+class TextState:
+    """A copy of :class:`MllamaTextModel`'s conversation (:meth:`~MllamaTextModel.snapshot`).
+
+    Attributes:
+        n_past: cached positions.
+        kv: per self-attention cache tensor, its first ``n_past`` positions (host copies).
+        images: the images' cross-attention keys and values (shared with the model, not copied).
+        image_tiles, tiles_per_image, tokens_per_tile, n_image_tokens: the images' geometry.
+        last_row: the last cross-attention mask row seen.
+    """
+
+    n_past: int
+    kv: dict[str, np.ndarray]
+    images: ImageKV | None
+    image_tiles: tuple[int, ...]
+    tiles_per_image: int
+    tokens_per_tile: int
+    n_image_tokens: int
+    last_row: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv.values()) + (self.images.nbytes if self.images is not None else 0)
+
+    def close(self) -> None:
+        """Let go of the images' buffers (a state that is not attached again)."""
+        if self.images is not None:
+            self.images.release()
+            self.images = None
+
+
 class MllamaTextModel:
     """An mllama LLM GGUF on a ggml backend with a KV cache: tokens in, logits out.
 
@@ -172,7 +228,7 @@ class MllamaTextModel:
         except Exception:
             self.backend.close()
             raise
-        self.images: Weights | None = None
+        self.images: ImageKV | None = None
         self.image_tiles: tuple[int, ...] = ()
         self.n_image_tokens = self.tiles_per_image = self.tokens_per_tile = 0
         self.n_past = 0
@@ -185,9 +241,53 @@ class MllamaTextModel:
         self._last_row = None
         self._drop_images()
 
+    def rewind(self, n_past: int) -> None:
+        """Keep the first ``n_past`` cached positions (the rest are overwritten by the next forward).
+
+        The images' cross-attention keys and values stay; the next :meth:`forward` must pass its
+        ``cross_mask`` (the last row seen belongs to the dropped tokens).
+
+        Raises:
+            InvalidRequestError: ``n_past`` outside ``[0, self.n_past]``.
+        """
+        if not 0 <= n_past <= self.n_past:
+            raise InvalidRequestError(f"cannot rewind to {n_past} of {self.n_past} cached positions")
+        self.n_past = n_past
+        self._last_row = None
+
+    def _cache_names(self) -> list[str]:
+        return [f"cache.{kind}.{il}" for il in range(self.config.n_layer) if il not in self.config.cross_layers
+                for kind in "kv"]
+
+    def snapshot(self) -> TextState:
+        """A copy of the conversation: the KV prefix copied to the host, the images' K/V shared."""
+        g, dtype = self.backend.g, KV_TYPES[self.kv_type]
+        shape = (self.n_past, self.config.n_head_kv, self.config.head_dim)
+        kv = {}
+        for name in self._cache_names():
+            host = np.empty(shape, dtype)
+            if host.nbytes:
+                g.ggml_backend_tensor_get(self.weights[name], host.ctypes.data, 0, host.nbytes)
+            kv[name] = host
+        images = self.images.share() if self.images is not None else None
+        return TextState(self.n_past, kv, images, self.image_tiles, self.tiles_per_image,
+                         self.tokens_per_tile, self.n_image_tokens, self._last_row)
+
+    def attach(self, state: TextState) -> None:
+        """Make ``state`` the live conversation (the current one is dropped); ``state`` is consumed."""
+        self.reset()
+        g = self.backend.g
+        for name, host in state.kv.items():
+            if host.nbytes:
+                g.ggml_backend_tensor_set(self.weights[name], host.ctypes.data, 0, host.nbytes)
+        self.images, state.images = state.images, None
+        self.image_tiles, self.tiles_per_image = state.image_tiles, state.tiles_per_image
+        self.tokens_per_tile, self.n_image_tokens = state.tokens_per_tile, state.n_image_tokens
+        self.n_past, self._last_row = state.n_past, state.last_row
+
     def _drop_images(self) -> None:
         if self.images is not None:
-            self.images.close()
+            self.images.release()
         self.images, self.image_tiles, self.n_image_tokens = None, (), 0
 
     def set_images(self, states: Sequence[np.ndarray], n_tiles: Sequence[int]) -> None:
@@ -210,7 +310,7 @@ class MllamaTextModel:
         flat = np.concatenate([np.asarray(s, np.float32).reshape(-1, self.config.n_embd) for s in states])
         kv = self._run_cross_kv(flat)
         self._drop_images()
-        self.images = Weights(self.backend, kv)
+        self.images = ImageKV(Weights(self.backend, kv))
         self.image_tiles, self.n_image_tokens = tuple(int(t) for t in n_tiles), len(flat)
         self.tiles_per_image, self.tokens_per_tile = states[0].shape[0], states[0].shape[1]
 

@@ -34,6 +34,7 @@ from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.vision.images import LoadedImage, intake_size
 
 if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm.engine_protocol import EngineRequest, VLMEngine
     from edgevlm.kernels.vision import TowerConfig, VisionTower
     from edgevlm.llm import LlamaModel
     from edgevlm.prompt_layout import PromptLayout
@@ -289,6 +290,12 @@ class Family:
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),
                          cells=sum(c.n_cells for c in chunks), views=sum(c.n_views for c in chunks))
+
+    # --- engine ------------------------------------------------------------
+    def open_engine(self, request: EngineRequest) -> VLMEngine | None:
+        """An engine of the family's own for :func:`edgevlm.load` (hook; default None: the
+        llama.cpp :class:`~edgevlm.engine.Engine` with the chosen vision engine)."""
+        return None
 
     # --- prompts -----------------------------------------------------------
     def default_chat_format(self) -> str:

@@ -143,16 +143,3 @@ def test_follow_up_with_a_new_image(pipeline):
           f"{np.abs(split - one).max():.2e} without")
     np.testing.assert_allclose(split, one, atol=1e-4)
     assert with_bos > 1e-4
-
-
-def test_load_points_to_the_pipeline(mllama_f32_result):
-    """edgevlm.load refuses mllama files (pair or LLM alone) naming what runs them, before any weights."""
-    import edgevlm
-    from edgevlm.descriptor import ModelFiles, describe_model
-    from edgevlm.errors import UnsupportedModelError
-    from edgevlm.families import family_for
-
-    with pytest.raises(UnsupportedModelError, match="MllamaPipeline"):
-        edgevlm.load(mllama_f32_result.llm_path, mmproj=mllama_f32_result.mmproj_path)
-    with pytest.raises(UnsupportedModelError, match="Llama-3.2-Vision"):
-        family_for(describe_model(ModelFiles(mllama_f32_result.llm_path, None)))
