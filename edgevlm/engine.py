@@ -85,6 +85,12 @@ class Engine:
         if encoder is not None:
             preload_decoders()  # one-time work belongs to load, not to the first request
 
+    def cap_ram_caches(self, embedding_bytes: int, parked_bytes: int) -> None:
+        """Bound the RAM embedding cache and the parked conversations (what a memory budget leaves them)."""
+        if self.embeddings is not None:
+            self.embeddings.ram.max_bytes = embedding_bytes
+        self.kv.parked.max_bytes = parked_bytes
+
     # ------------------------------------------------------------------ prompts
     def prompt(self, messages: list[Message], *, gen: bool = True,
                max_image_tokens: int | None = None) -> Prompt:

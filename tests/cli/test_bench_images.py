@@ -114,3 +114,19 @@ def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, paint
     missing = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting),
                                        "--reference", "transformers"])
     assert missing.exit_code == 2 and "--hf" in missing.output
+
+
+def test_bench_memory_budget_refuses_before_loading(siglip_f32, painting, monkeypatch):
+    """`bench --memory-budget` too small: exit 2, one line with the numbers, no weights loaded."""
+    import edgevlm.api
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the budget refused it")
+
+    monkeypatch.setattr(edgevlm.api, "LlamaModel", forbidden)
+    res = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting), "--json",
+                                   "--threads", "2", "--memory-budget", "20MiB"])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    line = res.stderr.strip()
+    assert line.count("\n") == 0 and "needs" in line and "of RAM" in line and "budget is 20 MiB" in line
