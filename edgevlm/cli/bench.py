@@ -47,9 +47,11 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Image figures (and --budgets) only: skip the two-turn conversation.")
 @click.option("--reference", type=click.Choice(["torch", "transformers"]), default=None,
               help="torch: also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights); "
-                   "transformers: the first turn's TTFT through transformers f32/bf16 (needs --hf).")
+                   "transformers: the first turn's TTFT through transformers f32/bf16 beside edgevlm's "
+                   "(on --hf, or the model's hf/ folder).")
 @click.option("--hf", "hf_checkpoint", type=click.Path(file_okay=False), default=None,
-              help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from.")
+              help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from "
+                   "(default: the hf/ folder next to the model, as make_bench_model.py --keep-checkpoint keeps).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
 def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compare: str | None,
           batch_size: int, prefix_tokens: int, restart_rounds: int, encode_repeats: int,
@@ -58,10 +60,16 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     from edgevlm.benchmarks.conversation import probe_spec, run_bench
 
+    checkpoint = None
     if (budgets or encode_only or reference) and image is None:
         raise click.UsageError("--budgets, --encode-only and --reference measure an image: give one with --image")
-    if reference == "transformers" and hf_checkpoint is None:
-        raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH")
+    if reference == "transformers":
+        from edgevlm.benchmarks.transformers_ref import find_checkpoint
+
+        checkpoint = find_checkpoint(params["model"], hf_checkpoint)
+        if checkpoint is None:
+            raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH "
+                                   "(or an hf/ folder next to the model)")
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
     report = run_bench(vlm, image, prompt, follow_up, max_tokens, load_spec=spec,
@@ -73,11 +81,11 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
         from edgevlm.benchmarks.budgets import budget_sweep
 
         report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
-    if reference == "transformers" and image is not None and hf_checkpoint is not None:
+    if reference == "transformers" and image is not None and checkpoint is not None:
         from edgevlm.benchmarks.transformers_ref import transformers_first_turn
 
-        report.update(transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch,
-                                              encode_repeats))
+        report.update(transformers_first_turn(checkpoint, image, prompt, vlm.settings.n_threads_batch,
+                                              encode_repeats, vlm=vlm))
     if reference == "torch" and image is not None and vlm.mmproj_path is not None:
         from edgevlm.benchmarks.vision import reference_pixels, torch_reference_times
 
