@@ -248,6 +248,7 @@ def _open_engine(spec: _EngineSpec, report: LoadReporter) -> Engine:
         report.report(LoadStage.CREATING_CONTEXT, 0.0, llm_path.name)
         ctx = LlamaContext(llm, options)
         opened.append(ctx)
+        ctx.warm_up()  # one-time costs belong to load, not to the first request
         template = spec.chat_template if spec.chat_template is not None else llm.chat_template()
         layout = spec.family.prompt_layout(llm, encoder, template, spec.chat_format)
         store = snapshots = None

@@ -70,6 +70,8 @@ class KernelsEncoder:
                 f"{model.path.name} expects {model.n_embd_inp}; use the projector converted with this LLM")
         self.identity = file_identity(self.path)
         self.pipeline = pipeline(self.tower)
+        if isinstance(self.pipeline, SingleView):  # one graph serves every image: set it up at load
+            self.tower.prepare()
         self.n_encode_calls = 0
         self._lock = threading.Lock()
 

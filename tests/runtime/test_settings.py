@@ -65,3 +65,18 @@ def test_repeat_penalty_samples(siglip_f32, painting):
     with edgevlm.load(siglip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
         reply = vlm.chat(_ask(painting), max_tokens=4, temperature=0.7, repeat_penalty=1.3, seed=1)
         assert reply.completion_tokens >= 1
+
+
+def test_load_does_the_first_request_s_one_time_work(clip_f32, painting):
+    """The one-token warm-up decode and the tower's graph happen at load; nothing of them stays behind:
+    the first request evaluates its whole prompt and answers as a later identical one does."""
+    with edgevlm.load(clip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
+        assert vlm.vision_engine == "kernels"
+        tower = vlm.engine.encoder.tower
+        assert tower._graph is not None  # built (and its compute buffer written) at load
+        first = vlm.chat(_ask(painting), max_tokens=4, temperature=0)
+        assert first.prefill.reused_positions == 0 and first.prefill.evaluated_positions == first.prefill.prompt_positions
+        graph = tower._graph
+        with vlm.isolated_caches():
+            again = vlm.chat(_ask(painting), max_tokens=4, temperature=0)
+        assert again.text == first.text and tower._graph is graph
