@@ -80,3 +80,16 @@ def test_load_does_the_first_request_s_one_time_work(clip_f32, painting):
         with vlm.isolated_caches():
             again = vlm.chat(_ask(painting), max_tokens=4, temperature=0)
         assert again.text == first.text and tower._graph is graph
+
+
+@pytest.mark.parametrize("given, expected", [(None, "passive"), ("active", "active")])
+def test_openmp_workers_wait_passively_unless_told(given, expected):
+    """Idle OpenMP workers spinning between graphs starved the first request's decode on a busy machine."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os; from edgevlm import native; native.llama(); print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
