@@ -25,7 +25,8 @@ from edgevlm.errors import InvalidRequestError, MemoryBudgetError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import CancelToken, SamplingOptions, TextStream
 from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
-from edgevlm.planner import MemoryPlan, PlanRequest, parse_size, plan_memory
+from edgevlm.planner import (MemoryPlan, PlanRequest, context_for, image_ubatch, largest_image_chunk, parse_budget,
+                             plan_memory, projector_non_causal)
 from edgevlm.progress import LoadReporter, LoadStage, ProgressCallback
 from edgevlm.prompt import normalize_messages
 from edgevlm.resolve import resolve
@@ -39,8 +40,6 @@ from edgevlm.vision.images import load_image
 LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
 
-#: Batch size for projectors whose image tokens attend to each other (non-causal).
-NON_CAUSAL_MIN_BATCH = 2048
 
 
 def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLike[str] | None = None,
@@ -97,9 +96,11 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         tiles: "grid" adds LLaVA-NeXT-style tiles and an overview to models
             trained on one view (LLaVA-1.5, OmniFusion; kernels engine): more
             detail for more image tokens. "none" (default): one view.
-        memory_budget: bytes (or "1.5GiB", "800M") the process may take: the
-            model is priced first (:func:`plan`) and refused, before anything is
-            loaded, when it would not fit.
+        memory_budget: bytes (or "1.5GiB", "800M") the process may take, RAM
+            and VRAM together, optionally with each GPU's share ("6GiB,vram=4GiB"):
+            the model is priced first (:func:`plan`) and refused, before anything
+            is loaded, when it would not fit; GPU layers are fitted to the VRAM
+            share; the RAM caches get what the plan leaves.
         progress: called on this thread with a
             :class:`~edgevlm.progress.LoadProgress` at each stage (resolving,
             reading headers, loading the LLM weights with llama.cpp's fraction,
@@ -142,19 +143,19 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         memory_budget=memory_budget, report=report))
     if own is not None:  # a family running its LLM outside llama.cpp
         return _ready(VLM(own, described, load_ms=(time.perf_counter() - t0) * 1e3), report)
-    if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
-        n_gpu_layers, vision_device = _fit_gpu(described, family, gpu, n_ctx, n_batch, kv_type, vision_device)
-    if memory_budget is not None:
-        request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
-                              n_gpu_layers=n_gpu_layers, max_image_tokens=max_image_tokens, cache=cache,
-                              vision_engine=vision_engine, tiles=tiles, memory_budget=_bytes(memory_budget))
-        _refuse_over_budget(_plan(described, family, request, _process_bytes()))
+    budget, vram_budget = parse_budget(memory_budget) if memory_budget is not None else (None, None)
+    request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
+                          n_gpu_layers=n_gpu_layers, max_image_tokens=max_image_tokens, cache=cache,
+                          vision_engine=vision_engine, tiles=tiles, memory_budget=budget, vram_budget=vram_budget)
+    fitted = _fit_before_loading(described, family, request, vision_device)
     options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
+                             n_gpu_layers=fitted.n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn, seed=seed)
+    _check_gpu_layers(fitted.n_gpu_layers)
     spec = _EngineSpec(described=described, family=family, engine_name=engine_name, options=options,
-                       vision_device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
+                       vision_device=fitted.vision_device or ("cpu" if fitted.n_gpu_layers == 0 else "auto"),
                        chat_template=chat_template, chat_format=chat_format, cache=cache,
-                       max_image_tokens=max_image_tokens)
+                       max_image_tokens=max_image_tokens, image_batch=fitted.image_batch,
+                       cache_caps=fitted.cache_caps)
     engine = _open_engine(spec, report)
     return _ready(VLM(engine, described, load_ms=(time.perf_counter() - t0) * 1e3), report)
 
@@ -182,6 +183,40 @@ class _EngineSpec:
     chat_format: str | None
     cache: bool
     max_image_tokens: int | None
+    image_batch: int  # the batch a non-causal projector needs (planner.image_ubatch)
+    cache_caps: tuple[int, int] | None  # RAM embedding cache and parked states, when a budget caps them
+
+
+@dataclass(frozen=True)
+class _Fitted:
+    """What :func:`_fit_before_loading` decided from the headers."""
+
+    n_gpu_layers: int
+    vision_device: str | None
+    image_batch: int
+    cache_caps: tuple[int, int] | None
+
+
+def _fit_before_loading(described: ModelDescriptor, family: Family, request: PlanRequest,
+                        vision_device: str | None) -> _Fitted:
+    """From the headers alone: the context check, GPU layers, the image batch, the budget and cache caps.
+
+    Raises:
+        InvalidRequestError: a context above the training context.
+        MemoryBudgetError: the plan does not fit the budget.
+    """
+    n_ctx = context_for(described, request.n_ctx)
+    n_gpu_layers = request.n_gpu_layers
+    if n_gpu_layers < 0 and (gpu := _gpu_device()) is not None:
+        n_gpu_layers, vision_device = _fit_gpu(described, family, gpu, request, vision_device)
+    chunk = (largest_image_chunk(described, family, n_ctx, request.max_image_tokens, request.vision_engine)
+             if described.projector is not None else 0)
+    caps = None
+    if request.memory_budget is not None or request.vram_budget is not None:
+        plan = _plan(described, family, dataclasses.replace(request, n_gpu_layers=n_gpu_layers), _process_bytes())
+        _refuse_over_budget(plan)
+        caps = plan.cache_caps()
+    return _Fitted(n_gpu_layers, vision_device, image_ubatch(request.n_batch, n_ctx, chunk, True), caps)
 
 
 def _open_engine(spec: _EngineSpec, report: LoadReporter) -> Engine:
@@ -200,12 +235,13 @@ def _open_engine(spec: _EngineSpec, report: LoadReporter) -> Engine:
                                     spec.options.threads()[1])
             opened.append(encoder)
         options = spec.options
-        if encoder is not None and encoder.non_causal and options.n_batch < NON_CAUSAL_MIN_BATCH:
-            # Images attended bidirectionally (Gemma 3, ...) must fit in one batch.
-            options = dataclasses.replace(options, n_batch=NON_CAUSAL_MIN_BATCH)
+        if encoder is not None and (encoder.non_causal or projector_non_causal(spec.described)):
+            # Images attended bidirectionally (Gemma 3, ...): the largest chunk must fit in one ubatch.
+            options = dataclasses.replace(options, n_batch=spec.image_batch)
         report.report(LoadStage.CREATING_CONTEXT, 0.0, llm_path.name)
         ctx = LlamaContext(llm, options)
         opened.append(ctx)
+        ctx.warm_up()  # one-time costs belong to load, not to the first request
         template = spec.chat_template if spec.chat_template is not None else llm.chat_template()
         layout = spec.family.prompt_layout(llm, encoder, template, spec.chat_format)
         store = snapshots = None
@@ -215,8 +251,11 @@ def _open_engine(spec: _EngineSpec, report: LoadReporter) -> Engine:
 
             store = EmbeddingStore() if encoder is not None else None
             snapshots = SnapshotStore(_snapshot_identity(spec.described.files, ctx, encoder))
-        return Engine(llm, ctx, spec.family, encoder, layout, embedding_store=store, snapshots=snapshots,
-                      max_image_tokens=spec.max_image_tokens)
+        engine = Engine(llm, ctx, spec.family, encoder, layout, embedding_store=store, snapshots=snapshots,
+                        max_image_tokens=spec.max_image_tokens)
+        if spec.cache_caps is not None:
+            engine.cap_ram_caches(*spec.cache_caps)
+        return engine
     except BaseException:
         for part in reversed(opened):
             part.close()
@@ -258,15 +297,12 @@ def plan(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     process = _process_bytes()
     described = describe_model(resolve(resolve_model_name(model), mmproj, quant=quant, revision=revision))
     family = family_for(described, FamilyOptions(tiles=tiles))
+    budget, vram_budget = parse_budget(memory_budget) if memory_budget is not None else (None, None)
     request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn,
                           n_gpu_layers=n_gpu_layers, image_size=image_size, max_image_tokens=max_image_tokens,
-                          cache=cache, vision_engine=vision_engine, tiles=tiles,
-                          memory_budget=_bytes(memory_budget) if memory_budget is not None else None)
+                          cache=cache, vision_engine=vision_engine, tiles=tiles, memory_budget=budget,
+                          vram_budget=vram_budget)
     return _plan(described, family, request, process)
-
-
-def _bytes(size: int | str) -> int:
-    return parse_size(size) if isinstance(size, str) else int(size)
 
 
 def _process_bytes() -> int:
@@ -286,15 +322,15 @@ def _plan(model: ModelDescriptor, family: Family, request: PlanRequest, process:
     return plan_memory(model, family, dataclasses.replace(request, gpu=gpu), process)
 
 
-def _fit_gpu(model: ModelDescriptor, family: Family, gpu: str, n_ctx: int | None, n_batch: int,
-             kv_type: str, vision_device: str | None) -> tuple[int, str | None]:
-    """GPU layers and the projector's device that fit the GPU's free memory (as llama-server's --fit)."""
+def _fit_gpu(model: ModelDescriptor, family: Family, gpu: str, request: PlanRequest,
+             vision_device: str | None) -> tuple[int, str | None]:
+    """GPU layers and the projector's device that fit the GPU's free memory (as llama-server's --fit)
+    and, with a memory budget, the share of it the host memory leaves."""
     from edgevlm.kernels.backend import available_devices
     from edgevlm.planner import fit_gpu
 
     free = next((d.free_bytes for d in available_devices() if d.name == gpu), 0)
-    request = PlanRequest(n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, gpu=gpu)
-    fit = fit_gpu(model, family, request, free, _process_bytes())
+    fit = fit_gpu(model, family, dataclasses.replace(request, gpu=gpu), free, _process_bytes())
     LOG.info("%s: %d MiB free; %d layers and the projector on %s (%d MiB)", gpu, free >> 20,
              fit.n_gpu_layers, gpu if fit.projector_on_gpu else "the CPU", fit.vram_bytes >> 20)
     return fit.n_gpu_layers, vision_device or ("auto" if fit.projector_on_gpu else "cpu")

@@ -144,6 +144,11 @@ class Engine:
         sized = LoadedImage(width, height, b"", f"size-{width}x{height}", f"a {width}x{height} image")
         check_image_tokens(cost.tokens, budget, self.family, sized)
         return cost
+    def cap_ram_caches(self, embedding_bytes: int, parked_bytes: int) -> None:
+        """Bound the RAM embedding cache and the parked conversations (what a memory budget leaves them)."""
+        if self.embeddings is not None:
+            self.embeddings.ram.max_bytes = embedding_bytes
+        self.kv.parked.max_bytes = parked_bytes
 
     # ------------------------------------------------------------------ prompts
     def prompt(self, messages: list[Message], *, gen: bool = True,

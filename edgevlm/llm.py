@@ -263,6 +263,15 @@ class LlamaContext:
         self._lib.llama_memory_clear(self.memory, True)
         self._has_logits = False
 
+    def warm_up(self) -> None:
+        """Decode one token and forget it (at load): the first request then finds the weights' pages
+        mapped, the worker threads started and llama.cpp's first-call set-up done (~one token's time)."""
+        self.decode_tokens([0], 0)
+        self.clear()
+        reset = getattr(self._lib, "llama_perf_context_reset", None)
+        if reset is not None:
+            reset(self.ptr)
+
     def check_fits(self, n_cells: int, what: str = "the prompt", detail: str = "", alternative: str = "") -> None:
         """Refuse ``n_cells`` KV cells (text tokens + image embeddings) beyond the context.
 

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -78,9 +79,21 @@ def _forward(level: int, text: bytes | None, _user_data: object) -> None:
                     LOG.debug("log listener failed: %s", exc)
 
 
+#: OpenMP wait policy set (unless already set) before llama.cpp loads. ggml's CPU backend (OpenMP
+#: build) runs each graph in one OpenMP team; with the default policy idle workers spin between graphs
+#: and, on a busy machine with few cores, starve the threads doing the work: measured on a shared 2-core
+#: VM, the first request's prompt decode took 21-43 s of CPU against 13-15 s for the second; passive: 10.8
+#: s for both (README "Benchmarks").
+OMP_WAIT_POLICY = "passive"
+
+
 @functools.lru_cache(maxsize=1)
 def llama() -> ModuleType:
-    """Return the ``llama_cpp`` low-level module, initialised, logs routed."""
+    """Return the ``llama_cpp`` low-level module, initialised, logs routed.
+
+    Before the libraries load, ``OMP_WAIT_POLICY`` defaults to ``passive`` (:data:`OMP_WAIT_POLICY`).
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     try:
         import llama_cpp
         import llama_cpp.llama_cpp as lib

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 
 from edgevlm import constants as C
 from edgevlm.descriptor import ModelDescriptor
+from edgevlm.embeddings import DEFAULT_RAM_BYTES
 from edgevlm.errors import InvalidRequestError
 from edgevlm.gguf_info import TensorInfo
+from edgevlm.parking import DEFAULT_PARK_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family
@@ -38,6 +40,8 @@ MiB = 1 << 20
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 #: Context llama.cpp creates when none is asked for (see edgevlm.llm.DEFAULT_CTX).
 DEFAULT_CTX = 4096
+#: The RAM caches' parts (capped by a memory budget, else at their defaults and not priced).
+CACHE_PARTS = ("embedding cache", "parked states")
 #: Threads' stacks, allocator slack and small buffers not counted elsewhere (measured: 5-10 MiB).
 RUNTIME_SLACK = 8 * MiB
 
@@ -83,6 +87,7 @@ class MemoryPlan:
     settings: PlanSettings
     budget_bytes: int | None = None
     suggestions: tuple[str, ...] = field(default=())
+    vram_budget_bytes: int | None = None
 
     @property
     def ram_bytes(self) -> int:
@@ -100,7 +105,23 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.budget_bytes is None or self.ram_bytes + sum(self.vram_bytes.values()) <= self.budget_bytes
+        total_ok = self.budget_bytes is None or self.ram_bytes + sum(self.vram_bytes.values()) <= self.budget_bytes
+        return total_ok and (self.vram_budget_bytes is None
+                             or all(n <= self.vram_budget_bytes for n in self.vram_bytes.values()))
+
+    def cache_caps(self) -> tuple[int, int]:
+        """(RAM embedding cache, parked states) byte caps: their defaults, or what the budget leaves.
+
+        Without a budget the defaults (:data:`DEFAULT_RAM_BYTES`, :data:`DEFAULT_PARK_BYTES`); with one,
+        the room left after the other parts, a quarter of it to embeddings and the rest to parking.
+        """
+        if self.budget_bytes is None:
+            return DEFAULT_RAM_BYTES, DEFAULT_PARK_BYTES
+        # the caches live in RAM: what the budget leaves after every other part, RAM or VRAM
+        fixed = [p for p in self.parts if p.name not in CACHE_PARTS]
+        room = max(self.budget_bytes - sum(p.nbytes for p in fixed), 0)
+        embeddings = min(DEFAULT_RAM_BYTES, room // 4)
+        return embeddings, min(DEFAULT_PARK_BYTES, room - embeddings)
 
     def by_name(self, name: str) -> int:
         return sum(p.nbytes for p in self.parts if p.name == name)
@@ -110,13 +131,17 @@ class MemoryPlan:
         from dataclasses import asdict
 
         return {"ram_bytes": self.ram_bytes, "vram_bytes": self.vram_bytes, "fits": self.fits,
-                "budget_bytes": self.budget_bytes, "parts": [asdict(p) for p in self.parts],
+                "budget_bytes": self.budget_bytes, "vram_budget_bytes": self.vram_budget_bytes, "parts": [asdict(p) for p in self.parts],
                 "settings": asdict(self.settings), "suggestions": list(self.suggestions)}
 
     def refusal(self) -> str:
         """The one-line refusal of a plan over its budget: the numbers and the cheapest ways to fit."""
         tries = ", ".join(self.suggestions)
-        return (f"{self.summary()}; the memory budget is {gib(self.budget_bytes or 0)}"
+        total = " (RAM and VRAM together)" if self.vram_bytes else ""
+        budgets = [f"the memory budget is {gib(self.budget_bytes)}{total}"] if self.budget_bytes is not None else []
+        if self.vram_budget_bytes is not None:
+            budgets.append(f"the VRAM budget is {gib(self.vram_budget_bytes)}")
+        return (f"{self.summary()}; {', '.join(budgets)}"
                 + (f"; try {tries}" if tries else ""))
 
     def table(self) -> list[str]:
@@ -130,14 +155,35 @@ class MemoryPlan:
         return lines
 
     def summary(self) -> str:
-        """One line: the total and the main parts (for refusals)."""
+        """One line: RAM and each device's VRAM, and the main parts (for refusals)."""
         order = sorted(self.parts, key=lambda p: -p.nbytes)[:5]
-        parts = ", ".join(f"{p.name} {gib(p.nbytes)}" for p in order)
-        return f"needs {gib(self.ram_bytes)} of RAM ({parts})"
+        parts = ", ".join(f"{p.name}{'' if p.device == 'CPU' else ' on ' + p.device} {gib(p.nbytes)}"
+                          for p in order)
+        vram = "".join(f" and {gib(n)} of VRAM on {d}" for d, n in self.vram_bytes.items())
+        return f"needs {gib(self.ram_bytes)} of RAM{vram} ({parts})"
 
 
 def gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / MiB:.0f} MiB"
+
+
+def parse_budget(budget: int | str) -> tuple[int | None, int | None]:
+    """A memory budget -> (total bytes, VRAM bytes per GPU): ``"6GiB"``, ``"6GiB,vram=4GiB"``, ``"vram=4GiB"``.
+
+    Raises:
+        InvalidRequestError: not a size.
+    """
+    if not isinstance(budget, str):
+        return int(budget), None
+    total = vram = None
+    for item in (part.strip() for part in budget.split(",") if part.strip()):
+        if item.lower().startswith("vram="):
+            vram = parse_size(item[5:])
+        else:
+            total = parse_size(item)
+    if total is None and vram is None:
+        raise InvalidRequestError(f"{budget!r} is not a memory size; write e.g. 800MiB, 1.5GiB or 6GiB,vram=4GiB")
+    return total, vram
 
 
 def tensor_bytes(info: TensorInfo) -> int:
@@ -266,7 +312,8 @@ class PlanRequest:
         cache: disk caches on (snapshots copy the KV state).
         vision_engine: "auto", "kernels" or "mtmd".
         tiles: "none" or "grid".
-        memory_budget: bytes the process may take (None: no limit).
+        memory_budget: bytes the process may take, RAM and VRAM together (None: no limit).
+        vram_budget: bytes each GPU may take (None: its free memory less a margin).
         gpu: the GPU device name when the build has one and layers go there.
         projector_on_gpu: the vision tower runs on that GPU.
     """
@@ -282,6 +329,7 @@ class PlanRequest:
     vision_engine: str = C.VISION_ENGINE_AUTO
     tiles: str = "none"
     memory_budget: int | None = None
+    vram_budget: int | None = None
     gpu: str | None = None
     projector_on_gpu: bool = False
 
@@ -306,10 +354,11 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
         The plan (``fits`` against ``request.memory_budget``).
     """
     shape = LLMShape.of(model)
-    n_ctx = request.n_ctx or (min(DEFAULT_CTX, shape.n_ctx_train) if shape.n_ctx_train else DEFAULT_CTX)
+    n_ctx = context_for(model, request.n_ctx)
     flash = request.flash_attn if request.flash_attn is not None else request.kv_type in C.QUANTISED_KV_TYPES
     gpu = request.gpu if request.n_gpu_layers != 0 else None
-    parts = [MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured")]
+    parts = [MemoryPart("process", "CPU", process_bytes, "interpreter and libraries, measured"),
+             MemoryPart("runtime", "CPU", RUNTIME_SLACK, "threads' stacks, allocator slack, small buffers")]
     parts += llm_weight_parts(model, shape, request.n_gpu_layers, gpu)
     kv = int(shape.kv_bytes_per_position(request.kv_type) * n_ctx)
     on_gpu = 0 if gpu is None else (shape.n_layer if request.n_gpu_layers < 0 else min(request.n_gpu_layers, shape.n_layer))
@@ -317,19 +366,75 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
         if layers and device:  # each layer's KV lives with the layer
             parts.append(MemoryPart("kv cache", device, kv * layers // max(shape.n_layer, 1),
                                     f"{layers} layers x {n_ctx} cells, {request.kv_type}"))
-    n_ubatch = request.n_batch
     cost, views, engine = _image_plan(model, family, request, n_ctx)
+    n_ubatch = image_ubatch(request.n_batch, n_ctx, cost, projector_non_causal(model))
     parts.append(MemoryPart("llm compute", gpu or "CPU", llm_compute_bytes(shape, n_ctx, n_ubatch, flash),
                             f"ubatch {n_ubatch}, flash attention {'on' if flash else 'off'}"))
     parts.append(MemoryPart("llm output", "CPU", shape.n_vocab * 4, "logits of one position"))
     if model.projector is not None:
         parts += _vision_parts(model, shape, request, cost, views, engine)
-    settings = PlanSettings(n_ctx=n_ctx, n_batch=request.n_batch, n_ubatch=n_ubatch, kv_type=request.kv_type,
+    settings = PlanSettings(n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, kv_type=request.kv_type,
                             flash_attn=flash, n_gpu_layers=request.n_gpu_layers if gpu else 0,
                             image_tokens=cost, image_views=views, vision_device=engine, cache=request.cache)
-    plan = MemoryPlan(tuple(parts), settings, request.memory_budget)
-    return plan if plan.fits else MemoryPlan(plan.parts, settings, request.memory_budget,
-                                             tuple(suggest(model, family, request, process_bytes, plan)))
+    plan = MemoryPlan(tuple(parts), settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
+    if not plan.fits:
+        return MemoryPlan(plan.parts, settings, request.memory_budget,
+                          tuple(suggest(model, family, request, process_bytes, plan)), request.vram_budget)
+    if request.memory_budget is None:
+        return plan
+    embeddings, parked = plan.cache_caps()  # the RAM caches get what the budget leaves, and are shown
+    return MemoryPlan(plan.parts + (
+        MemoryPart(CACHE_PARTS[0], "CPU", embeddings if model.projector is not None else 0,
+                   "RAM LRU of image embeddings, capped by the budget"),
+        MemoryPart(CACHE_PARTS[1], "CPU", parked, "RAM LRU of parked conversations, capped by the budget")),
+        settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
+
+
+def context_for(model: ModelDescriptor, n_ctx: int | None) -> int:
+    """The context a load creates: ``n_ctx``, else min(DEFAULT_CTX, the training context); 0: the training one.
+
+    Checked from the GGUF header, before any weights are read.
+
+    Raises:
+        InvalidRequestError: more than the model was trained for (its answers
+            degrade past it; llama.cpp would only log a line).
+    """
+    value = model.llm_key("context_length")
+    train = int(value) if isinstance(value, int) and value > 0 else 0
+    if not n_ctx:
+        return (train or DEFAULT_CTX) if n_ctx == 0 else (min(DEFAULT_CTX, train) if train else DEFAULT_CTX)
+    if 0 < train < n_ctx:
+        raise InvalidRequestError(
+            f"a context of {n_ctx} tokens is more than the {train} {model.files.llm.name} was trained "
+            f"for; use --ctx {train} / n_ctx={train} or less")
+    return n_ctx
+
+
+#: Projector types whose image tokens attend to each other (libmtmd's ``mtmd_decode_use_non_causal``).
+NON_CAUSAL_PROJECTOR_TYPES = ("gemma3", "gemma3nv", "gemma4v", "gemma4uv")
+
+
+def projector_non_causal(model: ModelDescriptor) -> bool:
+    """Whether the projector's image chunks are decoded non-causally (one chunk per ubatch)."""
+    return model.projector is not None and model.projector.projector_type in NON_CAUSAL_PROJECTOR_TYPES
+
+
+def image_ubatch(n_batch: int, n_ctx: int, largest_chunk: int, non_causal: bool) -> int:
+    """The batch (= ubatch) a context needs: ``n_batch``, raised to the largest image chunk when
+    image tokens attend to each other (such a chunk must be decoded in one ubatch); at most ``n_ctx``.
+
+    The one rule :func:`plan_memory` prices and :func:`edgevlm.load` creates the context with.
+    """
+    if not non_causal:
+        return n_batch
+    return max(n_batch, min(largest_chunk, n_ctx))
+
+
+def largest_image_chunk(model: ModelDescriptor, family: Family, n_ctx: int, max_image_tokens: int | None,
+                        vision_engine: str) -> int:
+    """Tokens of the largest image the budget allows (headers only; what :func:`plan_memory` prices)."""
+    request = PlanRequest(n_ctx=n_ctx, max_image_tokens=max_image_tokens, vision_engine=vision_engine)
+    return _image_plan(model, family, request, n_ctx)[0]
 
 
 def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_ctx: int) -> tuple[int, int, str]:
@@ -348,6 +453,9 @@ def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_
     if best is None:  # libmtmd plans it: price the budget, in views of the tower's size
         per_view = _tower_tokens(model)
         tokens = budget if family.single_view is False else per_view
+        if model.projector.projector_type == "gemma3":  # one pooled view (256 tokens at 896 px)
+            scale = int(model.projector.metadata.get("clip.vision.projector.scale_factor", 4))
+            per_view = tokens = max(1, per_view // max(scale, 1) ** 2)
         best = (tokens, max(1, math.ceil(tokens / max(per_view, 1))))
     return best[0], best[1], engine
 
@@ -388,7 +496,7 @@ def suggest(model: ModelDescriptor, family: Family, request: PlanRequest, proces
     import dataclasses
 
     if request.memory_budget is None:
-        return []
+        return ["fewer GPU layers (--gpu-layers N)"] if request.vram_budget is not None else []
     tries: list[tuple[str, PlanRequest]] = []
     for n_ctx in (2048, 1024, 512):
         if n_ctx < plan.settings.n_ctx:
@@ -429,18 +537,31 @@ def fit_gpu(model: ModelDescriptor, family: Family, request: PlanRequest, free_b
 
     Layers come first (they decide generation speed); the projector goes on
     the GPU only when it fits beside them, otherwise it runs on the CPU.
+    With ``request.vram_budget`` (the VRAM share of ``--memory-budget``) the GPU
+    gets no more than it, and with ``request.memory_budget`` no more than what
+    the plan's RAM leaves of the total.
     """
     import dataclasses
 
     shape = LLMShape.of(model)
-    room = max(free_bytes - margin, 0)
+
+    def fits(layers: int, projector: bool) -> bool:
+        changed = dataclasses.replace(request, n_gpu_layers=layers, projector_on_gpu=projector, memory_budget=None,
+                                      vram_budget=None)
+        plan = plan_memory(model, family, changed, process_bytes)
+        share = free_bytes - margin
+        if request.vram_budget is not None:
+            share = min(share, request.vram_budget)
+        if request.memory_budget is not None:
+            share = min(share, request.memory_budget - plan.ram_bytes)
+        return sum(plan.vram_bytes.values()) <= max(share, 0)
 
     def vram(layers: int, projector: bool) -> int:
         changed = dataclasses.replace(request, n_gpu_layers=layers, projector_on_gpu=projector, memory_budget=None)
         return sum(plan_memory(model, family, changed, process_bytes).vram_bytes.values())
 
     layers = shape.n_layer + 1
-    while layers > 0 and vram(layers, False) > room:
+    while layers > 0 and not fits(layers, False):
         layers -= 1
-    projector = model.projector is not None and vram(layers, True) <= room
+    projector = model.projector is not None and fits(layers, True)
     return GpuFit(layers, projector, vram(layers, projector))

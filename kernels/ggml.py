@@ -129,6 +129,7 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_alloc_ctx_tensors": ("base", P, [P, P]),
     "ggml_backend_buffer_free": ("base", None, [P]),
     "ggml_backend_buffer_get_size": ("base", c_size_t, [P]),
+    "ggml_backend_buffer_clear": ("base", None, [P, ctypes.c_uint8]),
     "ggml_backend_tensor_set": ("base", None, [T, c_void_p, c_size_t, c_size_t]),
     "ggml_backend_tensor_get": ("base", None, [T, c_void_p, c_size_t, c_size_t]),
     "ggml_backend_get_default_buffer_type": ("base", P, [P]),

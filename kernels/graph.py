@@ -451,6 +451,12 @@ class CompiledGraph:
     def compute_bytes(self) -> int:
         return int(self.g.ggml_gallocr_get_buffer_size(self.allocator, 0))
 
+    def touch(self) -> None:
+        """Write the compute buffer once (zeros), so that the first run does not page-fault it in."""
+        buffer = self.output.contents.buffer
+        if buffer:
+            self.g.ggml_backend_buffer_clear(buffer, 0)
+
     def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Set the inputs, compute, return the output as float32 numpy (C order, reversed ne)."""
         g = self.g

@@ -291,6 +291,12 @@ class VisionTower:
             self._graph = self._build()
         return self._graph.run({"patches": patchify(pixels.astype(np.float32), cfg.patch_size)})
 
+    def prepare(self) -> None:
+        """Build the one-image graph and write its compute buffer now (load time), not in the first encode."""
+        if self._graph is None:
+            self._graph = self._build()
+            self._graph.touch()
+
     def encode_views(self, pixels: np.ndarray) -> np.ndarray:
         """Run tower + projector on a batch of views in one graph.
 

@@ -34,8 +34,12 @@ def run_bench(vlm: VLM, image: str | None, prompt: str, follow_up: str, max_toke
               with_conversation: bool = True) -> dict[str, Any]:
     """Run the benchmark conversation on a loaded VLM; returns the report dict.
 
+    The first request of the process and a second, different one are timed
+    first (:mod:`edgevlm.benchmarks.first_request`), before the image figures'
+    encodes warm anything up.
+
     Args:
-        vlm: the loaded model.
+        vlm: the loaded model (no request made yet).
         image: image path (None: text only).
         prompt, follow_up: the two questions.
         max_tokens: reply length limit.
@@ -50,6 +54,10 @@ def run_bench(vlm: VLM, image: str | None, prompt: str, follow_up: str, max_toke
                               "mmproj": str(vlm.mmproj_path) if vlm.mmproj_path else None,
                               "family": vlm.family, "machine": platform.machine(),
                               "model_load_ms": round(vlm.load_ms, 1)}
+    if with_conversation:  # before anything else touches the model: the process's true first request
+        from edgevlm.benchmarks.first_request import first_and_second_request
+
+        report.update(first_and_second_request(vlm, image, prompt, follow_up, max_tokens))
     if image is not None:
         from edgevlm.benchmarks.budgets import image_figures
 

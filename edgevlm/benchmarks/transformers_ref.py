@@ -1,13 +1,14 @@
 """``edgevlm bench --reference transformers``: the first turn through transformers, same image, prompt, threads.
 
-The Hugging Face checkpoint the GGUF pair was converted from (``--hf PATH``;
-``examples/make_bench_model.py --keep-checkpoint`` keeps the bench model's
-in ``OUT/hf``) is loaded with transformers in float32 and in bfloat16, and the
-same question about the same image is answered with one greedy token. Time to
+The Hugging Face checkpoint the GGUF pair was converted from (``--hf PATH``,
+else the ``hf`` folder next to the model: ``examples/make_bench_model.py
+--keep-checkpoint`` keeps the bench model's in ``OUT/hf``) is loaded with transformers in float32 and in bfloat16, and the
+same question about the same image is answered with one greedy token, in
+rounds interleaved with edgevlm's own first turn (empty caches). Time to
 first token counts what edgevlm's counts: from the call (image loading,
-chat template, processor) to the first sampled token. Each dtype is run once
-to warm up and then ``repeats`` times; the median and the first call are
-reported. torch and transformers are needed only for this option.
+chat template, processor) to the first sampled token. Each dtype's first
+call is reported apart; the medians of ``repeats`` rounds after it. torch and
+transformers are needed only for this option.
 
 :func:`transformers_items` serves ``edgevlm eval --reference transformers``
 (see :mod:`edgevlm.evaluate.reference`): a short greedy answer per item, for
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgevlm.api import VLM
 from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 
 
@@ -59,10 +61,35 @@ def _first_token_ms(model: Any, processor: Any, image: str, question: str) -> fl
     return (time.perf_counter() - t0) * 1e3
 
 
+def find_checkpoint(model: str | Path | None, hf: str | Path | None) -> Path | None:
+    """The checkpoint to compare with: ``hf`` if given, else the ``hf`` folder kept next to the model
+    (``examples/make_bench_model.py --keep-checkpoint`` keeps it in ``OUT/hf``), else None."""
+    if hf is not None:
+        return Path(hf).expanduser()
+    if model is None:
+        return None
+    folder = Path(model).expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    kept = folder / "hf"
+    return kept if (kept / "config.json").is_file() else None
+
+
+def edgevlm_first_turn_ms(vlm: VLM, image: str, question: str) -> float:
+    """edgevlm's first-turn TTFT (ms) with empty caches (nothing reused), one greedy token as transformers."""
+    from edgevlm.benchmarks.probe import image_question, timed_turn
+
+    with vlm.isolated_caches():
+        return float(timed_turn(vlm, image_question(image, question), 1)["ttft_ms"])
+
+
 def transformers_first_turn(checkpoint: str | Path, image: str, question: str, threads: int,
-                            repeats: int = 2) -> dict[str, float]:
-    """First-turn TTFT of transformers f32 and bf16 (ms): ``transformers_{f32,bf16}_ttft_ms`` (median) and
-    ``..._first_ms`` (the first call in the process).
+                            repeats: int = 2, vlm: VLM | None = None) -> dict[str, float]:
+    """First-turn TTFT of transformers f32 and bf16 (ms), interleaved with edgevlm's when ``vlm`` is given.
+
+    Both dtypes stay loaded; each is called once first (``..._ttft_first_ms``: the first call of that
+    model in the process), then each round runs edgevlm (cold caches), f32 and bf16 in turn, so that
+    background load hits all alike; ``..._ttft_ms`` are the medians of ``repeats`` rounds, and
+    ``edgevlm_vs_transformers_{f32,bf16}`` edgevlm's median over theirs (below 1: edgevlm is faster).
 
     Raises:
         InvalidRequestError: no checkpoint folder.
@@ -74,14 +101,23 @@ def transformers_first_turn(checkpoint: str | Path, image: str, question: str, t
     import torch
 
     torch.set_num_threads(threads)
+    models = {label: _load(folder, dtype) for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))}
     out: dict[str, float] = {}
-    for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
-        model, processor = _load(folder, dtype)
-        first = _first_token_ms(model, processor, image, question)
-        times = [_first_token_ms(model, processor, image, question) for _ in range(max(1, repeats))]
-        out[f"transformers_{label}_ttft_first_ms"] = round(first, 1)
-        out[f"transformers_{label}_ttft_ms"] = round(statistics.median(times), 1)
-        del model
+    for label, (model, processor) in models.items():
+        out[f"transformers_{label}_ttft_first_ms"] = round(_first_token_ms(model, processor, image, question), 1)
+    times: dict[str, list[float]] = {label: [] for label in ("edgevlm", *models)}
+    for _ in range(max(1, repeats)):
+        if vlm is not None:
+            times["edgevlm"].append(edgevlm_first_turn_ms(vlm, image, question))
+        for label, (model, processor) in models.items():
+            times[label].append(_first_token_ms(model, processor, image, question))
+    for label in models:
+        out[f"transformers_{label}_ttft_ms"] = round(statistics.median(times[label]), 1)
+    if times["edgevlm"]:
+        mine = statistics.median(times["edgevlm"])
+        out["edgevlm_ttft_ms"] = round(mine, 1)
+        for label in models:
+            out[f"edgevlm_vs_transformers_{label}"] = round(mine / out[f"transformers_{label}_ttft_ms"], 2)
     return out
 
 

@@ -50,9 +50,11 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
               help="Image figures (and --budgets) only: skip the two-turn conversation.")
 @click.option("--reference", type=click.Choice(["torch", "transformers"]), default=None,
               help="torch: also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights); "
-                   "transformers: the first turn's TTFT through transformers f32/bf16 (needs --hf).")
+                   "transformers: the first turn's TTFT through transformers f32/bf16 beside edgevlm's "
+                   "(on --hf, or the model's hf/ folder).")
 @click.option("--hf", "hf_checkpoint", type=click.Path(file_okay=False), default=None,
-              help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from.")
+              help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from "
+                   "(default: the hf/ folder next to the model, as make_bench_model.py --keep-checkpoint keeps).")
 @click.option("--server", "via_server", is_flag=True,
               help="Also measure the conversation and the batch through `edgevlm serve` over HTTP, and through "
                    "llama-cpp-python's OpenAI server when its server extra is installed.")
@@ -64,10 +66,16 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
     """Measure one two-turn conversation (greedy decoding), cache effects, optionally a comparison."""
     from edgevlm.benchmarks.conversation import probe_spec, run_bench
 
+    checkpoint = None
     if (budgets or encode_only or reference) and image is None:
         raise click.UsageError("--budgets, --encode-only and --reference measure an image: give one with --image")
-    if reference == "transformers" and hf_checkpoint is None:
-        raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH")
+    if reference == "transformers":
+        from edgevlm.benchmarks.transformers_ref import find_checkpoint
+
+        checkpoint = find_checkpoint(params["model"], hf_checkpoint)
+        if checkpoint is None:
+            raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH "
+                                   "(or an hf/ folder next to the model)")
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
     stages = StageBar(["conversation", *(["budgets"] if budgets else []), *(["reference"] if reference else []),
@@ -85,7 +93,7 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
             report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
     if reference and image is not None:
         with stages.step("reference"):
-            report.update(_reference(vlm, reference, hf_checkpoint, image, prompt, encode_repeats))
+            report.update(_reference(vlm, reference, checkpoint, image, prompt, encode_repeats))
     if compare:
         from edgevlm.benchmarks.compare import run_compare
 
@@ -141,7 +149,8 @@ def _reference(vlm: Any, reference: str, hf_checkpoint: str | None, image: str, 
     if reference == "transformers" and hf_checkpoint is not None:
         from edgevlm.benchmarks.transformers_ref import transformers_first_turn
 
-        return transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch, encode_repeats)
+        return transformers_first_turn(hf_checkpoint, image, prompt, vlm.settings.n_threads_batch, encode_repeats,
+                                       vlm=vlm)
     if reference == "torch" and vlm.mmproj_path is not None:
         from edgevlm.benchmarks.vision import torch_reference_times
 

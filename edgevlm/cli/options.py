@@ -54,7 +54,7 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Image-token budget per image: tiled models use fewer tiles or pixels "
                           "(default: the model's own, capped to fit the context)."),
         click.option("--memory-budget", default=None,
-                     help="Refuse, before loading, a model that would take more (e.g. 1.5GiB, 800M)."),
+                     help="Refuse, before loading, a model that would take more, RAM and VRAM together (e.g. 1.5GiB, 800M; a GPU share: 6GiB,vram=4GiB)."),
         click.option("--tiles", type=click.Choice(["none", "grid"]), default="none", show_default=True,
                      help="grid: add tiles + an overview to models trained on one view "
                           "(LLaVA-1.5, OmniFusion): more detail, more image tokens."),

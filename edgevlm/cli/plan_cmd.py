@@ -35,7 +35,7 @@ def _size(text: str | None) -> tuple[int, int] | None:
 @click.option("--vision-engine", type=click.Choice(VISION_ENGINES), default="auto", show_default=True)
 @click.option("--tiles", type=click.Choice(["none", "grid"]), default="none", show_default=True)
 @click.option("--no-cache", is_flag=True, help="Plan without the disk caches' copies.")
-@click.option("--memory-budget", default=None, help="Check against this many bytes (e.g. 1.5GiB, 800M).")
+@click.option("--memory-budget", default=None, help="Check against this many bytes, RAM and VRAM together (e.g. 1.5GiB; a GPU share: 6GiB,vram=4GiB).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(model: str, image_size: str | None, no_cache: bool, memory_budget: str | None, as_json: bool,
          **options: Any) -> None:

@@ -72,6 +72,8 @@ class KernelsEncoder:
         except BaseException:
             self.tower.close()
             raise
+        if isinstance(self.pipeline, SingleView):  # one graph serves every image: set it up at load
+            self.tower.prepare()
         self.n_encode_calls = 0
         self._lock = threading.Lock()
 

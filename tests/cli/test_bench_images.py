@@ -95,22 +95,47 @@ def test_text_output_shows_the_budget_table(clip_f32, painting):
     assert "image_views" in res.output and "budget  tokens  views" in res.output
 
 
-def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, painting):
-    """The first turn through transformers f32 and bf16 on the checkpoint the pair came from."""
+def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, painting, tmp_path):
+    """The first turn through transformers f32 and bf16 beside edgevlm's own, on the checkpoint kept next to
+    the model (as make_bench_model.py --keep-checkpoint keeps it in OUT/hf) when --hf is not given."""
     import json
 
     from click.testing import CliRunner
 
     from edgevlm.cli.main import cli
 
-    res = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting), "--json",
-                                   "--max-tokens", "2", "--threads", "2", "--no-cache", "--encode-only",
-                                   "--encode-repeats", "1", "--reference", "transformers",
-                                   "--hf", str(llava_siglip_checkpoint)], catch_exceptions=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    for gguf in siglip_f32.glob("*.gguf"):
+        (model / gguf.name).symlink_to(gguf)
+    (model / "hf").symlink_to(llava_siglip_checkpoint, target_is_directory=True)
+    res = CliRunner().invoke(cli, ["bench", "--model", str(model), "--image", str(painting), "--json",
+                                   "--max-tokens", "2", "--threads", "2", "--no-cache",
+                                   "--encode-repeats", "1", "--reference", "transformers"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
-    for key in ("transformers_f32_ttft_ms", "transformers_bf16_ttft_ms", "transformers_f32_ttft_first_ms"):
-        assert report[key] > 0
+    for key in ("transformers_f32_ttft_ms", "transformers_bf16_ttft_ms", "transformers_f32_ttft_first_ms",
+                "edgevlm_ttft_ms", "first_request_ttft_ms", "time_to_first_token_ms"):
+        assert report[key] > 0, key
+    for label in ("f32", "bf16"):
+        assert report[f"edgevlm_vs_transformers_{label}"] == pytest.approx(
+            report["edgevlm_ttft_ms"] / report[f"transformers_{label}_ttft_ms"], abs=0.01)
     missing = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting),
                                        "--reference", "transformers"])
     assert missing.exit_code == 2 and "--hf" in missing.output
+
+
+def test_bench_memory_budget_refuses_before_loading(siglip_f32, painting, monkeypatch):
+    """`bench --memory-budget` too small: exit 2, one line with the numbers, no weights loaded."""
+    import edgevlm.api
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the budget refused it")
+
+    monkeypatch.setattr(edgevlm.api, "LlamaModel", forbidden)
+    res = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting), "--json",
+                                   "--threads", "2", "--memory-budget", "20MiB"])
+    assert res.exit_code == 2, res.output
+    assert res.stdout == ""
+    line = res.stderr.strip()
+    assert line.count("\n") == 0 and "needs" in line and "of RAM" in line and "budget is 20 MiB" in line

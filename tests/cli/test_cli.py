@@ -97,6 +97,11 @@ def test_bench_json(siglip_f32, painting):
                 "time_to_first_token_ms", "decode_tokens_per_s", "follow_up_time_to_first_token_ms",
                 "peak_rss_mb"):
         assert key in report, key
+    # the process's first request and a second, different one (another image: encoded again), before the
+    # image figures' encodes (in-process here, so the ratio itself is not checked)
+    assert report["first_request_ttft_ms"] > 0 and report["second_request_ttft_ms"] > 0
+    assert report["first_to_second_ttft_ratio"] == pytest.approx(
+        report["first_request_ttft_ms"] / report["second_request_ttft_ms"], abs=0.01)
     assert report["follow_up_images_encoded"] == 0
     assert report["follow_up_evaluated_tokens"] < report["follow_up_prompt_tokens"]
     assert report["follow_up_reused_positions"] == (report["follow_up_prompt_tokens"]

@@ -65,3 +65,31 @@ def test_repeat_penalty_samples(siglip_f32, painting):
     with edgevlm.load(siglip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
         reply = vlm.chat(_ask(painting), max_tokens=4, temperature=0.7, repeat_penalty=1.3, seed=1)
         assert reply.completion_tokens >= 1
+
+
+def test_load_does_the_first_request_s_one_time_work(clip_f32, painting):
+    """The one-token warm-up decode and the tower's graph happen at load; nothing of them stays behind:
+    the first request evaluates its whole prompt and answers as a later identical one does."""
+    with edgevlm.load(clip_f32, n_ctx=512, n_threads=2, cache=False) as vlm:
+        assert vlm.vision_engine == "kernels"
+        tower = vlm.engine.encoder.tower
+        assert tower._graph is not None  # built (and its compute buffer written) at load
+        first = vlm.chat(_ask(painting), max_tokens=4, temperature=0)
+        assert first.prefill.reused_positions == 0 and first.prefill.evaluated_positions == first.prefill.prompt_positions
+        graph = tower._graph
+        with vlm.isolated_caches():
+            again = vlm.chat(_ask(painting), max_tokens=4, temperature=0)
+        assert again.text == first.text and tower._graph is graph
+
+
+@pytest.mark.parametrize("given, expected", [(None, "passive"), ("active", "active")])
+def test_openmp_workers_wait_passively_unless_told(given, expected):
+    """Idle OpenMP workers spinning between graphs starved the first request's decode on a busy machine."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os; from edgevlm import native; native.llama(); print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr
