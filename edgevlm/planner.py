@@ -305,6 +305,16 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     Returns:
         The plan (``fits`` against ``request.memory_budget``).
     """
+    own = family.own_memory_plan(request, process_bytes)
+    parts, settings = own if own is not None else _llama_cpp_parts(model, family, request, process_bytes)
+    plan = MemoryPlan(tuple(parts), settings, request.memory_budget)
+    return plan if plan.fits else MemoryPlan(plan.parts, settings, request.memory_budget,
+                                             tuple(suggest(model, family, request, process_bytes, plan)))
+
+
+def _llama_cpp_parts(model: ModelDescriptor, family: Family, request: PlanRequest,
+                     process_bytes: int) -> tuple[list[MemoryPart], PlanSettings]:
+    """The parts of a model run by llama.cpp (+ a vision engine), and the settings they assume."""
     shape = LLMShape.of(model)
     n_ctx = request.n_ctx or (min(DEFAULT_CTX, shape.n_ctx_train) if shape.n_ctx_train else DEFAULT_CTX)
     flash = request.flash_attn if request.flash_attn is not None else request.kv_type in C.QUANTISED_KV_TYPES
@@ -327,9 +337,7 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     settings = PlanSettings(n_ctx=n_ctx, n_batch=request.n_batch, n_ubatch=n_ubatch, kv_type=request.kv_type,
                             flash_attn=flash, n_gpu_layers=request.n_gpu_layers if gpu else 0,
                             image_tokens=cost, image_views=views, vision_device=engine, cache=request.cache)
-    plan = MemoryPlan(tuple(parts), settings, request.memory_budget)
-    return plan if plan.fits else MemoryPlan(plan.parts, settings, request.memory_budget,
-                                             tuple(suggest(model, family, request, process_bytes, plan)))
+    return parts, settings
 
 
 def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_ctx: int) -> tuple[int, int, str]:
@@ -401,13 +409,16 @@ def suggest(model: ModelDescriptor, family: Family, request: PlanRequest, proces
         tries.append(("--no-cache", dataclasses.replace(request, cache=False)))
     out = []
     for label, changed in tries:
-        candidate = plan_memory(model, family, dataclasses.replace(changed, memory_budget=None), process_bytes)
+        try:
+            candidate = plan_memory(model, family, dataclasses.replace(changed, memory_budget=None), process_bytes)
+        except InvalidRequestError:  # a setting this family cannot run
+            continue
         if candidate.ram_bytes + sum(candidate.vram_bytes.values()) <= request.memory_budget:
             out.append(label)
     weights = plan.by_name("llm weights")
     if weights > 0.3 * request.memory_budget:
-        out.append("a q4_k_m file (`edgevlm convert ... --quant q4_k_m`)")
-    return out[:3] or ["a smaller model or a q4_k_m file"]
+        out.append(f"a {family.smallest_quant} file (`edgevlm convert ... --quant {family.smallest_quant}`)")
+    return out[:3] or [f"a smaller model or a {family.smallest_quant} file"]
 
 
 #: Device memory left free when layers are fitted (llama-server's --fit keeps 1 GiB too).
