@@ -22,7 +22,7 @@ on :class:`~edgevlm.mllama_runtime.MllamaPipeline` (edgevlm's ggml graphs; llama
 * Choices: ``score_choices`` (the choices' tokens evaluated after the prompt, then cut back) and
   ``generate_choice`` (greedy under the choices' grammar), as on the llama.cpp engine.
 
-Not done for mllama: memory plans (a clear error); KV snapshots on disk.
+Not done for mllama: KV snapshots on disk (memory plans: the family's ``own_memory_plan``).
 The vision states are cached on disk like other models' image embeddings.
 """
 
@@ -43,7 +43,7 @@ from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
 from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
-from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure, UnsupportedModelError
+from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
 from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
@@ -64,8 +64,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Tokens read per graph during a prefill (cancellation is checked between batches).
 PREFILL_BATCH = 512
-#: Why edgevlm.plan and memory budgets refuse mllama.
-PLAN_NOT_DONE = "edgevlm.plan does not price Llama-3.2-Vision (mllama) models yet"
 #: Default context when :func:`edgevlm.load` is given none: the training context, at most this.
 DEFAULT_CTX = 4096
 
@@ -87,12 +85,9 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     """Load an mllama pair for :func:`edgevlm.load` (the family's :meth:`open_engine`).
 
     Raises:
-        UnsupportedModelError: a memory budget (mllama is not priced yet).
         InvalidModelError, InvalidRequestError, KernelsUnavailableError: from the graphs.
     """
     files = request.described.files
-    if request.memory_budget is not None:
-        raise UnsupportedModelError(f"memory_budget: {PLAN_NOT_DONE}; load without a budget")
     assert files.mmproj is not None  # the family refuses an LLM file without its projector
     trained = int(request.described.llm_metadata.get(f"{C.LLM_ARCH_MLLAMA}.context_length", DEFAULT_CTX))
     n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)

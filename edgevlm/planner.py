@@ -353,6 +353,25 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     Returns:
         The plan (``fits`` against ``request.memory_budget``).
     """
+    own = family.own_memory_plan(request, process_bytes)
+    parts, settings = own if own is not None else _llama_cpp_parts(model, family, request, process_bytes)
+    plan = MemoryPlan(tuple(parts), settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
+    if not plan.fits:
+        return MemoryPlan(plan.parts, settings, request.memory_budget,
+                          tuple(suggest(model, family, request, process_bytes, plan)), request.vram_budget)
+    if request.memory_budget is None or own is not None:
+        return plan
+    embeddings, parked = plan.cache_caps()  # the RAM caches get what the budget leaves, and are shown
+    return MemoryPlan(plan.parts + (
+        MemoryPart(CACHE_PARTS[0], "CPU", embeddings if model.projector is not None else 0,
+                   "RAM LRU of image embeddings, capped by the budget"),
+        MemoryPart(CACHE_PARTS[1], "CPU", parked, "RAM LRU of parked conversations, capped by the budget")),
+        settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
+
+
+def _llama_cpp_parts(model: ModelDescriptor, family: Family, request: PlanRequest,
+                     process_bytes: int) -> tuple[list[MemoryPart], PlanSettings]:
+    """The parts of a model run by llama.cpp (+ a vision engine), and the settings they assume."""
     shape = LLMShape.of(model)
     n_ctx = context_for(model, request.n_ctx)
     flash = request.flash_attn if request.flash_attn is not None else request.kv_type in C.QUANTISED_KV_TYPES
@@ -376,18 +395,7 @@ def plan_memory(model: ModelDescriptor, family: Family, request: PlanRequest,
     settings = PlanSettings(n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, kv_type=request.kv_type,
                             flash_attn=flash, n_gpu_layers=request.n_gpu_layers if gpu else 0,
                             image_tokens=cost, image_views=views, vision_device=engine, cache=request.cache)
-    plan = MemoryPlan(tuple(parts), settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
-    if not plan.fits:
-        return MemoryPlan(plan.parts, settings, request.memory_budget,
-                          tuple(suggest(model, family, request, process_bytes, plan)), request.vram_budget)
-    if request.memory_budget is None:
-        return plan
-    embeddings, parked = plan.cache_caps()  # the RAM caches get what the budget leaves, and are shown
-    return MemoryPlan(plan.parts + (
-        MemoryPart(CACHE_PARTS[0], "CPU", embeddings if model.projector is not None else 0,
-                   "RAM LRU of image embeddings, capped by the budget"),
-        MemoryPart(CACHE_PARTS[1], "CPU", parked, "RAM LRU of parked conversations, capped by the budget")),
-        settings, request.memory_budget, vram_budget_bytes=request.vram_budget)
+    return parts, settings
 
 
 def context_for(model: ModelDescriptor, n_ctx: int | None) -> int:
@@ -509,13 +517,16 @@ def suggest(model: ModelDescriptor, family: Family, request: PlanRequest, proces
         tries.append(("--no-cache", dataclasses.replace(request, cache=False)))
     out = []
     for label, changed in tries:
-        candidate = plan_memory(model, family, dataclasses.replace(changed, memory_budget=None), process_bytes)
+        try:
+            candidate = plan_memory(model, family, dataclasses.replace(changed, memory_budget=None), process_bytes)
+        except InvalidRequestError:  # a setting this family cannot run
+            continue
         if candidate.ram_bytes + sum(candidate.vram_bytes.values()) <= request.memory_budget:
             out.append(label)
     weights = plan.by_name("llm weights")
     if weights > 0.3 * request.memory_budget:
-        out.append("a q4_k_m file (`edgevlm convert ... --quant q4_k_m`)")
-    return out[:3] or ["a smaller model or a q4_k_m file"]
+        out.append(f"a {family.smallest_quant} file (`edgevlm convert ... --quant {family.smallest_quant}`)")
+    return out[:3] or [f"a smaller model or a {family.smallest_quant} file"]
 
 
 #: Device memory left free when layers are fitted (llama-server's --fit keeps 1 GiB too).

@@ -315,28 +315,24 @@ class MllamaTextModel:
         self.tiles_per_image, self.tokens_per_tile = states[0].shape[0], states[0].shape[1]
 
     def _run_cross_kv(self, flat: np.ndarray) -> dict[str, RawTensor]:
-        """One graph for every cross layer's K (normed) and V; V is kept transposed ``[n, hd, kv_heads]``."""
+        """Each cross layer's K (normed) and V, one graph per layer (so only one layer's f32 K/V is
+        ever held); V is kept transposed ``[n, hd, kv_heads]``."""
         cfg, w = self.config, self.weights
         hd, kvh, n = cfg.head_dim, cfg.n_head_kv, len(flat)
-        b = GraphBuilder()
-        x = b.input("states", (cfg.n_embd, n))
-        parts = []
+        kv, dtype = {}, KV_TYPES[self.kv_type]
         for il in cfg.cross_layers:
             p = f"blk.{il}.cross_attn_"
+            b = GraphBuilder()
+            x = b.input("states", (cfg.n_embd, n))
             k = b.rms_norm(b.reshape_3d(b.linear(x, w[p + "k_proj.weight"]), hd, kvh, n), w[p + "k_norm.weight"], cfg.eps)
-            parts += [b.reshape_2d(k, hd * kvh, n), b.linear(x, w[p + "v_proj.weight"])]
-        out = parts[0]
-        for part in parts[1:]:
-            out = b.concat(out, part, 0)
-        graph = CompiledGraph(self.backend, b, out)
-        try:
-            data = graph.run({"states": flat}).reshape(n, len(cfg.cross_layers), 2, kvh, hd)
-        finally:
-            graph.close()
-        kv, dtype = {}, KV_TYPES[self.kv_type]
-        for j, il in enumerate(cfg.cross_layers):
-            kv[f"k.{il}"] = RawTensor.from_numpy(data[:, j, 0].astype(dtype))                   # ne [hd, kvh, n]
-            kv[f"v.{il}"] = RawTensor.from_numpy(data[:, j, 1].transpose(1, 2, 0).astype(dtype))  # ne [n, hd, kvh]
+            graph = CompiledGraph(self.backend, b, b.concat(b.reshape_2d(k, hd * kvh, n),
+                                                            b.linear(x, w[p + "v_proj.weight"]), 0))
+            try:
+                data = graph.run({"states": flat}).reshape(n, 2, kvh, hd)
+            finally:
+                graph.close()
+            kv[f"k.{il}"] = RawTensor.from_numpy(data[:, 0].astype(dtype))                   # ne [hd, kvh, n]
+            kv[f"v.{il}"] = RawTensor.from_numpy(data[:, 1].transpose(1, 2, 0).astype(dtype))  # ne [n, hd, kvh]
         return kv
 
     # ------------------------------------------------------------------ forward

@@ -24,6 +24,19 @@ PEAK = ("import sys, runpy\n"
         "print('PEAK_KB', hwm.split()[1], file=sys.stderr)\n")
 
 
+def plan_and_peak(model, image, question: str, *chat_options: str) -> tuple[int, int]:
+    """(``edgevlm plan --ctx 512`` for a 64x48 image, the peak RSS of a one-shot ``edgevlm chat`` at 512)."""
+    planned = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "plan", "--model", str(model), "--json",
+                              "--image", "64x48", "--no-cache", "--ctx", "512"],
+                             capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr
+    proc = subprocess.run([sys.executable, "-c", PEAK, "chat", "--model", str(model), "--image", str(image),
+                           "-p", question, "--max-tokens", "4", "--no-cache", "--ctx", "512", *chat_options],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "PEAK_KB" in proc.stderr, proc.stderr
+    return json.loads(planned.stdout)["ram_bytes"], int(proc.stderr.split("PEAK_KB")[1].split()[0]) * 1024
+
+
 def _llama_log(model, **kwargs) -> list[str]:
     records: list[str] = []
 

@@ -95,6 +95,7 @@ def _conversation_report(first: dict[str, Any], second: dict[str, Any]) -> dict[
     return {
         "prompt_tokens": first["prompt_positions"],
         "prefill_tokens_per_s": round(first["evaluated_positions"] / prefill_s, 1),
+        "text_prefill_tokens_per_s": round(first["evaluated_positions"] / max(first["decode_ms"] / 1e3, 1e-6), 1),
         "time_to_first_token_ms": round(first["ttft_ms"], 1),
         "decode_tokens_per_s": first["decode_tps"],
         "generated_tokens": first["completion_tokens"],

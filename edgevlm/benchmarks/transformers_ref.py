@@ -45,6 +45,18 @@ def _load(checkpoint: Path, dtype: Any) -> tuple[Any, Any]:
     return model_cls.from_pretrained(checkpoint, dtype=dtype).eval(), processor
 
 
+def _checkpoint_folder(checkpoint: str | Path) -> Path:
+    """The ``--hf`` folder.
+
+    Raises:
+        InvalidRequestError: not a Hugging Face checkpoint folder.
+    """
+    folder = Path(checkpoint).expanduser()
+    if not (folder / "config.json").is_file():
+        raise InvalidRequestError(f"--hf {folder}: not a Hugging Face checkpoint folder (no config.json)")
+    return folder
+
+
 def _first_token_ms(model: Any, processor: Any, image: str, question: str) -> float:
     import torch
     from PIL import Image
@@ -95,9 +107,7 @@ def transformers_first_turn(checkpoint: str | Path, image: str, question: str, t
         InvalidRequestError: no checkpoint folder.
         UnsupportedModelError: torch / transformers missing, or an architecture they lack.
     """
-    folder = Path(checkpoint).expanduser()
-    if not (folder / "config.json").is_file():
-        raise InvalidRequestError(f"--hf {folder}: not a Hugging Face checkpoint folder (no config.json)")
+    folder = _checkpoint_folder(checkpoint)
     import torch
 
     torch.set_num_threads(threads)
@@ -164,9 +174,7 @@ def transformers_items(checkpoint: str | Path, requests: list[tuple[str, list[di
         InvalidRequestError: no checkpoint folder or no requests.
         UnsupportedModelError: torch / transformers missing, or an architecture they lack.
     """
-    folder = Path(checkpoint).expanduser()
-    if not (folder / "config.json").is_file():
-        raise InvalidRequestError(f"--hf {folder}: not a Hugging Face checkpoint folder (no config.json)")
+    folder = _checkpoint_folder(checkpoint)
     if not requests:
         raise InvalidRequestError("the transformers reference has no items to run")
     import torch

@@ -48,10 +48,11 @@ def parse_budgets(ctx: click.Context, param: click.Parameter, value: str | None)
                    "encode time and a cold first turn's TTFT (needs --image).")
 @click.option("--encode-only", is_flag=True,
               help="Image figures (and --budgets) only: skip the two-turn conversation.")
-@click.option("--reference", type=click.Choice(["torch", "transformers"]), default=None,
+@click.option("--reference", type=click.Choice(["torch", "transformers", "transformers-speed"]), default=None,
               help="torch: also time the projector's tower + MLP in PyTorch (f32 and bf16, same weights); "
-                   "transformers: the first turn's TTFT through transformers f32/bf16 beside edgevlm's "
-                   "(on --hf, or the model's hf/ folder).")
+                   "transformers: the first turn's TTFT through transformers f32/bf16 beside edgevlm's; "
+                   "transformers-speed: prefill/decode tokens/s and image encode ms through transformers "
+                   "f32/bf16, and the decode's memory-bandwidth bound (both on --hf, or the model's hf/ folder).")
 @click.option("--hf", "hf_checkpoint", type=click.Path(file_okay=False), default=None,
               help="With --reference transformers: the Hugging Face checkpoint the GGUF pair came from "
                    "(default: the hf/ folder next to the model, as make_bench_model.py --keep-checkpoint keeps).")
@@ -69,7 +70,7 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
     checkpoint = None
     if (budgets or encode_only or reference) and image is None:
         raise click.UsageError("--budgets, --encode-only and --reference measure an image: give one with --image")
-    if reference == "transformers":
+    if reference in ("transformers", "transformers-speed"):
         from edgevlm.benchmarks.transformers_ref import find_checkpoint
 
         checkpoint = find_checkpoint(params["model"], hf_checkpoint)
@@ -93,7 +94,8 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
             report["budgets"] = budget_sweep(vlm, image, budgets, prompt, max_tokens, encode_repeats)
     if reference and image is not None:
         with stages.step("reference"):
-            report.update(_reference(vlm, reference, checkpoint, image, prompt, encode_repeats))
+            report.update(_reference(vlm, reference, checkpoint, image, prompt, encode_repeats,
+                                     decode_tps=report.get("decode_tokens_per_s", 0.0), new_tokens=max_tokens))
     if compare:
         from edgevlm.benchmarks.compare import run_compare
 
@@ -144,8 +146,10 @@ def serve_args(params: dict[str, Any]) -> list[str]:
 
 
 def _reference(vlm: Any, reference: str, hf_checkpoint: str | None, image: str, prompt: str,
-               encode_repeats: int) -> dict[str, Any]:
-    """The --reference figures: transformers' first turn, or the torch rebuild of the vision tower."""
+               encode_repeats: int, *, decode_tps: float = 0.0, new_tokens: int = 8) -> dict[str, Any]:
+    """The --reference figures: transformers' first turn or speeds, or the torch rebuild of the vision tower."""
+    if reference == "transformers-speed" and hf_checkpoint is not None:
+        return _speed_reference(vlm, hf_checkpoint, image, prompt, encode_repeats, decode_tps, new_tokens)
     if reference == "transformers" and hf_checkpoint is not None:
         from edgevlm.benchmarks.transformers_ref import transformers_first_turn
 
@@ -157,6 +161,21 @@ def _reference(vlm: Any, reference: str, hf_checkpoint: str | None, image: str, 
         return torch_reference_times(vlm.mmproj_path, vlm.tower_pixels(image), vlm.settings.n_threads_batch,
                                      encode_repeats)
     return {}
+
+
+def _speed_reference(vlm: Any, hf_checkpoint: str, image: str, prompt: str, repeats: int, decode_tps: float,
+                     new_tokens: int) -> dict[str, Any]:
+    """transformers' speeds on the checkpoint, and edgevlm's decode against the memory-bandwidth bound."""
+    import edgevlm
+    from edgevlm.benchmarks.speeds import decode_bound, transformers_speeds
+
+    settings = vlm.settings
+    plan = edgevlm.plan(vlm.files.llm, mmproj=vlm.files.mmproj, n_ctx=settings.n_ctx, kv_type=settings.kv_type,
+                        n_gpu_layers=0, cache=False)
+    out: dict[str, Any] = transformers_speeds(hf_checkpoint, image, prompt, settings.n_threads_batch,
+                                              new_tokens, repeats)
+    out.update(decode_bound(vlm.files.llm, plan.by_name("image cross kv"), decode_tps))
+    return out
 
 
 class StageBar:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.engine_protocol import EngineRequest, VLMEngine
     from edgevlm.kernels.vision import TowerConfig, VisionTower
     from edgevlm.llm import LlamaModel
+    from edgevlm.planner import MemoryPart, PlanRequest, PlanSettings
     from edgevlm.prompt_layout import PromptLayout
     from edgevlm.vision.encoder import VisionEncoder
     from edgevlm.vision.pipeline import KernelsPipeline
@@ -161,6 +162,11 @@ class Family:
     """Vision engines able to run the family, preferred first (see :meth:`supported_engines`)."""
     chat_format: ClassVar[str] = "chatml"
     """Built-in template (``edgevlm.prompt.CHAT_FORMATS``) when the GGUF has none that works."""
+
+    smallest_quant: ClassVar[str] = "q4_k_m"
+    """The smallest LLM quantisation its converter writes (what a refused memory budget suggests)."""
+    prices_own_engine: ClassVar[bool] = False
+    """:meth:`own_memory_plan` prices the engine :meth:`open_engine` opens (a budget is checked before it)."""
 
     single_view: ClassVar[bool] = False
     """Trained on one view per image: ``tiles="grid"`` may add tiles + an overview."""
@@ -290,6 +296,18 @@ class Family:
         tokens = sum(c.n_tokens for c in chunks)
         return ImageCost(tokens=tokens, positions=sum(c.n_pos for c in chunks),
                          cells=sum(c.n_cells for c in chunks), views=sum(c.n_views for c in chunks))
+
+    # --- memory ------------------------------------------------------------
+    def own_memory_plan(self, request: PlanRequest,
+                        process_bytes: int) -> tuple[list[MemoryPart], PlanSettings] | None:
+        """The parts and settings of a family that prices its own engine (hook; default None:
+        :mod:`edgevlm.planner` prices llama.cpp and the vision engine).
+
+        Args:
+            request: what to plan for.
+            process_bytes: the interpreter and libraries, measured by the caller.
+        """
+        return None
 
     # --- engine ------------------------------------------------------------
     def open_engine(self, request: EngineRequest) -> VLMEngine | None:

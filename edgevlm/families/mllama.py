@@ -10,15 +10,88 @@ needs the images' cross-attention states only the projector file gives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from edgevlm import constants as C
 from edgevlm.descriptor import ModelDescriptor
-from edgevlm.errors import UnsupportedModelError
+from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, register
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.engine_protocol import EngineRequest, VLMEngine
+    from edgevlm.planner import MemoryPart, PlanRequest, PlanSettings
+
+#: Bytes of the engine's KV cache and cross-attention K/V elements (the kv types it runs).
+KV_ELEMENT = {"f32": 4, "f16": 2}
+F32 = 4
+
+
+@dataclass(frozen=True)
+class MllamaShape:
+    """The sizes memory depends on, from both headers."""
+
+    n_embd: int
+    n_layer: int
+    n_cross: int
+    n_head: int
+    kv_width: int  # KV heads x head dim
+    n_ctx_train: int
+    tiles: int
+    n_positions: int  # states per tile the text attends to (patches + CLS)
+    n_padded: int  # tokens per tile inside the encoder
+    patch_values: int  # patches per tile x 3 x patch^2
+    width: int
+    n_intermediate: int
+
+    @classmethod
+    def of(cls, model: ModelDescriptor) -> MllamaShape:
+        from edgevlm.kernels.mllama_vision import read_mllama_config
+
+        assert model.projector is not None
+        proj = model.projector
+        vision = read_mllama_config(proj.metadata, {t.name: SimpleNamespace(ne=t.shape) for t in proj.header.tensors})
+        n_embd, n_head = int(model.llm_key("embedding_length")), int(model.llm_key("attention.head_count"))
+        return cls(n_embd=n_embd, n_layer=int(model.llm_key("block_count")),
+                   n_cross=len(model.llm_metadata.get(C.KEY_MLLAMA_CROSS_ATTENTION_LAYERS) or []), n_head=n_head,
+                   kv_width=int(model.llm_key("attention.head_count_kv")) * (n_embd // n_head),
+                   n_ctx_train=int(model.llm_key("context_length") or 4096), tiles=vision.max_num_tiles,
+                   n_positions=vision.n_positions, n_padded=vision.n_padded,
+                   patch_values=vision.n_patches * 3 * vision.patch_size ** 2, width=vision.width,
+                   n_intermediate=len(vision.intermediate))
+
+    @property
+    def image_states(self) -> int:
+        """Vision states one image gives the text (every tile the encoder runs, padding tiles included)."""
+        return self.tiles * self.n_positions
+
+    def vision_compute(self, output_width: int) -> int:
+        """The encoder graph's buffer (flash attention): its f16 mask, the local layers' outputs kept
+        for the projector and their concatenation, the projected states, the patches.
+
+        Checked against ``CompiledGraph.compute_bytes``: 344 MiB measured, 350 MiB here, at the
+        11B's tile geometry (4 x 1608 tokens, width 1280) with 2 intermediate layers."""
+        n = self.tiles * self.n_padded
+        return (n * n * 2 + F32 * (n * self.width * (1 + 2 * self.n_intermediate)
+                                   + self.image_states * output_width + self.tiles * self.patch_values))
+
+    def decoder_compute(self, n_ctx: int, n_batch: int, n_images: int) -> int:
+        """One prefill graph of ``n_batch`` tokens at a full context: attention scores of every head
+        (f32, softmax in place) over the larger of the context and the images' states, their f16
+        copy for the product with V (ggml's work buffer), both masks and a few hidden rows.
+
+        Checked against ``CompiledGraph.compute_bytes`` + work buffer on the bench model (4096 wide,
+        32 heads, 6404 image states): 430 MiB buffer measured, 429.8 MiB here."""
+        n_img = n_images * self.image_states
+        widest = max(n_ctx, n_img)
+        return n_batch * (6 * self.n_head * widest + F32 * (n_ctx + n_img + 2 * self.n_embd))
+
+    def cross_kv_compute(self, n_images: int, kv_bytes: int) -> int:
+        """Computing the images' cross-attention K/V (one graph per cross layer): the states, one
+        layer's K and V (f32, in the graph and copied out) and the K/V of every layer before upload."""
+        n_img = n_images * self.image_states
+        return n_img * (F32 * (2 * self.n_embd + 4 * self.kv_width) + self.n_cross * 2 * self.kv_width * kv_bytes)
 
 
 @register
@@ -27,6 +100,8 @@ class MllamaFamily(Family):
     describes = "Llama-3.2-Vision (mllama), run on edgevlm's kernels (cross-attention text decoder)"
     priority = 10
     engines = (C.VISION_ENGINE_KERNELS,)
+    smallest_quant = "q4_0"
+    prices_own_engine = True
 
     @classmethod
     def matches(cls, model: ModelDescriptor) -> bool:
@@ -44,16 +119,85 @@ class MllamaFamily(Family):
 
     def planned_image_cost(self, width: int, height: int, max_tokens: int | None,
                            engine: str) -> ImageCost | None:
-        """Not priced yet: ``edgevlm.plan`` / ``memory_budget`` refuse mllama.
+        """Any image: one context token; the text attends to all its tiles' states (the encoder runs
+        every tile, padding included)."""
+        shape = MllamaShape.of(self.model)
+        return ImageCost(tokens=shape.image_states, positions=1, cells=1, views=shape.tiles)
+
+    def own_memory_plan(self, request: PlanRequest,
+                        process_bytes: int) -> tuple[list[MemoryPart], PlanSettings] | None:
+        """The mllama engine's memory, from both headers (README "Fit the machine").
 
         Raises:
-            UnsupportedModelError: always.
+            InvalidRequestError: a KV type or context the engine does not run.
         """
-        raise UnsupportedModelError("edgevlm.plan does not price Llama-3.2-Vision (mllama) models yet "
-                                    "(load them without memory_budget)")
+        from edgevlm.planner import PlanSettings
+
+        shape = MllamaShape.of(self.model)
+        if request.kv_type not in KV_ELEMENT:
+            raise InvalidRequestError(f"kv_type={request.kv_type!r}: the mllama engine keeps its KV cache in "
+                                      f"{' or '.join(KV_ELEMENT)}")
+        n_ctx = request.n_ctx or min(shape.n_ctx_train, 4096)
+        if n_ctx > shape.n_ctx_train:
+            raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {shape.n_ctx_train} tokens the model "
+                                      "was trained for")
+        parts = _memory_parts(self.model, shape, request, n_ctx, process_bytes)
+        settings = PlanSettings(n_ctx=n_ctx, n_batch=_prefill_batch(n_ctx), n_ubatch=_prefill_batch(n_ctx),
+                                kv_type=request.kv_type, flash_attn=False,
+                                n_gpu_layers=-1 if _device(request) != "CPU" else 0,
+                                image_tokens=shape.image_states, image_views=shape.tiles,
+                                vision_device=C.VISION_ENGINE_KERNELS, cache=request.cache)
+        return parts, settings
 
     def open_engine(self, request: EngineRequest) -> VLMEngine:
         """The mllama engine on edgevlm's kernels (see :mod:`edgevlm.mllama_engine`)."""
         from edgevlm.mllama_engine import open_mllama_engine
 
         return open_mllama_engine(self, request)
+
+
+def _device(request: PlanRequest) -> str:
+    """Where the engine's graphs go: the GPU unless no layer may go there (as the engine opens them)."""
+    return request.gpu if request.gpu and request.n_gpu_layers != 0 else "CPU"
+
+
+def _prefill_batch(n_ctx: int) -> int:
+    from edgevlm.mllama_engine import PREFILL_BATCH
+
+    return min(PREFILL_BATCH, n_ctx)
+
+
+def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanRequest, n_ctx: int,
+                  process_bytes: int) -> list[MemoryPart]:
+    """Process, weights, KV cache, one image's cross-attention K/V, the graphs' buffers, the image."""
+    from edgevlm.planner import RUNTIME_SLACK, MemoryPart, tensor_bytes
+
+    assert model.projector is not None
+    dev, kv = _device(request), KV_ELEMENT[request.kv_type]
+    n_self, out_width = shape.n_layer - shape.n_cross, shape.n_embd
+    states = shape.image_states * shape.n_embd * F32
+    decoder = shape.decoder_compute(n_ctx, _prefill_batch(n_ctx), 1)
+    cross_kv = shape.cross_kv_compute(1, kv)
+    w, h = request.image_size or (4096, 3072)
+    scale = min(1.0, 4096 / max(w, h))
+    return [
+        MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured"),
+        MemoryPart("llm weights", dev, sum(tensor_bytes(t) for t in model.llm.tensors),
+                   f"{shape.n_layer} layers ({shape.n_cross} cross-attention), in backend buffers"),
+        MemoryPart("kv cache", dev, n_self * n_ctx * shape.kv_width * 2 * kv,
+                   f"{n_self} self-attention layers x {n_ctx} cells, {request.kv_type}"),
+        MemoryPart("image cross kv", dev, shape.n_cross * shape.image_states * shape.kv_width * 2 * kv,
+                   f"{shape.n_cross} cross layers x {shape.tiles} tiles x {shape.n_positions} states, "
+                   f"{request.kv_type}; per image in the conversation"),
+        MemoryPart("projector weights", dev, sum(tensor_bytes(t) for t in model.projector.header.tensors),
+                   "vision encoder + projector"),
+        MemoryPart("vision compute", dev, shape.vision_compute(out_width),
+                   f"{shape.tiles} tiles x {shape.n_padded} tokens, flash attention; kept after the first image"),
+        MemoryPart("llm compute", dev, max(decoder, cross_kv),
+                   f"prefill of {_prefill_batch(n_ctx)} tokens, attention scores over "
+                   f"max({n_ctx}, {shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)"),
+        MemoryPart("image embeddings", "CPU", 2 * states,
+                   f"f32 vision states (RAM tier + encoder output); +{states >> 20} MiB per further image, up to 4"),
+        MemoryPart("image decode", "CPU", int(w * scale) * int(h * scale) * 3 * 2
+                   + 2 * shape.tiles * shape.patch_values * F32, f"{int(w * scale)}x{int(h * scale)} RGB + tiles"),
+    ]

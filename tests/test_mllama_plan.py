@@ -1,0 +1,77 @@
+"""The memory planner on Llama-3.2-Vision (mllama): the family prices its own engine from both headers,
+predicts a one-shot chat's peak RSS within 15 %, a budget refuses before loading, and the real 11B's
+shapes are priced header-only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import edgevlm
+from edgevlm.errors import MemoryBudgetError
+from tests.test_planner import plan_and_peak
+
+MiB = 1 << 20
+
+
+def test_parts_follow_the_headers(mllama_f32_result):
+    folder = mllama_f32_result.llm_path.parent
+    plan = edgevlm.plan(folder, n_ctx=256, kv_type="f32", image_size=(168, 50))
+    assert plan.ram_bytes == sum(p.nbytes for p in plan.parts) and plan.vram_bytes == {}
+    # tiny fixture: 5 text layers (2 cross), 2 KV heads x 16, 4 tiles x (16 patches + CLS)
+    assert plan.by_name("kv cache") == 3 * 256 * 32 * 2 * 4
+    assert plan.by_name("image cross kv") == 2 * 4 * 17 * 32 * 2 * 4
+    assert (plan.settings.image_tokens, plan.settings.image_views, plan.settings.n_ctx) == (68, 4, 256)
+    files = sum(f.stat().st_size for f in folder.glob("*.gguf"))
+    assert 0.8 * files < plan.by_name("llm weights") + plan.by_name("projector weights") <= files
+
+
+def test_prediction_within_15_percent_of_a_one_shot_chat(mllama_f32_result, painting):
+    folder = mllama_f32_result.llm_path.parent
+    question = " ".join(["Describe the painting, its colours and its light."] * 12)
+    predicted, measured = plan_and_peak(folder, painting, question, "--threads", "1", "--gpu-layers", "0")
+    print(f"mllama plan vs one-shot chat: predicted {predicted / MiB:.0f} MiB, measured {measured / MiB:.0f} MiB "
+          f"({predicted / measured - 1:+.1%})")
+    assert abs(predicted / measured - 1) <= 0.15
+
+
+def test_budget_refuses_in_one_line_before_loading(mllama_f32_result, monkeypatch):
+    import edgevlm.mllama_engine
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the budget refused it")
+
+    monkeypatch.setattr(edgevlm.mllama_engine, "MllamaPipeline", forbidden)
+    with pytest.raises(MemoryBudgetError) as err:
+        edgevlm.load(mllama_f32_result.llm_path.parent, memory_budget="20MiB", n_gpu_layers=0)
+    line = str(err.value)
+    assert "\n" not in line and "the memory budget is 20 MiB" in line and "q4_0" in line
+    assert line.startswith("needs ") and "llm compute" in line and "process" in line
+
+
+def test_cli_budget_refusal(mllama_f32_result, painting):
+    refused = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "chat", "--model",
+                              str(mllama_f32_result.llm_path.parent), "--image", str(painting), "-p", "Genre?",
+                              "--memory-budget", "20M", "--threads", "1", "--gpu-layers", "0"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.strip().count("\n") == 0 and "budget is 20 MiB" in refused.stderr
+
+
+@pytest.mark.parametrize("vision", ["f16", "q8_0"])
+def test_llama_32_11b_vision_header_only(vision):
+    """The real 11B's shapes (no data): what a 4096-token context with one 4-tile image takes."""
+    from edgevlm.families import family_for
+    from edgevlm.planner import PlanRequest, plan_memory
+    from tests.fixtures.mllama_11b import llama_32_11b_vision
+
+    model = llama_32_11b_vision("q4_0", vision)
+    plan = plan_memory(model, family_for(model), PlanRequest(n_ctx=4096, image_size=(1120, 1120), cache=False),
+                       64 * MiB)
+    print("\n".join(plan.table()), f"= {plan.ram_bytes / 1e9:.2f} GB", sep="\n")
+    assert plan.by_name("kv cache") == 32 * 4096 * 1024 * 2 * 2  # 32 self-attention layers, f16
+    assert plan.by_name("image cross kv") == 8 * 4 * 1601 * 1024 * 2 * 2
+    assert 5.5 < plan.by_name("llm weights") / (1 << 30) < 5.7  # Q4_0 matrices, Q8_0 embeddings/output
+    assert plan.settings.image_tokens == 6404
