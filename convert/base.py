@@ -11,7 +11,6 @@ when the LLM is not a ``llama``) and overrides the hooks it needs
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -137,10 +137,11 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     _check_gpu_layers(n_gpu_layers)
     if memory_budget is not None and family.prices_own_engine:  # refused before any weight is read
+        total, vram = parse_budget(memory_budget)
         _refuse_over_budget(_plan(described, family, PlanRequest(
             n_ctx=n_ctx, n_batch=n_batch, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
             max_image_tokens=max_image_tokens, cache=cache, vision_engine=vision_engine, tiles=tiles,
-            memory_budget=_bytes(memory_budget)), _process_bytes()))
+            memory_budget=total, vram_budget=vram), _process_bytes()))
     own = family.open_engine(EngineRequest(
         described=described, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
         kv_type=kv_type, seed=seed, device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),

@@ -25,7 +25,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore
-from edgevlm.chunks import ANSWER_RESERVE_TOKENS, Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.engine_protocol import RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
@@ -39,7 +39,7 @@ from edgevlm.prompt_layout import ImageBudget, PromptLayout, check_image_tokens,
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
                              generate_answer, generation_answers, score_sequences)
 from edgevlm.snapshots import SnapshotStore
-from edgevlm.stats import GenerationStats, PrefillStats
+from edgevlm.stats import PrefillStats
 from edgevlm.vision.encoder import VisionEncoder
 from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders
 

@@ -6,7 +6,6 @@ import codecs
 import concurrent.futures
 import json
 import math
-import threading
 import time
 import urllib.request
 
@@ -134,7 +133,6 @@ def test_logprobs(client, painting):
 
 
 def test_bad_inputs_are_openai_errors(client, server, allowed_dir, tmp_path):
-    from PIL import Image
 
     png = random_png(1)
     (allowed_dir / "ok.png").write_bytes(png)
