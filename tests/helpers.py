@@ -190,3 +190,42 @@ def synthetic_descriptor(projector_meta: Mapping[str, Any] | None,
     tensors = tuple(TensorInfo(name, (1,), 0) for name in sorted(tensor_names))
     header = GGUFHeader(Path("mmproj.gguf"), 3, {"general.architecture": "clip", **projector_meta}, tensors)
     return ModelDescriptor(ModelFiles(Path("llm.gguf"), Path("mmproj.gguf")), llm, ProjectorInfo(header))
+
+
+def run_with_stderr_on_a_terminal(cmd: list[str], *, timeout: float = 300,
+                                  width: int = 100) -> tuple[int, str, bytes]:
+    """Run ``cmd`` with stderr on a pseudo-terminal (``width`` columns) and stdout piped.
+
+    Returns:
+        (exit status, stdout text, everything written to the terminal).
+    """
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, width, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    seen: list[bytes] = []
+
+    def drain() -> None:  # read the terminal while the process runs, so it never blocks on a full pty
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=timeout)
+    reader.join(timeout=10)
+    os.close(master)
+    return proc.returncode, out, b"".join(seen)

@@ -33,32 +33,15 @@ def test_bench_server_measures_http_beside_in_process(siglip_f32, painting):
 
 
 def test_bench_shows_its_stages_on_a_terminal_only(siglip_f32, painting):
-    import fcntl
-    import os
-    import pty
-    import struct
     import subprocess
     import sys
-    import termios
+
+    from tests.helpers import run_with_stderr_on_a_terminal
 
     args = [sys.executable, "-m", "edgevlm.cli.main", "bench", "--model", str(siglip_f32), "--image", str(painting),
             "--json", "--max-tokens", "2", "--threads", "1", "--restart-rounds", "1"]
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    out, _ = proc.communicate(timeout=300)
-    os.close(master)
-    assert proc.returncode == 0 and json.loads(out)["generated_tokens"] >= 0
+    code, out, seen = run_with_stderr_on_a_terminal(args)
+    assert code == 0 and json.loads(out)["generated_tokens"] >= 0
     assert b"bench: conversation" in seen and b"stages" in seen
     piped = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert piped.returncode == 0 and piped.stderr == ""  # nothing extra when piped

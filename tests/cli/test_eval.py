@@ -204,28 +204,11 @@ def test_compare_two_quantisations(siglip_f32, siglip_q8, siglip_q4km, demo, tmp
 
 
 def test_a_progress_bar_on_a_terminal(siglip_f32, demo, tmp_path):
-    import fcntl
-    import pty
-    import struct
-    import termios
+    from tests.helpers import run_with_stderr_on_a_terminal
 
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 wide
     cmd = [sys.executable, "-m", "edgevlm.cli.main", *_eval_args(siglip_f32, demo, tmp_path / "run", "--limit", "2")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True)
-    os.close(slave)
-    out, _ = proc.communicate(timeout=300)
-    seen = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(master)
-    assert proc.returncode == 0 and out.startswith("accuracy ")
+    code, out, seen = run_with_stderr_on_a_terminal(cmd)
+    assert code == 0 and out.startswith("accuracy ")
     assert b"2/2" in seen and b"item" in seen  # tqdm's bar: count, rate, ETA
 
 
