@@ -217,6 +217,21 @@ class Weights:
         self._groups = {}
 
 
+def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor], *,
+                   matmul: Collection[str] = (), allow_extra: bool | None = None) -> Weights:
+    """A new :class:`Backend` on ``device`` holding ``tensors`` (``weights.backend``; closed again on failure).
+
+    ``matmul`` names go to the CPU's repacking buffer types where ggml takes them
+    (``allow_extra``: as :meth:`Backend.extra_buffer_types`; None: not on AMX builds).
+    """
+    backend = Backend(device, n_threads=n_threads)
+    try:
+        return Weights(backend, tensors, matmul=matmul, extra=backend.extra_buffer_types(allow_extra))
+    except Exception:
+        backend.close()
+        raise
+
+
 def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[BufferType]) -> BufferType | None:
     """The first of ``extra`` where ggml runs ``mul_mat(w, x)`` for ``w`` like ``raw``, x f32 [in, 512].
 

@@ -38,8 +38,7 @@ from edgevlm import constants as C
 from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError
 
 from . import ggml
-from .backend import Backend
-from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, upload_weights
 from .mllama_vision import gate_values
 from .vision import _positive, read_gguf_tensors
 
@@ -219,15 +218,10 @@ class MllamaTextModel:
             if il not in cfg.cross_layers:
                 for kind in "kv":
                     device_tensors[f"cache.{kind}.{il}"] = RawTensor.from_numpy(np.zeros(kv_shape, KV_TYPES[kv_type]))
-        self.backend = Backend(device, n_threads=n_threads)
-        try:
-            matmul = {n for n, t in device_tensors.items()
-                      if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
-            self.weights = Weights(self.backend, device_tensors, matmul=matmul,
-                                   extra=self.backend.extra_buffer_types(None))
-        except Exception:
-            self.backend.close()
-            raise
+        matmul = {n for n, t in device_tensors.items()
+                  if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
+        self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
+        self.backend = self.weights.backend
         self.images: ImageKV | None = None
         self.image_tiles: tuple[int, ...] = ()
         self.n_image_tokens = self.tiles_per_image = self.tokens_per_tile = 0

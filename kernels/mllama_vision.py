@@ -41,8 +41,7 @@ from edgevlm import constants as C
 from edgevlm.errors import InvalidModelError, UnsupportedModelError
 
 from . import ggml
-from .backend import Backend
-from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, upload_weights
 from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
 LAYER_NORM_EPS = 1e-5  # MllamaVisionModel's layernorm_pre / layernorm_post: nn.LayerNorm defaults
@@ -173,15 +172,10 @@ class MllamaVisionEncoder:
         self.config = read_mllama_config(self.meta, tensors)
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
-        self.backend = Backend(device, n_threads=n_threads)
-        try:
-            matmul = {n for n, t in device_tensors.items() if len(t.ne) == 2 and n.endswith(".weight")
-                      and (n.startswith(("v.blk.", "v.global.blk.", "mm.")) and "ln" not in n)}
-            self.weights = Weights(self.backend, device_tensors, matmul=matmul,
-                                   extra=self.backend.extra_buffer_types(None))
-        except Exception:
-            self.backend.close()
-            raise
+        matmul = {n for n, t in device_tensors.items() if len(t.ne) == 2 and n.endswith(".weight")
+                  and (n.startswith(("v.blk.", "v.global.blk.", "mm.")) and "ln" not in n)}
+        self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
+        self.backend = self.weights.backend
         self._graph: CompiledGraph | None = None
 
     @property
