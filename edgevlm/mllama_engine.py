@@ -51,21 +51,19 @@ from edgevlm.llm import Sampler, default_threads
 from edgevlm.mllama_images import MllamaImages, n_tiles_for
 from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
+from edgevlm.planner import DEFAULT_CTX  # the training context, at most this, as every load
 from edgevlm.progress import LoadStage
 from edgevlm.prompt import Message, build_prompt
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, GrammarSampler, answer_lead, check_choices,
                              choice_grammar, choice_tokens, generation_answers, score_sequences, settled_answer)
 from edgevlm.stats import PrefillStats
 from edgevlm.vision.images import LoadedImage, intake_size, preload_decoders, to_pil
-from edgevlm.vision.mllama_tiles import mllama_tiles
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family, ImageCost
 
 #: Tokens read per graph during a prefill (cancellation is checked between batches).
 PREFILL_BATCH = 512
-#: Default context when :func:`edgevlm.load` is given none: the training context, at most this.
-DEFAULT_CTX = 4096
 
 
 @dataclass(frozen=True)
@@ -372,10 +370,7 @@ class MllamaEngine:
         """The image's first tile as the vision tower takes it: (3, S, S) float32 (MllamaImageProcessor's
         tiling; :meth:`embed_image` encodes every tile)."""
         self.check_open()
-        cfg = self.pipe.vision.config
-        tiles = mllama_tiles(to_pil(image), tile_size=cfg.image_size, max_image_tiles=cfg.max_image_tiles,
-                             max_num_tiles=cfg.max_num_tiles, aspect_ratios=cfg.aspect_ratios,
-                             mean=cfg.image_mean, std=cfg.image_std, resample=cfg.resample)
+        tiles = self.pipe.tiles(to_pil(image))
         return np.ascontiguousarray(tiles.pixels[0], dtype=np.float32)
 
     def image_cost(self, width: int, height: int, max_image_tokens: int | None = None) -> ImageCost:

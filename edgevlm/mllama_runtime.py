@@ -106,12 +106,16 @@ class MllamaPipeline:
         """Token ids of ``prompt`` (BOS as the vocabulary says; special tokens parsed)."""
         return self.vocab.tokenize(prompt, add_special=True, parse_special=True)
 
+    def tiles(self, image: Image.Image) -> MllamaTiles:
+        """``image`` tiled as MllamaImageProcessor does, for this projector's tile size and limits."""
+        cfg = self.vision.config
+        return mllama_tiles(image, tile_size=cfg.image_size, max_image_tiles=cfg.max_image_tiles,
+                            max_num_tiles=cfg.max_num_tiles, aspect_ratios=cfg.aspect_ratios,
+                            mean=cfg.image_mean, std=cfg.image_std, resample=cfg.resample)
+
     def encode_image(self, image: Image.Image) -> EncodedImage:
         """Tile ``image`` as MllamaImageProcessor does and run the vision encoder on it."""
-        cfg = self.vision.config
-        tiles = mllama_tiles(image, tile_size=cfg.image_size, max_image_tiles=cfg.max_image_tiles,
-                             max_num_tiles=cfg.max_num_tiles, aspect_ratios=cfg.aspect_ratios,
-                             mean=cfg.image_mean, std=cfg.image_std, resample=cfg.resample)
+        tiles = self.tiles(image)
         return EncodedImage(tiles, self.vision.encode(tiles.pixels, tiles.aspect_ratio_id, tiles.n_tiles))
 
     def start(self, prompt: str, images: Sequence[Image.Image | EncodedImage] = ()) -> np.ndarray:

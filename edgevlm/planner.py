@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from edgevlm import constants as C
+from edgevlm.chunks import answer_reserve
 from edgevlm.descriptor import ModelDescriptor
 from edgevlm.embeddings import DEFAULT_RAM_BYTES
 from edgevlm.errors import InvalidRequestError
@@ -450,7 +451,7 @@ def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_
     if model.projector is None:
         return 0, 0, "none"
     engine = family.choose_engine(request.vision_engine)
-    cap = max(1, n_ctx - min(512, n_ctx // 4))
+    cap = max(1, n_ctx - answer_reserve(n_ctx))
     budget = min(request.max_image_tokens, cap) if request.max_image_tokens else cap
     sizes = [request.image_size] if request.image_size else list(LARGEST_IMAGES)
     best: tuple[int, int] | None = None

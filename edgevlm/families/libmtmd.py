@@ -52,9 +52,13 @@ def image_tokens(encoder: VisionEncoder, width: int, height: int) -> int:
     return sum(c.n_tokens for c in encoder.image_chunks(blank_image(width, height)))
 
 
-def fit_size(width: int, height: int, max_tokens: int, tokens_at: Callable[[int, int], int]) -> tuple[int, int]:
-    """The largest size (same aspect, found in a few steps) whose token count fits ``max_tokens``."""
-    need = tokens_at(width, height)
+def fit_size(width: int, height: int, max_tokens: int, tokens_at: Callable[[int, int], int],
+             need: int | None = None) -> tuple[int, int]:
+    """The largest size (same aspect, found in a few steps) whose token count fits ``max_tokens``.
+
+    ``need``: the count at ``width`` x ``height`` when the caller has it already.
+    """
+    need = tokens_at(width, height) if need is None else need
     w, h = width, height
     for _ in range(_FIT_STEPS):
         if need <= max_tokens:
@@ -81,7 +85,7 @@ class LibmtmdFamily(Family):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._fixed: dict[tuple[int, int], int] = {}  # (w, h) -> the fixed count libmtmd gives
+        self._fixed: set[tuple[int, int]] = set()  # sizes whose count libmtmd keeps fixed
 
     @property
     def projector_type(self) -> str:
@@ -101,14 +105,14 @@ class LibmtmdFamily(Family):
         if self.projector_type not in AREA_PROJECTOR_TYPES:
             half = image_tokens(encoder, max(1, image.width // 2), max(1, image.height // 2))
             if half >= need:
-                self._fixed[(image.width, image.height)] = need
+                self._fixed.add((image.width, image.height))
                 return image
-        size = fit_size(image.width, image.height, max_tokens, lambda w, h: image_tokens(encoder, w, h))
+        size = fit_size(image.width, image.height, max_tokens, lambda w, h: image_tokens(encoder, w, h), need)
         return resized(image, *size)
 
     def budget_note(self, image: LoadedImage, tokens: int) -> str:
         """Why ``image`` cannot be planned within a smaller budget (hook of the budget error)."""
-        if self._fixed.get((image.width, image.height)) is not None:
+        if (image.width, image.height) in self._fixed:
             return (f"; libmtmd plans {self.projector_type} images itself at a fixed {tokens} tokens "
                     "whatever their size (a half-size image costs as much), so no smaller budget can be met")
         return (f"; libmtmd plans {self.projector_type} images itself and downscaling this one costs no "

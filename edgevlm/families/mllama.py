@@ -131,13 +131,13 @@ class MllamaFamily(Family):
         Raises:
             InvalidRequestError: a KV type or context the engine does not run.
         """
-        from edgevlm.planner import PlanSettings
+        from edgevlm.planner import DEFAULT_CTX, PlanSettings
 
         shape = MllamaShape.of(self.model)
         if request.kv_type not in KV_ELEMENT:
             raise InvalidRequestError(f"kv_type={request.kv_type!r}: the mllama engine keeps its KV cache in "
                                       f"{' or '.join(KV_ELEMENT)}")
-        n_ctx = request.n_ctx or min(shape.n_ctx_train, 4096)
+        n_ctx = request.n_ctx or min(shape.n_ctx_train, DEFAULT_CTX)
         if n_ctx > shape.n_ctx_train:
             raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {shape.n_ctx_train} tokens the model "
                                       "was trained for")
