@@ -144,7 +144,9 @@ def test_desktop_app_answers_follows_up_fast_and_stops(display, siglip_f32, pain
         follow = app.last_reply
         assert follow.prefill.images_encoded == 0 and follow.prefill.images_reused == 1
         assert follow.prefill.reused_positions > 0  # the image and the text around it, from the KV cache
-        assert follow.timings["ttft_ms"] < first.timings["ttft_ms"] / 2, (first.timings, follow.timings)
+        # fast because the first turn's prompt (image included) is not read again; a wall-clock ratio of
+        # two few-ms turns of the tiny model failed CI on noise
+        assert follow.prefill.reused_positions >= first.prefill.prompt_positions - 1, (first.prefill, follow.prefill)
         assert "image reused" in app.status.cget("text")
 
         stopped = _stop_a_long_answer(window, app)
