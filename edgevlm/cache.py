@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.paths import cache_dir
+
 LOG = logging.getLogger("edgevlm.cache")
 
 MAGIC = b"EVLMEMB\x00"
@@ -44,19 +46,6 @@ _HEADER = struct.Struct("<8sIII32s")  # magic, version, rows, cols, sha256(paylo
 
 #: Seconds to wait for another process computing the same cache entry.
 LOCK_TIMEOUT_S = 120.0
-
-
-def cache_dir() -> Path:
-    """The root cache directory (created on first write, not here)."""
-    env = os.environ.get("EDGEVLM_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("edgevlm", appauthor=False))
-    except ImportError:  # pragma: no cover - platformdirs is a dependency
-        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgevlm"
 
 
 @dataclass(frozen=True)

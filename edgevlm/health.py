@@ -131,8 +131,9 @@ class Cpu:
     """The CPU, its features that matter, and edgevlm's AMX guard.
 
     Attributes:
-        amx_guard_active: llama.cpp has ggml's AMX path, so edgevlm loads weights without
-            llama.cpp's extra buffer types (see README "CPU builds").
+        amx_guard_active: llama.cpp has ggml's AMX path but it is not safe to use, so edgevlm
+            loads weights without llama.cpp's extra buffer types (see README "CPU builds").
+        amx_reason: why the AMX path is used or guarded (:class:`edgevlm.amx_guard.AmxStatus`).
     """
 
     model: str
@@ -142,6 +143,7 @@ class Cpu:
     amx_guard_active: bool
     problems: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    amx_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,8 @@ def check_cpu(build: Build) -> Cpu:
         :class:`Cpu`; a feature the build uses but the CPU lacks is a problem (llama.cpp would
         stop on an illegal instruction), one the CPU has but the build does not use is a warning.
     """
-    from edgevlm import native
+    from edgevlm.amx_guard import ENV as AMX_ENV
+    from edgevlm.amx_guard import AmxStatus, amx_status
 
     model, flags = _proc_cpuinfo()
     built = next((b.features for b in build.backends if b.name == "CPU"), {})
@@ -428,11 +431,13 @@ def check_cpu(build: Build) -> Cpu:
     warnings = tuple(f"this CPU has {f.name} but llama.cpp was built without it (slower kernels)"
                      for f in features if f.hardware and not f.built)
     try:
-        amx_guard = native.cpu_has_amx()
-    except EdgeVLMError:
-        amx_guard = False  # llama.cpp missing: check_build reports it
+        amx = amx_status()
+    except EdgeVLMError:  # llama.cpp missing: check_build reports it
+        amx = AmxStatus(False, False, "llama.cpp could not be loaded")
+    if amx.guard_active and os.environ.get(AMX_ENV, "").strip().lower() != "off":
+        warnings += (amx.reason,)
     return Cpu(model or platform.processor() or "unknown", platform.machine(), os.cpu_count() or 1,
-               features, amx_guard, problems, warnings)
+               features, amx.guard_active, problems, warnings, amx.reason)
 
 
 # ------------------------------------------------------------------ kernels

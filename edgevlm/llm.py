@@ -18,8 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from edgevlm import native
+from edgevlm import amx_guard
 from edgevlm.constants import KV_TYPES, QUANTISED_KV_TYPES
 from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, RuntimeFailure
+
+#: llama.h ``LLAMA_LOAD_MODE_NONE``: read tensor data into the buffers (no memory map).
+LOAD_MODE_READ = 0
 
 LOG = logging.getLogger("edgevlm")
 
@@ -105,8 +109,13 @@ class LlamaModel:
         params.n_gpu_layers = n_gpu_layers
         params.vocab_only = vocab_only
         if extra_buffers is None:
-            extra_buffers = not native.cpu_has_amx()
+            extra_buffers = not amx_guard.amx_guard_active()
         params.use_extra_bufts = extra_buffers
+        if extra_buffers and native.cpu_has_amx():
+            # ggml's AMX buffer type keeps its own repacked copy of the weights: read the file into it
+            # instead of mapping it, or the mapped pages stay resident beside the copy (measured on the
+            # 0.5B Q8_0 bench LLM: peak RSS 909 MiB mapped, 521 MiB read; load 0.55 s vs 0.96 s)
+            params.load_mode = LOAD_MODE_READ
         self._lib = lib
         failure: list[BaseException] = []
         callback = _progress_callback(lib, progress, failure) if progress is not None else None

@@ -469,6 +469,25 @@ def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_
     return best[0], best[1], engine
 
 
+def projector_weight_bytes(model: ModelDescriptor, engine: str, *, on_cpu: bool) -> int:
+    """The projector's weights as loaded: the kernels engine on the CPU converts f16 towers at load
+    (Q8_0 where ggml's AMX path is usable: :func:`edgevlm.kernels.tower_weights.auto_weight_type`)."""
+    assert model.projector is not None
+    tensors = model.projector.header.tensors
+    if engine != C.VISION_ENGINE_KERNELS or not on_cpu:
+        return sum(tensor_bytes(t) for t in tensors)
+    from edgevlm import amx_guard, native
+    from edgevlm.kernels.tower_weights import MATMUL_WEIGHT, auto_weight_type, loaded_matrix_bytes
+
+    amx = amx_guard.amx_status()
+    matrices = [t for t in tensors if MATMUL_WEIGHT.match(t.name) and len(t.shape) == 2]
+    choice = auto_weight_type({t.ggml_type for t in matrices}, amx=amx.built and amx.usable,
+                              avx512_bf16="AVX512_BF16 = 1" in native.system_info())
+    names = {t.name for t in matrices}
+    return (sum(tensor_bytes(t) for t in tensors if t.name not in names)
+            + sum(loaded_matrix_bytes(t.shape, t.ggml_type, choice) for t in matrices))
+
+
 def _tower_tokens(model: ModelDescriptor) -> int:
     meta = model.projector.metadata if model.projector else {}
     size, patch = int(meta.get("clip.vision.image_size", 336)), int(meta.get("clip.vision.patch_size", 14))
@@ -480,7 +499,8 @@ def _vision_parts(model: ModelDescriptor, shape: LLMShape, request: PlanRequest,
     """Projector weights, the tower's compute for ``views`` views, the image and its embeddings."""
     assert model.projector is not None
     meta = model.projector.metadata
-    weights = sum(tensor_bytes(t) for t in model.projector.header.tensors)
+    device = request.gpu if request.projector_on_gpu and request.gpu else "CPU"
+    weights = projector_weight_bytes(model, engine, on_cpu=device == "CPU")
     width = int(meta.get("clip.vision.embedding_length", 1024))
     n_ff = int(meta.get("clip.vision.feed_forward_length", 4 * width))
     per_view = (_tower_tokens(model) + 1) * (n_ff + 4 * width) * 4
@@ -489,7 +509,6 @@ def _vision_parts(model: ModelDescriptor, shape: LLMShape, request: PlanRequest,
     pixels = int(w * scale) * int(h * scale)
     embd = tokens * shape.n_embd * 4 * (2 if request.cache else 1)
     kv_copies = int(shape.kv_bytes_per_position(request.kv_type) * (tokens + TEXT_AROUND_IMAGE)) * 2
-    device = request.gpu if request.projector_on_gpu and request.gpu else "CPU"
     parts = [MemoryPart("projector weights", device, weights, f"{engine} engine"),
              MemoryPart("vision compute", device, per_view * views, f"{views} view(s) of the tower"),
              MemoryPart("image decode", "CPU", pixels * 3 * 2, f"{int(w * scale)}x{int(h * scale)} RGB"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from edgevlm import native
+from edgevlm import amx_guard
 from edgevlm.errors import KernelsUnavailableError
 
 from . import ggml
@@ -156,7 +156,7 @@ class Backend:
             KernelsUnavailableError: ggml's list is not NULL-terminated.
         """
         if allow is None:
-            allow = not native.cpu_has_amx()
+            allow = not amx_guard.amx_guard_active()
         if not (allow and self.is_cpu):
             return []
         g = self.g

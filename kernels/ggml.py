@@ -164,6 +164,9 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_cpu_fp16_to_fp32": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # SIMD, as the CPU backend
     "ggml_cpu_fp32_to_bf16": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # round to nearest even
     "ggml_cpu_has_avx512_bf16": ("cpu", c_int, []),
+    # tower weight type: Q8_0 matrices for ggml's AMX int8 tile kernels; the CPU backend's SIMD
+    # quantiser (the one it uses for activations): (src f32, dst blocks, values, a multiple of 32)
+    "quantize_row_q8_0": ("cpu", None, [c_void_p, c_void_p, c_int64]),
 }
 
 #: ``ggml_backend_dev_get_extra_bufts_t`` (ggml-backend.h): device -> NULL-terminated buffer types.

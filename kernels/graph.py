@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgevlm.errors import InvalidModelError, KernelsUnavailableError, RuntimeFailure
 
@@ -87,10 +88,11 @@ class RawTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the uploaded tensor (a pending conversion to a 2-byte type halves f32 data)."""
+        """Bytes of the uploaded tensor (after a pending conversion: ``ggml_type``'s size for ``ne``)."""
         if self.convert is None:
             return int(self.data.nbytes)
-        return int(self.data.size) * 2
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(self.ggml_type)]
+        return int(self.data.size) // block * type_size
 
     @classmethod
     def from_numpy(cls, array: np.ndarray) -> "RawTensor":

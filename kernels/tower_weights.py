@@ -1,12 +1,17 @@
 """How a tower's weights are stored on the backend: matrix type and buffer placement.
 
-Two CPU speed-ups, both decided at load:
+Three CPU speed-ups, decided at load:
 
 * **bf16 matrices.** Where ggml's CPU backend has AVX512-BF16 dot products,
   f16 matrices converted to bf16 at load run the tower's matrix products
   faster (measured numbers in the README "Vision engines" section). Only
   the matrices the graphs use as ``mul_mat`` weights change type; norms,
   biases, embeddings and the patch-embedding kernel keep the file's type.
+* **Q8_0 matrices on AMX.** Where ggml's AMX buffer type is offered and
+  usable (an Intel CPU with AMX and a build that runs it: see
+  :mod:`edgevlm.amx_guard`), f16 matrices quantised to Q8_0 at load run on
+  its int8 tile kernels, 2-3x faster than bf16 on AVX-512 (README "Fit the
+  machine"); the per-token cosine against the f16 tower stays >= 0.999.
 * **Repacked matrices.** Those same matrices go into the CPU device's extra
   buffer type (ggml's ``CPU_REPACK``, KleidiAI, AMX) when ggml accepts them
   there, as llama.cpp's loader does (:class:`edgevlm.kernels.graph.Weights`).
@@ -17,8 +22,11 @@ Two CPU speed-ups, both decided at load:
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +34,7 @@ import numpy as np
 from edgevlm.errors import InvalidRequestError
 
 from . import ggml
-from .backend import Backend
+from .backend import Backend, BufferType
 from .graph import RawTensor
 
 LOG = logging.getLogger("edgevlm.kernels")
@@ -38,7 +46,8 @@ MATMUL_WEIGHT = re.compile(
     r"|mm\.\d+"
     r"|adapter\.(attn_q|attn_k|attn_v|attn_out|ffn_up|ffn_down|proj))\.weight$")
 
-WEIGHT_TYPES = ("auto", "as-file", "bf16")
+WEIGHT_TYPES = ("auto", "as-file", "bf16", "q8_0")
+QK8_0, Q8_0_BLOCK_BYTES = 32, 34  # ggml's Q8_0: 32 int8 values and one f16 scale per block
 _CONVERTIBLE = {ggml.GGML_TYPE_F32: "f32", ggml.GGML_TYPE_F16: "f16"}
 
 
@@ -51,22 +60,25 @@ def matmul_weights(tensors: Mapping[str, RawTensor]) -> set[str]:
 class WeightChoice:
     """The matrix type chosen for a tower, and why (logged at load)."""
 
-    weight_type: str  # "as-file" | "bf16"
+    weight_type: str  # "as-file" | "bf16" | "q8_0"
     reason: str
 
 
-def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend: Backend) -> WeightChoice:
+def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend: Backend,
+                       extra: Sequence[BufferType] = ()) -> WeightChoice:
     """Decide the tower's matrix type.
 
-    ``"auto"`` converts to bf16 only when all of these hold: the tower runs on
-    the CPU, ggml's CPU backend has AVX512-BF16, and the file's matrices are
-    f16 (f32 files are kept exact: their owner asked for f32; quantised and
-    bf16 files are kept as they are).
+    ``"auto"`` changes only f16 matrices on the CPU (f32 files are kept exact:
+    their owner asked for f32; quantised and bf16 files are kept as they are):
+    to Q8_0 when ``extra`` holds ggml's AMX buffer type (its int8 tile kernels
+    are the fastest CPU path there), else to bf16 when ggml's CPU backend has
+    AVX512-BF16.
 
     Args:
-        requested: "auto", "as-file" or "bf16" ("bf16" converts f32/f16 matrices on any device).
+        requested: "auto", "as-file", "bf16" or "q8_0" (the last two convert f32/f16 matrices on any device).
         tensors: the tower's device tensors.
         backend: where the tower runs.
+        extra: the extra buffer types the weights may use (``Backend.extra_buffer_types``).
 
     Returns:
         The choice with its reason.
@@ -81,18 +93,46 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
     file_types = "/".join(names) or "none"
     if requested == "as-file":
         return WeightChoice("as-file", f"as requested (file matrices {file_types})")
-    if requested == "bf16":
+    if requested in ("bf16", "q8_0"):
         if not types <= set(_CONVERTIBLE):
-            return WeightChoice("as-file", f"bf16 requested, but the file's matrices are {file_types} "
+            return WeightChoice("as-file", f"{requested} requested, but the file's matrices are {file_types} "
                                            "(only f32/f16 are converted)")
-        return WeightChoice("bf16", f"as requested (file matrices {file_types})")
+        return WeightChoice(requested, f"as requested (file matrices {file_types})")
     if not backend.is_cpu:
         return WeightChoice("as-file", f"{backend.name} is not the CPU")
-    if not backend.g.ggml_cpu_has_avx512_bf16():
+    return auto_weight_type(types, amx=any(b.name == "AMX" for b in extra),
+                            avx512_bf16=bool(backend.g.ggml_cpu_has_avx512_bf16()))
+
+
+def auto_weight_type(file_types: set[int], *, amx: bool, avx512_bf16: bool) -> WeightChoice:
+    """``"auto"``'s rule on the CPU (also what the memory planner prices).
+
+    Args:
+        file_types: the ggml types of the file's ``mul_mat`` matrices.
+        amx: ggml's AMX buffer type is offered for the weights (and usable: the AMX guard is off).
+        avx512_bf16: ggml's CPU backend has AVX512-BF16 dot products.
+    """
+    names = "/".join(sorted(ggml.lib().ggml_type_name(t).decode() for t in file_types)) or "none"
+    if file_types != {ggml.GGML_TYPE_F16}:
+        return WeightChoice("as-file", f"the file's matrices are {names} (auto converts f16 only)")
+    if amx:
+        return WeightChoice("q8_0", "f16 matrices and ggml's AMX int8 tile kernels (quantised to Q8_0 at load)")
+    if not avx512_bf16:
         return WeightChoice("as-file", "ggml's CPU backend has no AVX512-BF16 here")
-    if types != {ggml.GGML_TYPE_F16}:
-        return WeightChoice("as-file", f"the file's matrices are {file_types} (auto converts f16 only)")
     return WeightChoice("bf16", "f16 matrices and a CPU with AVX512-BF16 dot products")
+
+
+def loaded_matrix_bytes(ne: tuple[int, ...], file_type: int, choice: WeightChoice) -> int:
+    """Bytes a ``mul_mat`` matrix of shape ``ne`` takes once loaded under ``choice`` (see :func:`apply_weight_type`)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    target = file_type
+    if file_type in _CONVERTIBLE and choice.weight_type == "bf16":
+        target = ggml.GGML_TYPE_BF16
+    elif file_type in _CONVERTIBLE and choice.weight_type == "q8_0" and ne[0] % QK8_0 == 0:
+        target = ggml.GGML_TYPE_Q8_0
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(target)]
+    return math.prod(ne) // block * size
 
 
 _CHUNK = 1 << 20  # elements per f16 -> f32 step: a small reused scratch instead of an f32 copy
@@ -125,9 +165,45 @@ def bf16_bytes(data: np.ndarray) -> np.ndarray:
     return out
 
 
+def lazy_q8_0(raw: RawTensor) -> RawTensor:
+    """An f32/f16 matrix as Q8_0, quantised (by ggml) only when it is uploaded."""
+    return RawTensor(ggml.GGML_TYPE_Q8_0, raw.ne, raw.data, convert=lambda data: q8_0_bytes(data, raw.ne[0]))
+
+
+def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
+    """f32 or f16 rows of ``row_length`` values as ggml Q8_0 blocks (ggml_quantize_chunk), row chunk by chunk."""
+    g = ggml.lib()
+    src = np.ascontiguousarray(np.asarray(data).reshape(-1))
+    if src.size % row_length or row_length % QK8_0:
+        raise ValueError(f"{src.size} values are not whole rows of {row_length} in 32-value blocks")
+    out = np.empty(src.size // QK8_0 * Q8_0_BLOCK_BYTES, dtype=np.uint8)
+
+    def quantise(start: int) -> None:  # Q8_0 blocks are independent: any 32-aligned chunk is a "row"
+        n = min(_CHUNK, src.size - start)
+        if src.dtype == np.float16:
+            values = np.empty(n, dtype=np.float32)
+            g.ggml_cpu_fp16_to_fp32(src[start:].ctypes.data, values.ctypes.data, n)
+        else:
+            values = np.ascontiguousarray(src[start:start + n], dtype=np.float32)
+        g.quantize_row_q8_0(values.ctypes.data, out[start // QK8_0 * Q8_0_BLOCK_BYTES:].ctypes.data, n)
+
+    # ctypes releases the GIL during each call: the chunks are quantised on all cores
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(quantise, range(0, src.size, _CHUNK)))
+    return out
+
+
+_LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
+
+
 def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice) -> dict[str, RawTensor]:
-    """``tensors`` with the matrices converted as ``choice`` says (others unchanged)."""
-    if choice.weight_type != "bf16":
+    """``tensors`` with the matrices converted as ``choice`` says (others unchanged).
+
+    Q8_0 converts only matrices whose rows are whole 32-value blocks; the others keep the file's type.
+    """
+    lazy = _LAZY.get(choice.weight_type)
+    if lazy is None:
         return dict(tensors)
-    convert = {name for name in matmul_weights(tensors) if tensors[name].ggml_type in _CONVERTIBLE}
-    return {name: lazy_bf16(raw) if name in convert else raw for name, raw in tensors.items()}
+    convert = {name for name in matmul_weights(tensors) if tensors[name].ggml_type in _CONVERTIBLE
+               and (choice.weight_type != "q8_0" or tensors[name].ne[0] % QK8_0 == 0)}
+    return {name: lazy(raw) if name in convert else raw for name, raw in tensors.items()}

@@ -236,12 +236,13 @@ class VisionTower:
             default too) instead of f32 softmax(QK^T)V. Measured on a 2-core
             AVX-512 CPU, ViT-L/14-336: 8-25 % faster, per-token cosine against
             transformers unchanged (0.9999999 on the test towers).
-        weight_type: the matrices' type on the backend: "as-file", "bf16"
-            (f32/f16 matrices converted at load), or "auto" (bf16 for f16
-            files on a CPU with AVX512-BF16; see
+        weight_type: the matrices' type on the backend: "as-file", "bf16" or
+            "q8_0" (f32/f16 matrices converted at load), or "auto" (for f16
+            files on the CPU: Q8_0 where ggml's AMX buffer type is usable, else
+            bf16 on a CPU with AVX512-BF16; see
             :func:`edgevlm.kernels.tower_weights.choose_weight_type`).
         extra_buffers: put matrices in the CPU's repacking buffer types where
-            ggml takes them; None = yes except on AMX builds (as the LLM).
+            ggml takes them; None = yes unless the AMX guard is on (as the LLM).
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError,
@@ -264,10 +265,10 @@ class VisionTower:
         device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}
         self.backend = Backend(device, n_threads=n_threads)
         try:
-            self.weight_choice = choose_weight_type(weight_type, device_tensors, self.backend)
+            extra = self.backend.extra_buffer_types(extra_buffers)
+            self.weight_choice = choose_weight_type(weight_type, device_tensors, self.backend, extra)
             device_tensors = apply_weight_type(device_tensors, self.weight_choice)
-            self.weights = Weights(self.backend, device_tensors, matmul=matmul_weights(device_tensors),
-                                   extra=self.backend.extra_buffer_types(extra_buffers))
+            self.weights = Weights(self.backend, device_tensors, matmul=matmul_weights(device_tensors), extra=extra)
         except Exception:
             self.backend.close()
             raise

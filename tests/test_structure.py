@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Package folder -> import name (pyproject.toml's package-dir).
 PACKAGES = {"edgevlm": "edgevlm", "convert": "edgevlm.convert", "kernels": "edgevlm.kernels"}
 #: What convert/ and kernels/ may import from edgevlm (the bottom layer).
-BOTTOM = {"edgevlm", "edgevlm.errors", "edgevlm.constants", "edgevlm.gguf_info", "edgevlm.native"}
+BOTTOM = {"edgevlm", "edgevlm.errors", "edgevlm.constants", "edgevlm.gguf_info", "edgevlm.native", "edgevlm.paths",
+          "edgevlm.amx_guard"}
 #: What the CLI may import: the public API and its own modules (plus the bottom layer and
 #: the benchmark workloads, which are written on the public API).
 CLI_ALLOWED_PREFIXES = ("edgevlm.cli", "edgevlm.benchmarks", "edgevlm.convert", "edgevlm.evaluate", "edgevlm.server")

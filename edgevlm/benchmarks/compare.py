@@ -92,9 +92,9 @@ def guard_peer_amx() -> bool:
     Returns:
         Whether the guard was applied.
     """
-    from edgevlm import native
+    from edgevlm.amx_guard import amx_guard_active
 
-    if not native.cpu_has_amx():
+    if not amx_guard_active():
         return False
     import llama_cpp.llama_cpp as lib
 
@@ -140,9 +140,9 @@ def _amx_guard() -> Iterator[None]:
     (quantised weights in the AMX buffer type crash the process; README "Builds")."""
     import llama_cpp.llama_cpp as low
 
-    from edgevlm import native
+    from edgevlm.amx_guard import amx_guard_active
 
-    if not native.cpu_has_amx():
+    if not amx_guard_active():
         yield
         return
     default = low.llama_model_default_params

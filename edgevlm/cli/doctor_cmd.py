@@ -57,9 +57,7 @@ def _print_hardware(report: DoctorReport) -> None:
     _row("feature", "built into llama.cpp / in this CPU")
     for f in cpu.features:
         _row(f"  {f.name}", f"{_yes(f.built)} / {_yes(f.hardware)}")
-    guard = ("on: weights load without llama.cpp's extra buffer types" if cpu.amx_guard_active else
-             "off (this build has no AMX path)")
-    _row("AMX guard", guard)
+    _row("AMX guard", f"{'on' if cpu.amx_guard_active else 'off'}: {cpu.amx_reason}")
 
 
 def _print_checks(report: DoctorReport) -> None:

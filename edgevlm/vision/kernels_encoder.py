@@ -44,7 +44,7 @@ class KernelsEncoder:
         pipeline: the family's image pipeline factory (tower -> plan and embed images).
         n_threads: CPU threads for the tower.
         device: ggml device for the tower ("auto", "cpu", "cuda", ...).
-        weight_type: the tower's matrix type ("auto", "as-file", "bf16"; see
+        weight_type: the tower's matrix type ("auto", "as-file", "bf16", "q8_0"; see
             :class:`edgevlm.kernels.vision.VisionTower`).
 
     Raises:

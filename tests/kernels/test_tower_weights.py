@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgevlm import native
+from edgevlm import amx_guard, native
 from edgevlm.errors import InvalidRequestError
 from edgevlm.kernels import ggml
-from edgevlm.kernels.backend import Backend
+from edgevlm.kernels.backend import Backend, BufferType
 from edgevlm.kernels.tower_weights import MATMUL_WEIGHT, choose_weight_type
 from edgevlm.kernels.vision import VisionTower, read_gguf_tensors
 from tests.reference import cosine_rows
@@ -82,23 +82,26 @@ def _repacks(kind: str) -> bool:
     """Whether ggml's CPU_REPACK type has a kernel for ``kind`` matrices on this CPU (ggml-cpu/repack.cpp)."""
     info = native.system_info()
     if "REPACK = 1" not in info or native.cpu_has_amx():
-        return False
+        return False  # an AMX build places them in its AMX buffer type first
     arm_dot = "NEON = 1" in info and ("DOTPROD = 1" in info or "MATMUL_INT8 = 1" in info)
     return {"q4_0": "AVX2 = 1" in info or arm_dot, "q8_0": arm_dot}.get(kind, False)
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
 def test_repacked_buffers_give_the_plain_buffer_embeddings(clip_variants, kind):
-    if native.cpu_has_amx() and kind != "f16":
-        # Forcing the extra types on an AMX build puts quantised matrices in ggml's AMX buffer type, which
-        # dies with SIGILL/SIGSEGV in the pinned llama.cpp: the reason for the guard tested below.
-        pytest.skip("AMX build: quantised matrices never go to the extra buffer types here (the AMX guard)")
+    if amx_guard.amx_guard_active() and kind != "f16":
+        # Forcing the extra types where the guard is on puts quantised matrices in a broken AMX path, which
+        # dies with SIGILL: the reason for the guard tested below.
+        pytest.skip("the AMX guard is on: quantised matrices never go to the extra buffer types here")
     plain, plain_at = _encode(clip_variants[kind], weight_type="as-file", extra_buffers=False)
     packed, packed_at = _encode(clip_variants[kind], weight_type="as-file", extra_buffers=True)
     assert set(plain_at.values()) == {"CPU"}
     repacked = {name for name, where in packed_at.items() if where != "CPU"}
     assert all(MATMUL_WEIGHT.match(name) for name in repacked)  # norms, embeddings, patch kernel stay plain
-    if _repacks(kind):
+    if native.cpu_has_amx() and kind != "f16":
+        places = {packed_at[name] for name in repacked}  # ggml's int8 tile kernels, where their shapes fit
+        assert "AMX" in places and places <= {"AMX", "CPU_REPACK"}
+    elif _repacks(kind):
         assert {packed_at[name] for name in repacked} == {"CPU_REPACK"}
         assert len(repacked) == sum(1 for name in packed_at if MATMUL_WEIGHT.match(name))
     print(f"{kind}: {len(repacked)} matrices repacked, placement {Counter(packed_at.values())}, "
@@ -107,8 +110,8 @@ def test_repacked_buffers_give_the_plain_buffer_embeddings(clip_variants, kind):
     assert cosine_rows(packed, plain).min() >= 0.9999
 
 
-def test_amx_builds_keep_every_weight_in_the_plain_buffer(clip_variants, monkeypatch):
-    monkeypatch.setattr(native, "cpu_has_amx", lambda: True)
+def test_the_amx_guard_keeps_every_weight_in_the_plain_buffer(clip_variants, monkeypatch):
+    monkeypatch.setattr(amx_guard, "amx_guard_active", lambda: True)
     backend = Backend("cpu", n_threads=1)
     try:
         assert backend.extra_buffer_types() == []
@@ -121,7 +124,7 @@ def test_amx_builds_keep_every_weight_in_the_plain_buffer(clip_variants, monkeyp
 def test_other_builds_offer_the_repack_buffer_type(monkeypatch):
     if "REPACK = 1" not in native.system_info():
         pytest.skip("this llama.cpp build has no CPU repack buffer type")
-    monkeypatch.setattr(native, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(amx_guard, "amx_guard_active", lambda: False)
     backend = Backend("cpu", n_threads=1)
     try:
         assert "CPU_REPACK" in [b.name for b in backend.extra_buffer_types()]
@@ -131,20 +134,27 @@ def test_other_builds_offer_the_repack_buffer_type(monkeypatch):
 
 
 @pytest.mark.parametrize("fixture", ["clip_f32", "siglip_f32"])
-def test_bf16_matrices_keep_accuracy(request, tmp_path, fixture):
+@pytest.mark.parametrize("weight_type", ["bf16", "q8_0"])
+def test_converted_matrices_keep_accuracy(request, tmp_path, fixture, weight_type):
+    """f16 matrices converted at load (bf16; Q8_0 by ggml's quantiser, in the AMX buffer type where it is
+    usable) against the f32 file."""
     src = mmproj_of(request.getfixturevalue(fixture))
     f16 = requantise(src, tmp_path / "mmproj-f16.gguf", "f16")
     reference, _ = _encode(src, weight_type="as-file")
-    tower = VisionTower(f16, device="cpu", n_threads=2, weight_type="bf16")
+    tower = VisionTower(f16, device="cpu", n_threads=2, weight_type=weight_type)
     try:
         ours = tower.encode(_pixels(tower))
         types = {name: tower.weights[name].contents.type for name in tower.weights.placement}
+        placement = dict(tower.weights.placement)
     finally:
         tower.close()
-    assert {t for name, t in types.items() if MATMUL_WEIGHT.match(name)} == {ggml.GGML_TYPE_BF16}
-    assert ggml.GGML_TYPE_BF16 not in {t for name, t in types.items() if not MATMUL_WEIGHT.match(name)}
+    wanted = ggml.GGML_TYPE_BF16 if weight_type == "bf16" else ggml.GGML_TYPE_Q8_0
+    matrices = {name: t for name, t in types.items() if MATMUL_WEIGHT.match(name)}
+    assert wanted in set(matrices.values()) and set(matrices.values()) <= {wanted, ggml.GGML_TYPE_F16}
+    assert wanted not in {t for name, t in types.items() if not MATMUL_WEIGHT.match(name)}
     cos = cosine_rows(ours, reference)
-    print(f"{fixture} bf16 matrices vs f32 file: per-token cosine min {cos.min():.6f}")
+    print(f"{fixture} {weight_type} matrices vs f32 file: per-token cosine min {cos.min():.6f}; "
+          f"placement {Counter(placement.values())}")
     assert cos.min() >= 0.999
 
 
@@ -154,6 +164,12 @@ def test_weight_type_choice(clip_variants, monkeypatch, caplog):
         tensors = {k: read_gguf_tensors(clip_variants[k])[1] for k in ("f32", "f16", "q8_0")}
         has_bf16 = bool(backend.g.ggml_cpu_has_avx512_bf16())
         assert choose_weight_type("auto", tensors["f16"], backend).weight_type == ("bf16" if has_bf16 else "as-file")
+        amx = [BufferType(0, "AMX")]
+        choice = choose_weight_type("auto", tensors["f16"], backend, amx)
+        assert choice.weight_type == "q8_0" and "AMX" in choice.reason
+        assert choose_weight_type("auto", tensors["f32"], backend, amx).weight_type == "as-file"
+        assert choose_weight_type("q8_0", tensors["f32"], backend).weight_type == "q8_0"
+        assert choose_weight_type("q8_0", tensors["q8_0"], backend).weight_type == "as-file"
         assert choose_weight_type("auto", tensors["f32"], backend).weight_type == "as-file"
         assert choose_weight_type("auto", tensors["q8_0"], backend).weight_type == "as-file"
         assert choose_weight_type("bf16", tensors["q8_0"], backend).weight_type == "as-file"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import edgevlm
-from edgevlm import health
+from edgevlm import amx_guard, health
 from edgevlm.errors import KernelsUnavailableError
 
 
@@ -53,7 +53,8 @@ def test_this_machine_is_healthy_with_plausible_values(report):
     kinds = {d.kind for d in report.kernels.devices}
     assert "cpu" in kinds and all(0 < d.total_bytes and d.free_bytes <= d.total_bytes
                                   for d in report.kernels.devices if d.kind == "cpu")
-    assert report.cpu.amx_guard_active == ("AMX_INT8 = 1" in native.system_info())
+    assert report.cpu.amx_guard_active == amx_guard.amx_guard_active()
+    assert report.cpu.amx_guard_active <= ("AMX_INT8 = 1" in native.system_info()) and report.cpu.amx_reason
     assert report.cpu.logical_cores >= 1 and report.cpu.model
 
 
@@ -96,6 +97,17 @@ def test_a_feature_built_in_but_missing_from_the_cpu_is_a_problem():
     cpu = health.check_cpu(fake)
     assert len(cpu.problems) == 1 and "built with AMX_INT8 but this CPU lacks it" in cpu.problems[0]
     assert any("has AVX2 but llama.cpp was built without it" in w for w in cpu.warnings)
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_an_unrepaired_amx_build_is_a_warning_unless_the_user_chose_the_guard(monkeypatch, forced):
+    status = amx_guard.AmxStatus(True, False, "this llama.cpp build's AMX path fails ... Reinstall llama-cpp-python")
+    monkeypatch.setattr(amx_guard, "amx_status", lambda: status)
+    if forced:
+        monkeypatch.setenv(amx_guard.ENV, "off")
+    cpu = health.check_cpu(health.Build(backends=(health.BackendBuild("CPU", 1, {}),)))
+    assert cpu.amx_guard_active and cpu.amx_reason == status.reason
+    assert (status.reason in cpu.warnings) is not forced
 
 
 # ------------------------------------------------------------------ self-test
