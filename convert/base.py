@@ -28,8 +28,8 @@ ARCHITECTURES: dict[str, type[Converter]] = {}
 layouts a converter detects itself) -> converter class."""
 
 SHARED_MODULES: frozenset[str] = frozenset({
-    "api", "base", "checkpoint", "config", "llm_writer", "projector_writer", "quantize", "tensors",
-    "tokenizer", "torch_pickle"})
+    "api", "base", "checkpoint", "config", "kquant", "llm_writer", "projector_writer", "quantize",
+    "tensors", "tokenizer", "torch_pickle"})
 """Modules of this package that are shared machinery; every other module is a family's
 converter and is imported on first lookup (a new family is one new file, nothing else edited)."""
 

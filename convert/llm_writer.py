@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 LLAMA_ARCH = "llama"
 _SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
-               "Q4_0": "MOSTLY_Q4_0"}
+               "Q4_0": "MOSTLY_Q4_0", "Q6_K": "MOSTLY_Q6_K", "Q5_K_M": "MOSTLY_Q5_K_M",
+               "Q4_K_M": "MOSTLY_Q4_K_M"}
 
 
 def llama_tensor_specs(text_names: Mapping[str, str], reader: Any, cfg: TextConfig,
@@ -147,7 +148,8 @@ def _write_rope_scaling(writer: Any, scaling: Mapping[str, Any] | None) -> None:
 
 
 def file_type(ggml_type: str) -> int:
-    """``general.file_type`` value of a float LLM file."""
+    """``general.file_type`` value of a file the converter writes itself (a float type, or a
+    family's ``direct_llm_quants`` label)."""
     import gguf
 
     return int(gguf.LlamaFileType[_FILE_TYPES[ggml_type]])

@@ -19,9 +19,11 @@ loads them (``edgevlm inspect`` says so):
   ``v.blk.N``, gated global layers ``v.global.blk.N``) and the one-linear
   projector ``mm.0``; gates are stored as in the checkpoint (before tanh).
 
-LLM quantisation: f32/f16/bf16, q8_0 and q4_0 (written by gguf's quantisers:
-llama.cpp's cannot load the architecture; gguf has no K-quant quantiser, so
-q4_k_m/q5_k_m/q6_k are refused for now).
+LLM quantisation is written here, as llama.cpp's quantiser cannot load the
+architecture: f32/f16/bf16; q8_0 and q4_0 with gguf's quantisers; q4_k_m,
+q5_k_m and q6_k with ggml's own (``ggml_quantize_chunk``), each tensor's type
+chosen as llama.cpp's ``llama_tensor_get_type`` does for a Llama (:mod:`.kquant`;
+the cross-attention layers: :data:`_V_PARTS`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 from edgevlm import constants as C
 from edgevlm.errors import ConversionError, UnsupportedModelError
 
+from . import kquant
 from .base import Converter, register
 from .config import (TextConfig, check_sections, check_tower_geometry, config_field,
                      square_field)
@@ -46,7 +49,7 @@ from .projector_writer import check_projector_shapes, image_processor_config
 from .tensors import TensorSpec, check_shape
 from .tokenizer import write_vocab
 
-LLM_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+LLM_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
 KEEP_Q8_0 = ("token_embd.weight", "output.weight")  # at q4_0, as llama.cpp keeps these finer
 GELU_ACTS = ("gelu",)  # HF "gelu" is the erf form (transformers ACT2FN)
 _TEXT_DEFAULTS: dict[str, Any] = {  # transformers' MllamaTextConfig defaults
@@ -103,6 +106,14 @@ _LLAMA_PARTS = {  # llama.cpp's Llama names (gguf-py tensor_mapping.py)
     "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# The V projections of the K-quant mixes (llama.cpp's category_is_attn_v, given Q6_K on the layers
+# use_more_bits picks). llama.cpp's tensor_get_category matches the substring "attn_v.weight", which
+# "cross_attn_v_proj.weight" does not contain, so its quantiser (and Ollama's, which matches names the
+# same way) would leave the cross-attention V at the base type. edgevlm counts it as the V projection
+# it is: every layer then has one V, and use_more_bits picks by layer index over all layers, as for a
+# plain Llama of the same depth. cross_attn_q/k/o_proj take the base type, as attn_q, attn_k and
+# attn_output do in these mixes.
+_V_PARTS = ("attn_v", "cross_attn_v_proj")
 _TEXT_STATIC = {"model.embed_tokens.weight": "token_embd.weight",
                 "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
@@ -257,7 +268,7 @@ class MllamaConverter(Converter):
                      ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
     vision_prefixes = (("model.vision_model.", ""), ("vision_model.", ""))
     projector_prefixes = (("model.multi_modal_projector.", ""), ("multi_modal_projector.", ""))
-    direct_llm_quants = frozenset({"q8_0", "q4_0"})
+    direct_llm_quants = frozenset({"q8_0", "q4_0", "q6_k", "q5_k_m", "q4_k_m"})
     config_class = MllamaConfig
     config: MllamaConfig
 
@@ -303,7 +314,7 @@ class MllamaConverter(Converter):
                                             "convert it.")
 
     def check_llm_quant(self, quant: str) -> None:
-        """Only the types written without llama.cpp's quantiser (which cannot load mllama).
+        """Only the types this converter writes itself (llama.cpp's quantiser cannot load mllama).
 
         Raises:
             UnsupportedModelError: naming the supported types.
@@ -341,13 +352,16 @@ class MllamaConverter(Converter):
 
     def llm_tensors(self, ggml_type: str) -> list[TensorSpec]:
         """Plan the text model's tensors (matrices in ``ggml_type``; Q8_0/Q4_0 rows that are not
-        whole blocks of 32 fall back to F16; at Q4_0 the embeddings and output stay Q8_0)."""
+        whole blocks of 32 fall back to F16; at Q4_0 the embeddings and output stay Q8_0; a
+        K-quant mix label (``"Q4_K_M"``) picks each matrix's type, :meth:`_mix_type`)."""
         specs = []
         for local, source in self.text_names.items():
             if local.endswith("rotary_emb.inv_freq"):
                 continue
             shape, name = tuple(self.reader.shape(source)), self._text_name(local)
             kind = "F32" if len(shape) == 1 else ggml_type
+            if kind in kquant.K_MIXES:
+                kind = self._mix_type(kind, name, shape[-1])
             if kind == "Q4_0" and name in KEEP_Q8_0:
                 kind = "Q8_0"
             if kind in ("Q8_0", "Q4_0") and shape[-1] % 32:
@@ -355,6 +369,17 @@ class MllamaConverter(Converter):
             specs.append(TensorSpec(name, source, shape, kind))
         self._check_text_shapes({s.name: s for s in specs})
         return specs
+
+    def _mix_type(self, mix: str, name: str, n_per_row: int) -> str:
+        """Type of matrix ``name`` in K-quant ``mix`` (llama.cpp's rules, :mod:`.kquant`; the
+        cross-attention V counts as a V projection, :data:`_V_PARTS`)."""
+        if name == "output.weight":
+            return kquant.mix_type(mix, "output", n_per_row)
+        if not name.startswith("blk."):  # token_embd: untied from output.weight, the base type
+            return kquant.mix_type(mix, "other", n_per_row)
+        _, layer, part, _ = name.split(".", 3)
+        role = "attn_v" if part in _V_PARTS else "ffn_down" if part == "ffn_down" else "other"
+        return kquant.mix_type(mix, role, n_per_row, int(layer), self.config.text.num_hidden_layers)
 
     def _check_text_shapes(self, specs: Mapping[str, TensorSpec]) -> None:
         t = self.config.text

@@ -1,17 +1,25 @@
-"""Quantisation type table and a wrapper around llama.cpp's own quantiser.
+"""Quantisation type table, a wrapper around llama.cpp's own quantiser, and ggml's row quantiser.
 
 F32/F16/BF16 are written directly by the converter; the integer types go
 through ``llama_model_quantize`` (so files match what llama.cpp's
-``llama-quantize`` would produce) from a lossless intermediate GGUF.
+``llama-quantize`` would produce) from a lossless intermediate GGUF. A family
+whose architecture llama.cpp cannot load (mllama) writes them itself, the
+K-quant types with ggml's own row quantiser (:func:`quantize_rows`).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from ctypes import c_bool, c_int, c_int64, c_size_t, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from edgevlm import native
 
@@ -115,3 +123,83 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, nthread: int | None =
         raise RuntimeFailure(f"llama.cpp failed to quantise {src.name} to {quant.label} "
                              f"(status {status}); llama.cpp's log says why "
                              "(`edgevlm --verbose convert ...`, or the edgevlm.llama logger).")
+
+
+#: ggml's quantiser (ggml.h of the pinned llama.cpp): name -> (restype, argtypes).
+_QUANTISER_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    # (type, const float * src, void * dst, int64 start, int64 nrows, int64 n_per_row, const float * imatrix)
+    "ggml_quantize_chunk": (c_size_t, [c_int, c_void_p, c_void_p, c_int64, c_int64, c_int64, c_void_p]),
+    "ggml_row_size": (c_size_t, [c_int, c_int64]),
+    "ggml_blck_size": (c_int64, [c_int]),
+    "ggml_quantize_requires_imatrix": (c_bool, [c_int]),
+}
+#: f32 input per quantiser call: a big matrix is quantised in row chunks of about this size.
+CHUNK_BYTES = 8 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def _quantiser() -> dict[str, Any]:
+    """ggml's quantiser functions, bound on the libggml-base handle :func:`edgevlm.native.ggml_library` opened.
+
+    ``handle[name]`` makes function objects of their own, so these signatures never touch
+    the ones :mod:`edgevlm.kernels.ggml` sets on the same library.
+    """
+    handle = native.ggml_library("base")
+    bound = {}
+    for name, (restype, argtypes) in _QUANTISER_SIGNATURES.items():
+        try:
+            fn = handle[name]
+        except AttributeError as exc:
+            raise RuntimeFailure(f"{name} is missing from libggml-base; the converter needs the ggml "
+                                 "shipped with llama-cpp-python 0.3.36 (reinstall it).") from exc
+        fn.restype, fn.argtypes = restype, argtypes
+        bound[name] = fn
+    return bound
+
+
+def quantize_rows(array: np.ndarray, ggml_type: str, nthread: int | None = None) -> np.ndarray:
+    """Quantise the rows (last axis) of ``array`` with ggml's own quantiser (``ggml_quantize_chunk``).
+
+    The rows go through in chunks of about :data:`CHUNK_BYTES` (in ``nthread`` threads; ctypes
+    releases the GIL), each converted to float32 on its own, so a large matrix never
+    needs a second full float32 copy. No importance matrix is used, as llama.cpp without one.
+
+    Args:
+        array: float data, any shape; rows are its last axis (ggml's ``ne[0]``).
+        ggml_type: a ``gguf.GGMLQuantizationType`` name ggml quantises without an
+            importance matrix (``"Q4_K"``, ``"Q6_K"``, ``"Q5_0"``...).
+        nthread: worker threads; defaults to ``os.cpu_count()``.
+
+    Returns:
+        ``uint8`` array of shape ``array.shape[:-1] + (row bytes,)``: the GGUF payload.
+
+    Raises:
+        ConversionError: rows are not whole blocks of the type, or the type needs an imatrix.
+        RuntimeFailure: ggml's quantiser cannot be loaded or wrote an unexpected size.
+    """
+    import gguf
+
+    q = _quantiser()
+    qtype = int(gguf.GGMLQuantizationType[ggml_type])
+    n_per_row = int(array.shape[-1])
+    if n_per_row % q["ggml_blck_size"](qtype) or q["ggml_quantize_requires_imatrix"](qtype):
+        raise ConversionError(f"rows of length {n_per_row} cannot be stored as {ggml_type} without an "
+                              "importance matrix; choose another type.")
+    rows = array.reshape(-1, n_per_row)
+    row_size = q["ggml_row_size"](qtype, n_per_row)
+    out = np.empty((rows.shape[0], row_size), dtype=np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * n_per_row))
+
+    def run(start: int) -> None:
+        chunk = np.ascontiguousarray(rows[start:start + step], dtype=np.float32)
+        written = q["ggml_quantize_chunk"](qtype, chunk.ctypes.data, out[start:].ctypes.data, 0,
+                                           chunk.shape[0], n_per_row, None)
+        if written != chunk.shape[0] * row_size:
+            raise RuntimeFailure(f"ggml's {ggml_type} quantiser wrote {written} bytes for "
+                                 f"{chunk.shape[0]} rows of {n_per_row}, not {chunk.shape[0] * row_size}.")
+
+    starts = range(0, rows.shape[0], step)
+    workers = max(1, min(nthread or os.cpu_count() or 1, len(starts)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(run, starts))
+    return out.reshape(*array.shape[:-1], row_size)

@@ -18,8 +18,11 @@ import numpy as np
 from edgevlm.errors import ConversionError
 
 from .checkpoint import TensorSource
+from .quantize import quantize_rows
 
 Transform = Callable[[np.ndarray], np.ndarray]
+#: Types :func:`encode` writes with ggml's quantiser: the K-quants and their 32-block fallbacks.
+GGML_QUANTISED = ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1")
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,8 @@ def encode(array: np.ndarray, ggml_type: str) -> np.ndarray:
     Args:
         array: float32 data.
         ggml_type: ``F32``, ``F16``, ``BF16``, ``Q8_0`` or ``Q4_0`` (gguf's quantisers, which
-            follow ggml's reference ones).
+            follow ggml's reference ones), or one of :data:`GGML_QUANTISED` (ggml's own
+            quantiser, in row chunks: :func:`.quantize.quantize_rows`).
 
     Returns:
         An array whose ``tobytes()`` is the GGUF payload.
@@ -101,6 +105,8 @@ def encode(array: np.ndarray, ggml_type: str) -> np.ndarray:
             raise ConversionError(f"rows of length {array.shape[-1]} cannot be stored as "
                                   f"{ggml_type}.")
         return gguf.quants.quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+    if ggml_type in GGML_QUANTISED:
+        return quantize_rows(array, ggml_type)
     raise ConversionError(f"the converter cannot write {ggml_type} tensors directly.")
 
 

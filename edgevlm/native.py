@@ -1,4 +1,4 @@
-"""Loading llama.cpp / libmtmd, routing their log output into ``logging``, giving memory back.
+"""Loading llama.cpp / libmtmd / ggml, routing their log output into ``logging``, giving memory back.
 
 llama.cpp and libmtmd print to stderr even when asked to be quiet. edgevlm
 installs one log callback for both, forwarding every line to the
@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 from edgevlm.errors import RuntimeFailure
@@ -122,6 +123,41 @@ def mtmd() -> ModuleType:
     # mtmd_helper_log_set routes both libmtmd's and its helpers' loggers.
     mtmd_lib.mtmd_helper_log_set(callback, ctypes.c_void_p(0))
     return mtmd_lib
+
+
+#: ggml's shared libraries shipped in llama-cpp-python's ``llama_cpp/lib`` (key -> file stem).
+GGML_LIBRARY_FILES = {"base": "libggml-base", "cpu": "libggml-cpu", "ggml": "libggml"}
+
+
+def library_dir() -> Path:
+    """The folder holding llama-cpp-python's shared libraries (loaded first, see :func:`llama`)."""
+    llama()  # loads libllama and therefore the same libggml* files first
+    import llama_cpp
+
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+@functools.lru_cache(maxsize=None)
+def ggml_library(which: str) -> ctypes.CDLL:
+    """One of ggml's libraries (:data:`GGML_LIBRARY_FILES` key), the very file llama-cpp-python loaded.
+
+    The one place edgevlm opens them: :mod:`edgevlm.kernels.ggml` binds its graph API from
+    these handles, the converter its quantiser (``ggml_quantize_chunk``), so ggml's backend
+    registry and type tables are shared with the LLM.
+
+    Raises:
+        RuntimeFailure: the library is not in llama-cpp-python's folder (or ``which`` is unknown).
+    """
+    stem = GGML_LIBRARY_FILES.get(which)
+    folder = library_dir()
+    for suffix in (".so", ".dylib", ".dll"):
+        path = folder / f"{stem}{suffix}"
+        if not path.exists() and suffix == ".dll":
+            path = folder / f"{str(stem).removeprefix('lib')}{suffix}"
+        if stem and path.exists():
+            return ctypes.CDLL(str(path), mode=getattr(os, "RTLD_GLOBAL", 0))
+    raise RuntimeFailure(f"{stem or which} was not found in {folder}; edgevlm needs the ggml libraries "
+                         "that llama-cpp-python installs (reinstall llama-cpp-python==0.3.36)")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,9 +1,10 @@
 """ctypes bindings to the ggml libraries that llama-cpp-python ships.
 
 Only what :mod:`edgevlm.kernels` uses is bound. The libraries are the very
-files llama-cpp-python loaded (``llama_cpp/lib``), so ggml's backend registry
-(CPU always; CUDA/Metal/Vulkan when that build has them) is shared with the
-LLM.
+files llama-cpp-python loaded (``llama_cpp/lib``), opened by
+:func:`edgevlm.native.ggml_library` (the converter binds ggml's quantiser from
+the same handle), so ggml's backend registry (CPU always; CUDA/Metal/Vulkan
+when that build has them) is shared with the LLM.
 
 The layouts of ``struct ggml_tensor`` and ``struct ggml_init_params`` are
 pinned to ggml as vendored by llama-cpp-python 0.3.36 (``ggml/include/ggml.h``).
@@ -16,12 +17,11 @@ memory.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from ctypes import POINTER, c_bool, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
-from pathlib import Path
 
-from edgevlm.errors import KernelsUnavailableError
+from edgevlm import native
+from edgevlm.errors import KernelsUnavailableError, RuntimeFailure
 
 GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
@@ -172,7 +172,8 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
 #: ``ggml_backend_dev_get_extra_bufts_t`` (ggml-backend.h): device -> NULL-terminated buffer types.
 GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
-_LIBRARY_FILES = {"base": "libggml-base", "cpu": "libggml-cpu", "ggml": "libggml"}
+_LIBRARY_FILES = native.GGML_LIBRARY_FILES
+library_dir = native.library_dir  # where they are (edgevlm doctor)
 
 
 class GgmlLibrary:
@@ -195,27 +196,11 @@ _LOCK = threading.Lock()
 _LIB: GgmlLibrary | None = None
 
 
-def library_dir() -> Path:
-    """The folder holding llama-cpp-python's shared libraries."""
-    from edgevlm import native
-
-    native.llama()  # loads libllama and therefore the same libggml* files first
-    import llama_cpp
-
-    return Path(llama_cpp.__file__).parent / "lib"
-
-
-def _open(folder: Path, stem: str) -> ctypes.CDLL:
-    for suffix in (".so", ".dylib", ".dll"):
-        path = folder / f"{stem}{suffix}"
-        if not path.exists() and suffix == ".dll":
-            path = folder / f"{stem.removeprefix('lib')}{suffix}"
-        if path.exists():
-            mode = getattr(os, "RTLD_GLOBAL", 0)
-            return ctypes.CDLL(str(path), mode=mode)
-    raise KernelsUnavailableError(
-        f"{stem} was not found in {folder}; edgevlm.kernels needs the ggml libraries that "
-        "llama-cpp-python installs (reinstall llama-cpp-python==0.3.36, or use vision_engine='mtmd')")
+def _open(stem_key: str) -> ctypes.CDLL:
+    try:
+        return native.ggml_library(stem_key)
+    except RuntimeFailure as exc:
+        raise KernelsUnavailableError(f"{exc}, or use vision_engine='mtmd'") from exc
 
 
 def lib() -> GgmlLibrary:
@@ -228,8 +213,7 @@ def lib() -> GgmlLibrary:
     global _LIB
     with _LOCK:
         if _LIB is None:
-            folder = library_dir()
-            handles = {key: _open(folder, stem) for key, stem in _LIBRARY_FILES.items()}
+            handles = {key: _open(key) for key in _LIBRARY_FILES}
             candidate = GgmlLibrary(handles)
             check_layouts(candidate)
             _LIB = candidate

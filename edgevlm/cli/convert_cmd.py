@@ -112,7 +112,8 @@ def _gguf_warnings_to(progress: StepLines) -> Iterator[None]:
 @click.argument("source", type=click.Path())
 @click.argument("output_dir", type=click.Path(file_okay=False))
 @click.option("--quant", type=click.Choice(LLM_QUANT_TYPES, case_sensitive=False), default="f16",
-              show_default=True, help="LLM weight type (quantised with llama.cpp's quantiser).")
+              show_default=True,
+              help="LLM weight type (quantised with llama.cpp's quantiser; mllama's by edgevlm with ggml's).")
 @click.option("--vision-type", type=click.Choice(VISION_QUANT_TYPES, case_sensitive=False),
               default="f16", show_default=True, help="Projector weight type.")
 @click.option("--architecture", default=None, help="Override config.json's architectures[0].")

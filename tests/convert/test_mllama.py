@@ -207,15 +207,6 @@ def test_bad_configs_are_named(mllama_checkpoint, tmp_path, changes, error, mess
         convert(src, tmp_path / "out", quant="f32")
 
 
-def test_k_quants_are_refused(mllama_checkpoint, tmp_path):
-    from edgevlm.convert import convert
-
-    with pytest.raises(UnsupportedModelError, match="q4_k_m.*f32, f16, bf16, q8_0, q4_0"):
-        convert(mllama_checkpoint, tmp_path, quant="q4_k_m")
-    assert not list(tmp_path.glob("*.gguf"))
-
-
-
 def test_transformers_4_config_layout(mllama_checkpoint, mllama_f32_result, tmp_path):
     """The hub checkpoints' config.json (transformers 4.45): rope_scaling + rope_theta,
     attention_heads, no rope_parameters; the same file comes out."""
