@@ -150,7 +150,9 @@ def ggml_library(which: str) -> ctypes.CDLL:
     """
     stem = GGML_LIBRARY_FILES.get(which)
     folder = library_dir()
-    for suffix in (".so", ".dylib", ".dll"):
+    # libllama links the versioned name (its soname, libggml-base.so.0): wheels store it as a separate
+    # copy of the file, and opening the unversioned copy would load a second, separate ggml
+    for suffix in (".so.0", ".so", ".0.dylib", ".dylib", ".dll"):
         path = folder / f"{stem}{suffix}"
         if not path.exists() and suffix == ".dll":
             path = folder / f"{str(stem).removeprefix('lib')}{suffix}"

@@ -143,10 +143,9 @@ class Backend:
         on it there (see :class:`edgevlm.kernels.graph.Weights`).
 
         Args:
-            allow: None = yes, except where ggml's AMX path is built and the
-                CPU has AMX (quantised weights crash in the AMX buffer type
-                at the pinned llama.cpp; the LLM follows the same rule);
-                True/False force.
+            allow: None = yes, unless the AMX guard is on (an AMX build whose
+                tile kernels crash: :mod:`edgevlm.amx_guard`; the LLM follows
+                the same rule); True/False force.
 
         Returns:
             The buffer types; empty off the CPU, when not allowed, or when the

@@ -101,6 +101,7 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_prec_set_acc": ("base", c_bool, [T, c_int]),
     "ggml_concat": ("base", T, [P, T, T, c_int]),
     "ggml_cont": ("base", T, [P, T]),
+    "ggml_is_contiguous": ("base", c_bool, [T]),
     "ggml_cast": ("base", T, [P, T, c_int]),
     "ggml_reshape_2d": ("base", T, [P, T, c_int64, c_int64]),
     "ggml_reshape_3d": ("base", T, [P, T, c_int64, c_int64, c_int64]),

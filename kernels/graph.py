@@ -224,7 +224,7 @@ def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor]
     """A new :class:`Backend` on ``device`` holding ``tensors`` (``weights.backend``; closed again on failure).
 
     ``matmul`` names go to the CPU's repacking buffer types where ggml takes them
-    (``allow_extra``: as :meth:`Backend.extra_buffer_types`; None: not on AMX builds).
+    (``allow_extra``: as :meth:`Backend.extra_buffer_types`; None: unless the AMX guard is on).
     """
     backend = Backend(device, n_threads=n_threads)
     try:
@@ -240,7 +240,10 @@ def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[Buffer
     As llama.cpp's ``weight_buft_supported``: a metadata-only copy of the
     weight gets an empty buffer of the candidate type, and the CPU device is
     asked whether it supports the op (the repack type checks the weight's
-    type and shape for a kernel of this CPU).
+    type and shape for a kernel of this CPU). ggml's AMX type also accepts
+    rows of a single quantisation block, where its tile kernels compute
+    garbage (Q8_0 rows of 32 values: NaN or 1e38 for 32-256 outputs, right
+    for 64 and more values per row): those stay out of it.
     """
     if len(raw.ne) != 2 or not extra:
         return None
@@ -251,6 +254,8 @@ def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[Buffer
         x = g.ggml_new_tensor_4d(ctx, ggml.GGML_TYPE_F32, raw.ne[0], 512, 1, 1)
         op = g.ggml_mul_mat(ctx, w, x)
         for buft in extra:
+            if buft.name == "AMX" and raw.ne[0] < 2 * GGML_QUANT_SIZES[GGMLQuantizationType(raw.ggml_type)][0]:
+                continue  # ggml's AMX tile kernels give wrong numbers for rows of one Q8_0 block (measured)
             probe = g.ggml_backend_buft_alloc_buffer(buft.ptr, 0)
             if not probe:
                 continue
@@ -322,7 +327,16 @@ class GraphBuilder:
                 the process with ``GGML_ASSERT(ggml_can_mul_mat)``).
         """
         check_linear(x, w, b)
-        return self.add(self.g.ggml_mul_mat(self.ctx, w, x), b)
+        g, ne = self.g, list(x.contents.ne)
+        if ne[2] * ne[3] == 1 and g.ggml_is_contiguous(x):
+            return self.add(g.ggml_mul_mat(self.ctx, w, x), b)
+        # Batches as one [in, n * batch] product: ggml's AMX buffer type runs every mul_mat of its
+        # weights and its kernels read ``x`` as contiguous rows of one batch (its supports_op
+        # says so, but the CPU backend does not ask); the same product for every other buffer.
+        flat = g.ggml_reshape_2d(self.ctx, g.ggml_cont(self.ctx, x), ne[0], ne[1] * ne[2] * ne[3])
+        out = g.ggml_mul_mat(self.ctx, w, flat)
+        out = g.ggml_reshape_4d(self.ctx, out, out.contents.ne[0], ne[1], ne[2], ne[3])
+        return self.add(out, b)
 
     def layer_norm(self, x: object, w: object | None, b: object | None, eps: float) -> object:
         """LayerNorm over the fastest dimension, with optional affine weight/bias."""

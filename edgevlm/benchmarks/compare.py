@@ -83,7 +83,7 @@ def run_compare(vlm: VLM, spec: dict[str, Any], *, image: str | None, prompt: st
 
 
 def guard_peer_amx() -> bool:
-    """On AMX builds, make llama-cpp-python load weights without extra buffer types, as edgevlm does.
+    """Where the AMX guard is on, make llama-cpp-python load weights without extra buffer types, as edgevlm does.
 
     Its ``Llama`` has no such option, and quantised weights in ggml's AMX buffer type
     crash the pinned llama.cpp (SIGILL/SIGSEGV) on these CPUs; the peer gets the same
@@ -136,7 +136,7 @@ def load_peer(vlm: VLM) -> tuple[Any, str]:
 
 @contextmanager
 def _amx_guard() -> Iterator[None]:
-    """Load the peer's weights as edgevlm loads its own on AMX builds: without ggml's extra buffer types
+    """Load the peer's weights as edgevlm loads its own where the AMX guard is on: without ggml's extra buffer types
     (quantised weights in the AMX buffer type crash the process; README "Builds")."""
     import llama_cpp.llama_cpp as low
 

@@ -52,3 +52,18 @@ def test_cpu_backend_threads():
         assert backend.is_cpu and backend.name == "CPU"
     finally:
         backend.close()
+
+
+def test_the_kernels_use_the_ggml_that_llama_cpp_loaded():
+    """One copy of each ggml library in the process: the wheel stores libggml-base.so and .so.0 as two files,
+    and opening the one libllama does not link would load a second ggml (its own backend registry, AMX
+    buffer type and log callback, which nobody routes)."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    ggml.lib()
+    loaded = {line.split()[-1] for line in open("/proc/self/maps") if "libggml" in line}
+    for stem in ("libggml-base", "libggml-cpu"):
+        copies = {p for p in loaded if p.rsplit("/", 1)[-1].startswith(stem + ".")}
+        assert len(copies) == 1, copies

@@ -206,3 +206,59 @@ def test_devices_include_the_cpu():
     devices = available_devices()
     assert any(d.kind == "cpu" for d in devices)
     assert Backend("auto", n_threads=1).name in {d.name for d in devices}
+
+
+def _amx_offered(backend):
+    from edgevlm import amx_guard
+
+    if amx_guard.amx_guard_active():
+        return []
+    return [b for b in backend.extra_buffer_types() if b.name == "AMX"]
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_batched_linear_through_the_extra_buffer_types(cpu, kind):
+    """x [in, n, batch] against a weight in the CPU's extra buffer types (AMX where it is usable): ggml's AMX
+    kernels read one contiguous batch, so the builder hands them [in, n * batch]."""
+    from gguf import GGMLQuantizationType, quants
+
+    w, x = rand(64, 128), rand(3, 5, 128)
+    if kind == "f16":
+        raw, dense = RawTensor.from_numpy(w.astype(np.float16)), w.astype(np.float16).astype(np.float32)
+    else:
+        q = quants.quantize(w, GGMLQuantizationType.Q8_0)
+        raw, dense = RawTensor(ggml.GGML_TYPE_Q8_0, (128, 64), q), quants.dequantize(q, GGMLQuantizationType.Q8_0)
+    weights = Weights(cpu, {"w": raw}, matmul={"w"}, extra=cpu.extra_buffer_types())
+    b = GraphBuilder()
+    graph = CompiledGraph(cpu, b, b.linear(b.input("x", (128, 5, 3)), weights["w"]))
+    try:
+        out = graph.run({"x": x})
+    finally:
+        graph.close()
+        weights.close()
+    close(out.reshape(3, 5, 64), x @ dense.reshape(64, 128).T, 2e-2)
+
+
+def test_rows_of_one_block_stay_out_of_the_amx_buffer_type(cpu):
+    from gguf import GGMLQuantizationType, quants
+
+    amx = _amx_offered(cpu)
+    if not amx:
+        pytest.skip("ggml's AMX buffer type is not used here")
+    w, x = rand(32, 32), rand(96, 32)
+    q = quants.quantize(w, GGMLQuantizationType.Q8_0)
+    weights = Weights(cpu, {"w": RawTensor(ggml.GGML_TYPE_Q8_0, (32, 32), q),
+                            "w2": RawTensor(ggml.GGML_TYPE_Q8_0, (64, 32), quants.quantize(rand(32, 64),
+                                                                                     GGMLQuantizationType.Q8_0))},
+                      matmul={"w", "w2"}, extra=amx)
+    try:
+        assert weights.placement == {"w": "CPU", "w2": "AMX"}
+        b = GraphBuilder()
+        graph = CompiledGraph(cpu, b, b.linear(b.input("x", (32, 96)), weights["w"]))
+        try:
+            out = graph.run({"x": x})
+        finally:
+            graph.close()
+    finally:
+        weights.close()
+    close(out, x @ quants.dequantize(q, GGMLQuantizationType.Q8_0).reshape(32, 32).T, 2e-2)
