@@ -71,8 +71,13 @@ def test_cli_budget_refusal(mllama_f32_result, painting):
     assert refused.stderr.strip().count("\n") == 0 and "budget is 20 MiB" in refused.stderr
 
 
-#: The 11B at a 4096 context with one 4-tile image (64 MiB process): (text, vision) -> total bytes.
-ELEVEN_B = {("q4_k_m", "f16"): None, ("q4_k_m", "q8_0"): None, ("q4_0", "f16"): None, ("q4_0", "q8_0"): None}
+#: The 11B at a 4096 context with one 4-tile image (64 MiB process): (text, vision) -> the plan's total
+#: (README's table). Before the phases (encoder buffer freed after each image), one copy of the vision
+#: states, 256-token decoder graphs and token embeddings read in place, q4_0 + f16 planned 9.43 GiB.
+ELEVEN_B = {("q4_k_m", "f16"): 8915118220,   # 8.30 GiB, 8.92 GB: over the 8 GB
+            ("q4_k_m", "q8_0"): 8148347020,  # 7.59 GiB, 8.15 GB
+            ("q4_0", "f16"): 8726333580,     # 8.13 GiB, 8.73 GB
+            ("q4_0", "q8_0"): 7959562380}    # 7.41 GiB, 7.96 GB
 
 
 @pytest.mark.parametrize(("text", "vision"), sorted(ELEVEN_B))
@@ -99,4 +104,4 @@ def test_llama_32_11b_vision_header_only(text, vision):
     embd = sizes.pop("token_embd.weight")
     assert plan.by_name("llm weights") == sum(sizes.values())
     assert plan.by_name("token embeddings") == 4096 * (embd // (VOCAB + 8) + 4096) < embd
-    assert ELEVEN_B[text, vision] is None or plan.ram_bytes == ELEVEN_B[text, vision]
+    assert plan.ram_bytes == ELEVEN_B[text, vision]
