@@ -28,6 +28,7 @@ from .backend import Backend, BufferType
 
 _NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 ACTIVATIONS = ("relu", "gelu", "gelu_erf", "gelu_quick")
+TENSOR_ALIGNMENT = 32  # ggml's: what a buffer over host memory must be aligned to
 
 
 def _context(g: ggml.GgmlLibrary, n_tensors: int, *, graph_nodes: int = 0) -> int:
@@ -268,7 +269,7 @@ class MappedTensor:
         try:
             if size != raw.data.nbytes:
                 raise InvalidModelError(f"tensor {name}: {raw.data.nbytes} bytes, its type and shape need {size}")
-            if ptr % 64:
+            if ptr % TENSOR_ALIGNMENT:  # ggml asserts it (GGUF aligns tensors to 32 bytes by default)
                 raise KernelsUnavailableError(f"{name} is not aligned in its file for ggml")
             self.buffer = g.ggml_backend_cpu_buffer_from_ptr(ptr, size)
             if not self.buffer or g.ggml_backend_tensor_alloc(self.buffer, self.tensor, ptr) != ggml.GGML_STATUS_SUCCESS:
