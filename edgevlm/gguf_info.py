@@ -13,6 +13,7 @@ import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from edgevlm.constants import EDGEVLM_ONLY_LLM_ARCHS
@@ -140,6 +141,46 @@ def _parse(path: Path, fh: BinaryIO, with_tensors: bool) -> GGUFHeader:
     align = int(align) if isinstance(align, int) and align > 0 else 32
     data_offset = -(-fh.tell() // align) * align if with_tensors else 0
     return GGUFHeader(path, version, meta, tuple(tensors), data_offset)
+
+
+def raw_metadata(path: str | Path, keep: Callable[[str], bool]) -> list[tuple[str, int, bytes]]:
+    """The key/value entries of a GGUF file that ``keep`` accepts, as ``(key, type id, value bytes)``
+    (the value's encoded bytes, long arrays included, for copying into another file unparsed).
+
+    Raises:
+        InvalidModelError: not a GGUF file, or truncated.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise InvalidModelError(f"{path} is not a GGUF file")
+            _version, _n_tensors, n_kv = struct.unpack("<IQQ", fh.read(20))
+            out = []
+            for _ in range(n_kv):
+                key = _read_str(fh)
+                (type_id,) = struct.unpack("<I", fh.read(4))
+                start = fh.tell()
+                _skip_value(fh, type_id)
+                if keep(key):
+                    end = fh.tell()
+                    fh.seek(start)
+                    out.append((key, type_id, fh.read(end - start)))
+            return out
+    except (OSError, struct.error, UnicodeDecodeError) as exc:
+        raise InvalidModelError(f"{path} is not a readable GGUF file ({exc})") from exc
+
+
+def write_raw_metadata(path: str | Path, entries: list[tuple[str, int, bytes]]) -> Path:
+    """A GGUF (version 3) of ``entries`` (as :func:`raw_metadata` gives them) and no tensors."""
+    path = Path(path)
+    with path.open("wb") as fh:
+        fh.write(b"GGUF" + struct.pack("<IQQ", 3, 0, len(entries)))
+        for key, type_id, value in entries:
+            name = key.encode("utf-8")
+            fh.write(struct.pack("<Q", len(name)) + name + struct.pack("<I", type_id) + value)
+        fh.write(b"\0" * (-fh.tell() % 32))  # the (empty) data section starts aligned
+    return path
 
 
 def _read_str(fh: BinaryIO) -> str:

@@ -93,8 +93,10 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
         raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {trained} tokens the model was trained for")
     threads = request.n_threads or default_threads()
     request.report.report(LoadStage.LOADING_LLM, 0.0, files.llm.name)
+    described = request.described
+    headers = (described.llm, described.projector.header) if described.projector is not None else None
     pipe = MllamaPipeline(files.llm, files.mmproj, device=request.device, n_threads=threads, n_ctx=n_ctx,
-                          kv_type=request.kv_type)
+                          kv_type=request.kv_type, headers=headers)
     try:  # a progress callback that raises aborts the load: the graphs are freed again
         request.report.report(LoadStage.CREATING_CONTEXT, 0.0, files.llm.name)
         template = request.chat_template if request.chat_template is not None else pipe.vocab.chat_template()

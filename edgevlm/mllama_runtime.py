@@ -17,6 +17,7 @@ streaming, the CLI).
 
 from __future__ import annotations
 
+import struct
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from PIL import Image
 
 from edgevlm import constants as C
 from edgevlm.errors import InvalidModelError, InvalidRequestError
+from edgevlm.gguf_info import GGUFHeader, raw_metadata, read_header, write_raw_metadata
 from edgevlm.kernels.mllama_text import MllamaTextModel, cross_attention_mask
 from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
 from edgevlm.llm import LlamaModel, default_threads
@@ -37,37 +39,27 @@ from edgevlm.vision.mllama_tiles import MllamaTiles, mllama_tiles
 VOCAB_HPARAMS = ("context_length", "embedding_length", "block_count", "feed_forward_length",
                  "attention.head_count", "attention.head_count_kv",
                  "attention.layer_norm_rms_epsilon", "rope.freq_base", "vocab_size")
+GGUF_STRING = 8  # GGUF's value type id of a string
 
 
-def write_vocab_gguf(llm_path: str | Path, out_path: str | Path) -> Path:
+def write_vocab_gguf(llm_path: str | Path, out_path: str | Path, header: GGUFHeader | None = None) -> Path:
     """Write the vocabulary-only llama GGUF of an mllama LLM file (see the module docstring).
+
+    The entries are copied as bytes (one pass over the file's metadata, nothing decoded);
+    ``header``: the file's header when already read (for the architecture check).
 
     Raises:
         InvalidModelError: not a readable mllama LLM file.
     """
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(llm_path))
-    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
-        raise InvalidModelError(f"{llm_path} is not a readable GGUF file ({exc})") from exc
-    arch_field = reader.fields.get("general.architecture")
-    if arch_field is None or arch_field.contents() != C.LLM_ARCH_MLLAMA:
+    header = header if header is not None else read_header(llm_path, with_tensors=False)
+    if header.architecture != C.LLM_ARCH_MLLAMA:
         raise InvalidModelError(f"{llm_path} is not an mllama LLM file")
-    writer = gguf.GGUFWriter(str(out_path), "llama")
     hparams = {f"{C.LLM_ARCH_MLLAMA}.{k}": f"llama.{k}" for k in VOCAB_HPARAMS}
-    for name, field in reader.fields.items():
-        key = name if name.startswith("tokenizer.") else hparams.get(name)
-        if key is None:
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), kind, sub_type=sub)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return Path(out_path)
+    entries = raw_metadata(llm_path, lambda key: key.startswith("tokenizer.") or key in hparams)
+    arch = b"llama"
+    renamed = [(hparams.get(key, key), type_id, value) for key, type_id, value in entries]
+    return write_raw_metadata(out_path, [("general.architecture", GGUF_STRING,
+                                          struct.pack("<Q", len(arch)) + arch), *renamed])
 
 
 @dataclass(frozen=True)
@@ -88,19 +80,24 @@ class MllamaPipeline:
         n_threads: CPU threads (default: :func:`edgevlm.llm.default_threads`).
         n_ctx: Tokens the KV cache holds.
         kv_type: "f16" or "f32" KV cache.
+        headers: the two files' headers when already read (the model descriptor's), so that
+            neither file is parsed again.
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, *, device: str = "auto",
-                 n_threads: int | None = None, n_ctx: int = 2048, kv_type: str = "f16") -> None:
+                 n_threads: int | None = None, n_ctx: int = 2048, kv_type: str = "f16",
+                 headers: tuple[GGUFHeader, GGUFHeader] | None = None) -> None:
         threads = n_threads or default_threads()
+        llm_header, mmproj_header = headers if headers is not None else (None, None)
         self._tmp = tempfile.TemporaryDirectory(prefix="edgevlm-mllama-")
-        self.vocab = LlamaModel(write_vocab_gguf(llm_path, Path(self._tmp.name) / "vocab.gguf"),
+        self.vocab = LlamaModel(write_vocab_gguf(llm_path, Path(self._tmp.name) / "vocab.gguf", llm_header),
                                 vocab_only=True)
-        self.vision = MllamaVisionEncoder(mmproj_path, device=device, n_threads=threads)
-        self.text = MllamaTextModel(llm_path, device=device, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type)
+        self.vision = MllamaVisionEncoder(mmproj_path, device=device, n_threads=threads, header=mmproj_header)
+        self.text = MllamaTextModel(llm_path, device=device, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type,
+                                    header=llm_header)
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` (BOS as the vocabulary says; special tokens parsed)."""

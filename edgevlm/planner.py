@@ -22,6 +22,7 @@ peak RSS measured on the CPU (see README "Fit the machine"):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,12 +57,25 @@ class MemoryPart:
         device: where ("CPU", or a GPU device name).
         nbytes: how much.
         detail: how it was computed, for people.
+        phase: "" for memory held throughout; else the phase it is held in (say "encode" or
+            "decode"): parts of different phases are never held together, so a plan's total
+            counts only its largest phase (:func:`peak_bytes`).
     """
 
     name: str
     device: str
     nbytes: int
     detail: str = ""
+    phase: str = ""
+
+
+def peak_bytes(parts: Sequence[MemoryPart]) -> int:
+    """What ``parts`` hold at their peak: those held throughout plus the largest phase's."""
+    phases: dict[str, int] = {}
+    for part in parts:
+        phases[part.phase] = phases.get(part.phase, 0) + part.nbytes
+    held = phases.pop("", 0)
+    return held + max(phases.values(), default=0)
 
 
 @dataclass(frozen=True)
@@ -92,17 +106,14 @@ class MemoryPlan:
 
     @property
     def ram_bytes(self) -> int:
-        """Host memory the process peaks at."""
-        return sum(p.nbytes for p in self.parts if p.device == "CPU")
+        """Host memory the process peaks at (the largest phase counted, see :func:`peak_bytes`)."""
+        return peak_bytes([p for p in self.parts if p.device == "CPU"])
 
     @property
     def vram_bytes(self) -> dict[str, int]:
-        """Device memory per GPU device."""
-        out: dict[str, int] = {}
-        for part in self.parts:
-            if part.device != "CPU":
-                out[part.device] = out.get(part.device, 0) + part.nbytes
-        return out
+        """Device memory per GPU device (at its largest phase)."""
+        devices = dict.fromkeys(p.device for p in self.parts if p.device != "CPU")
+        return {d: peak_bytes([p for p in self.parts if p.device == d]) for d in devices}
 
     @property
     def fits(self) -> bool:
@@ -120,7 +131,7 @@ class MemoryPlan:
             return DEFAULT_RAM_BYTES, DEFAULT_PARK_BYTES
         # the caches live in RAM: what the budget leaves after every other part, RAM or VRAM
         fixed = [p for p in self.parts if p.name not in CACHE_PARTS]
-        room = max(self.budget_bytes - sum(p.nbytes for p in fixed), 0)
+        room = max(self.budget_bytes - peak_bytes(fixed), 0)
         embeddings = min(DEFAULT_RAM_BYTES, room // 4)
         return embeddings, min(DEFAULT_PARK_BYTES, room - embeddings)
 
@@ -150,8 +161,11 @@ class MemoryPlan:
         s = self.settings
         lines = [f"context {s.n_ctx} ({s.kv_type} KV), batch {s.n_batch}, largest image {s.image_tokens} "
                  f"tokens in {s.image_views} view(s) on {s.vision_device}"]
-        lines += [f"  {p.name:20s} {p.device:6s} {gib(p.nbytes):>10s}  {p.detail}"
+        lines += [f"  {p.name:20s} {p.device:6s} {gib(p.nbytes):>10s}  "
+                  + (f"[{p.phase} phase] " if p.phase else "") + p.detail
                   for p in sorted(self.parts, key=lambda p: -p.nbytes)]
+        if any(p.phase for p in self.parts):
+            lines.append("  (parts of different phases are not held together: the largest phase counts)")
         lines.append(f"RAM {gib(self.ram_bytes)}" + "".join(f", {d} {gib(n)}" for d, n in self.vram_bytes.items()))
         return lines
 

@@ -134,6 +134,16 @@ class Backend:
     def name(self) -> str:
         return self.info.name
 
+    def scratch(self) -> Backend:
+        """A backend to run transient graphs on: on the CPU a new one with the same threads (its
+        work buffer, which ggml's CPU backend keeps at its largest size, goes when it is closed);
+        elsewhere this one. Close it with :func:`close_scratch`."""
+        return Backend("cpu", n_threads=self.n_threads) if self.is_cpu else self
+
+    def close_scratch(self, scratch: Backend) -> None:
+        if scratch is not self:
+            scratch.close()
+
     def extra_buffer_types(self, allow: bool | None = None) -> list[BufferType]:
         """The CPU device's extra buffer types (weight repacking), in ggml's order of preference.
 

@@ -161,6 +161,9 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_buft_name": ("base", c_char_p, [P]),
     "ggml_backend_buft_alloc_buffer": ("base", P, [P, c_size_t]),
     "ggml_backend_alloc_ctx_tensors_from_buft": ("base", P, [P, P]),
+    # mllama token embeddings read in place from the mapped file
+    "ggml_backend_cpu_buffer_from_ptr": ("base", P, [c_void_p, c_size_t]),
+    "ggml_backend_tensor_alloc": ("base", c_int, [P, T, c_void_p]),
     # tower weight type: bf16 matrices where the CPU has AVX512-BF16 dot products
     "ggml_cpu_fp16_to_fp32": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # SIMD, as the CPU backend
     "ggml_cpu_fp32_to_bf16": ("cpu", None, [c_void_p, c_void_p, c_int64]),   # round to nearest even

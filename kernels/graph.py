@@ -28,6 +28,7 @@ from .backend import Backend, BufferType
 
 _NUMPY_TYPES = {np.dtype(np.float32): ggml.GGML_TYPE_F32, np.dtype(np.float16): ggml.GGML_TYPE_F16}
 ACTIVATIONS = ("relu", "gelu", "gelu_erf", "gelu_quick")
+TENSOR_ALIGNMENT = 32  # ggml's: what a buffer over host memory must be aligned to
 
 
 def _context(g: ggml.GgmlLibrary, n_tensors: int, *, graph_nodes: int = 0) -> int:
@@ -95,6 +96,11 @@ class RawTensor:
         return int(self.data.size) // block * type_size
 
     @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: type = np.float32) -> "RawTensor":
+        """A tensor of numpy ``shape`` described without its data (for ``Weights(..., upload=False)``)."""
+        return cls(_NUMPY_TYPES[np.dtype(dtype)], tuple(reversed(shape)), np.broadcast_to(np.zeros((), dtype), shape))
+
+    @classmethod
     def from_numpy(cls, array: np.ndarray) -> "RawTensor":
         """A float32/float16 numpy array (C order) as a ggml tensor of reversed shape."""
         array = np.ascontiguousarray(array)
@@ -113,10 +119,8 @@ def release_mapped_pages(array: np.ndarray) -> None:
     """
     import mmap
 
-    base = array
-    while isinstance(base, np.ndarray) and base.base is not None and not isinstance(base, np.memmap):
-        base = base.base
-    mapping = getattr(base, "_mmap", None) if isinstance(base, np.memmap) else None
+    base = _memmap_of(array)
+    mapping = getattr(base, "_mmap", None) if base is not None else None
     if mapping is None or not hasattr(mapping, "madvise") or array.nbytes == 0:
         return
     start = array.ctypes.data - np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
@@ -143,6 +147,8 @@ class Weights:
         tensors: name -> :class:`RawTensor`.
         matmul: names that may be placed in an extra buffer type.
         extra: buffer types to try, best first (``Backend.extra_buffer_types()``).
+        upload: copy the tensors' data in; False: only allocate (fill them with :meth:`set`;
+            :meth:`RawTensor.empty` describes a tensor without data).
 
     Raises:
         InvalidModelError: a tensor's byte size disagrees with its type and shape.
@@ -150,7 +156,7 @@ class Weights:
     """
 
     def __init__(self, backend: Backend, tensors: Mapping[str, RawTensor], *,
-                 matmul: Collection[str] = (), extra: Sequence[BufferType] = ()) -> None:
+                 matmul: Collection[str] = (), extra: Sequence[BufferType] = (), upload: bool = True) -> None:
         g = self.g = backend.g
         self.backend = backend
         self._tensors: dict[str, object] = {}
@@ -170,7 +176,7 @@ class Weights:
         except Exception:
             self.close()
             raise
-        for name, raw in tensors.items():
+        for name, raw in tensors.items() if upload else ():
             data = raw.payload()
             g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
             del data
@@ -192,6 +198,14 @@ class Weights:
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
+
+    def set(self, name: str, data: np.ndarray, offset: int = 0) -> None:
+        """Copy ``data``'s bytes into tensor ``name`` from byte ``offset`` on."""
+        data = np.ascontiguousarray(data)
+        tensor = self[name]
+        if offset + data.nbytes > self.g.ggml_nbytes(tensor):
+            raise RuntimeFailure(f"{data.nbytes} bytes at {offset} overflow tensor {name}")
+        self.g.ggml_backend_tensor_set(tensor, data.ctypes.data, offset, data.nbytes)
 
     def __getitem__(self, name: str) -> object:
         try:
@@ -217,6 +231,60 @@ class Weights:
         for _, ctx in getattr(self, "_groups", {}).values():
             self.g.ggml_free(ctx)
         self._groups = {}
+
+
+def _memmap_of(array: np.ndarray) -> np.memmap | None:
+    """The memory-mapped file array ``array`` is a view of, if any."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None and not isinstance(base, np.memmap):
+        base = base.base
+    return base if isinstance(base, np.memmap) else None
+
+
+def mapped_file(array: np.ndarray) -> bool:
+    """Whether ``array``'s bytes are a memory-mapped file's (what :class:`MappedTensor` can use)."""
+    return _memmap_of(array) is not None and array.flags.c_contiguous
+
+
+class MappedTensor:
+    """One tensor read in place from its memory-mapped file on the CPU: a ggml CPU buffer over the
+    mapping's bytes (llama.cpp's mmap, for one tensor), so only the pages graphs read are resident
+    (a table of token embeddings: the rows of the tokens seen).
+
+    Raises:
+        InvalidModelError: the bytes disagree with the type and shape.
+        KernelsUnavailableError: not a CPU backend, or ggml refused the buffer.
+    """
+
+    def __init__(self, backend: Backend, name: str, raw: RawTensor) -> None:
+        g = self.g = backend.g
+        if not backend.is_cpu or raw.convert is not None or not mapped_file(raw.data):
+            raise KernelsUnavailableError(f"{name} cannot be read in place on {backend.name}")
+        self.data, self.buffer = raw.data, None  # the mapping stays open while the tensor lives
+        self.ctx = _context(g, 1)
+        ne = list(raw.ne) + [1] * (4 - len(raw.ne))
+        self.tensor = g.ggml_new_tensor_4d(self.ctx, raw.ggml_type, *ne)
+        g.ggml_set_name(self.tensor, name.encode()[:63])
+        size, ptr = int(g.ggml_nbytes(self.tensor)), int(raw.data.ctypes.data)
+        try:
+            if size != raw.data.nbytes:
+                raise InvalidModelError(f"tensor {name}: {raw.data.nbytes} bytes, its type and shape need {size}")
+            if ptr % TENSOR_ALIGNMENT:  # ggml asserts it (GGUF aligns tensors to 32 bytes by default)
+                raise KernelsUnavailableError(f"{name} is not aligned in its file for ggml")
+            self.buffer = g.ggml_backend_cpu_buffer_from_ptr(ptr, size)
+            if not self.buffer or g.ggml_backend_tensor_alloc(self.buffer, self.tensor, ptr) != ggml.GGML_STATUS_SUCCESS:
+                raise KernelsUnavailableError(f"ggml refused a buffer over {name}'s mapped bytes")
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.buffer:
+            self.g.ggml_backend_buffer_free(self.buffer)
+            self.buffer = None
+        if self.ctx:
+            self.g.ggml_free(self.ctx)
+            self.ctx = None
 
 
 def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor], *,
@@ -459,10 +527,12 @@ class CompiledGraph:
         output: the tensor to compute.
         before: nodes computed first, in this order, whether or not ``output`` depends on
             them (writes into tensors that live outside the graph, such as a KV cache).
+        allocator: a ``ggml_gallocr`` to allocate from (its buffer is reused, grown if the graph
+            needs more, and kept after :meth:`close`: the caller frees it); None: a new one.
     """
 
     def __init__(self, backend: Backend, builder: GraphBuilder, output: object,
-                 before: Sequence[object] = ()) -> None:
+                 before: Sequence[object] = (), *, allocator: int | None = None) -> None:
         g = self.g = backend.g
         self.backend, self.builder, self.output = backend, builder, output
         g.ggml_set_output(output)
@@ -470,7 +540,8 @@ class CompiledGraph:
         for node in before:
             g.ggml_build_forward_expand(self.graph, node)
         g.ggml_build_forward_expand(self.graph, output)
-        self.allocator = g.ggml_gallocr_new(backend.buffer_type)
+        self.owns_allocator = allocator is None
+        self.allocator = g.ggml_gallocr_new(backend.buffer_type) if allocator is None else allocator
         if not g.ggml_gallocr_alloc_graph(self.allocator, self.graph):
             self.close()
             raise KernelsUnavailableError(f"could not allocate the compute buffer on {backend.name}")
@@ -490,6 +561,12 @@ class CompiledGraph:
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
         """Set the inputs, compute, return the output as float32 numpy (C order, reversed ne)."""
+        self.set_inputs(inputs)
+        self.compute()
+        return self.output_array()
+
+    def set_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Copy every graph input in (the host arrays may be dropped before :meth:`compute`)."""
         g = self.g
         for name, tensor in self.builder.inputs.items():
             if name not in inputs:
@@ -499,7 +576,10 @@ class CompiledGraph:
                 raise RuntimeFailure(f"graph input {name!r}: {data.nbytes} bytes for a "
                                      f"{shape(tensor)} tensor of {g.ggml_nbytes(tensor)} bytes")
             g.ggml_backend_tensor_set(tensor, data.ctypes.data, 0, data.nbytes)
-        self.compute()
+
+    def output_array(self) -> np.ndarray:
+        """The computed output as float32 numpy (C order, reversed ne)."""
+        g = self.g
         if self.output.contents.type != ggml.GGML_TYPE_F32:
             raise RuntimeFailure("graph output is not float32")
         out = np.empty(tuple(reversed(self.output_shape)), dtype=np.float32)
@@ -518,6 +598,7 @@ class CompiledGraph:
 
     def close(self) -> None:
         if getattr(self, "allocator", None):
-            self.g.ggml_gallocr_free(self.allocator)
+            if self.owns_allocator:
+                self.g.ggml_gallocr_free(self.allocator)
             self.allocator = None
         self.builder.close()

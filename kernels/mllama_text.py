@@ -35,16 +35,26 @@ from typing import Any
 import numpy as np
 
 from edgevlm import constants as C
-from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError
+from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, KernelsUnavailableError
+from edgevlm.gguf_info import GGUFHeader
 
 from . import ggml
-from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, upload_weights
+from .backend import Backend
+from .graph import CompiledGraph, GraphBuilder, MappedTensor, RawTensor, Weights, mapped_file, upload_weights
 from .mllama_vision import gate_values
 from .vision import _positive, read_gguf_tensors
 
 ARCH = C.LLM_ARCH_MLLAMA
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
+EMBD = "token_embd.weight"
 ROPE_BETA_FAST, ROPE_BETA_SLOW = 32.0, 1.0  # ggml defaults; unused without YaRN (ext_factor 0)
+#: Tokens per graph (llama.cpp's micro-batch): a longer forward runs in graphs of this many, so the
+#: attention scores (heads x tokens x max(context, image states), f32 + an f16 copy) stay bounded:
+#: 318 MiB on the 11B at a 4096 context with one 4-tile image (637 MiB at 512 tokens), less than
+#: the vision encoder's buffer (539 MiB), so the decoder is not what sets the peak.
+UBATCH = 256
+#: Image states per graph when computing the cross-attention keys and values.
+CROSS_KV_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -196,20 +206,23 @@ class MllamaTextModel:
         kv_type: "f32" or "f16" elements of the KV cache and of the images' cross-attention
             keys and values (f16 halves both: 210 MB instead of 420 MB per 4-tile image for
             the 11B's 8 cross-attention layers).
+        n_ubatch: tokens per graph (:data:`UBATCH`).
+        header: the file's header when already read (the model descriptor's); read otherwise.
 
     Raises:
         InvalidModelError, KernelsUnavailableError, InvalidRequestError (bad kv_type / n_ctx).
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4, n_ctx: int = 512,
-                 kv_type: str = "f32") -> None:
-        if kv_type not in KV_TYPES or n_ctx < 1:
-            raise InvalidRequestError(f"kv_type must be one of {', '.join(KV_TYPES)} and n_ctx >= 1")
-        self.path, self.n_ctx, self.kv_type = Path(path), n_ctx, kv_type
-        self.meta, tensors = read_gguf_tensors(self.path)
+                 kv_type: str = "f32", n_ubatch: int = UBATCH, header: GGUFHeader | None = None) -> None:
+        if kv_type not in KV_TYPES or n_ctx < 1 or n_ubatch < 1:
+            raise InvalidRequestError(f"kv_type must be one of {', '.join(KV_TYPES)}, n_ctx and n_ubatch >= 1")
+        self.path, self.n_ctx, self.kv_type, self.n_ubatch = Path(path), n_ctx, kv_type, n_ubatch
+        self._decode_alloc: int | None = None  # one-token graphs' allocator, kept across tokens
+        self.meta, tensors = read_gguf_tensors(self.path, header)
         self.config = cfg = read_text_config(self.meta, tensors)
         self.gates = gate_values(tensors)
-        device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
+        device_tensors = {n: t for n, t in tensors.items() if n not in self.gates and n != EMBD}
         factors = self.meta.get(C.KEY_ROPE_FREQ_FACTORS)
         if factors is not None:
             device_tensors["rope_freqs"] = RawTensor.from_numpy(np.asarray(factors, np.float32))
@@ -222,11 +235,31 @@ class MllamaTextModel:
                   if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
         self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
         self.backend = self.weights.backend
+        self._embd = self._place_embeddings(tensors[EMBD])
         self.images: ImageKV | None = None
         self.image_tiles: tuple[int, ...] = ()
         self.n_image_tokens = self.tiles_per_image = self.tokens_per_tile = 0
         self.n_past = 0
         self._last_row: np.ndarray | None = None
+
+    def _place_embeddings(self, raw: RawTensor) -> MappedTensor | Weights:
+        """The token embeddings read in place from the mapped file on the CPU (only the rows of the
+        tokens seen become resident: 282 MiB of Q4_K table on the 11B), else uploaded."""
+        if self.backend.is_cpu and raw.convert is None and mapped_file(raw.data):
+            try:
+                return MappedTensor(self.backend, EMBD, raw)
+            except KernelsUnavailableError:
+                pass  # an unaligned file: upload it
+        try:
+            return Weights(self.backend, {EMBD: raw})
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def embeddings(self) -> object:
+        """The ``token_embd`` tensor (mapped or uploaded)."""
+        return self._embd.tensor if isinstance(self._embd, MappedTensor) else self._embd[EMBD]
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -301,33 +334,52 @@ class MllamaTextModel:
         if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != self.config.n_embd:
             raise InvalidRequestError(f"image states of shapes {sorted(shapes)}; expected one shape "
                                       f"(tiles, tokens, {self.config.n_embd})")
-        flat = np.concatenate([np.asarray(s, np.float32).reshape(-1, self.config.n_embd) for s in states])
-        kv = self._run_cross_kv(flat)
+        rows = [np.asarray(s, np.float32).reshape(-1, self.config.n_embd) for s in states]
+        flat = rows[0] if len(rows) == 1 else np.concatenate(rows)  # one image: its states, not a copy
         self._drop_images()
-        self.images = ImageKV(Weights(self.backend, kv))
+        self.images = ImageKV(self._run_cross_kv(flat))
         self.image_tiles, self.n_image_tokens = tuple(int(t) for t in n_tiles), len(flat)
         self.tiles_per_image, self.tokens_per_tile = states[0].shape[0], states[0].shape[1]
 
-    def _run_cross_kv(self, flat: np.ndarray) -> dict[str, RawTensor]:
-        """Each cross layer's K (normed) and V, one graph per layer (so only one layer's f32 K/V is
-        ever held); V is kept transposed ``[n, hd, kv_heads]``."""
-        cfg, w = self.config, self.weights
-        hd, kvh, n = cfg.head_dim, cfg.n_head_kv, len(flat)
-        kv, dtype = {}, KV_TYPES[self.kv_type]
+    def _run_cross_kv(self, flat: np.ndarray) -> Weights:
+        """Each cross layer's K (normed) and V in backend buffers allocated first, computed layer by
+        layer in graphs of :data:`CROSS_KV_CHUNK` states and uploaded as they come (the host holds one
+        layer's V at most); V is kept transposed ``[n, hd, kv_heads]``."""
+        cfg, n, dtype = self.config, len(flat), KV_TYPES[self.kv_type]
+        hd, kvh = cfg.head_dim, cfg.n_head_kv
+        specs = {}
         for il in cfg.cross_layers:
-            p = f"blk.{il}.cross_attn_"
-            b = GraphBuilder()
-            x = b.input("states", (cfg.n_embd, n))
-            k = b.rms_norm(b.reshape_3d(b.linear(x, w[p + "k_proj.weight"]), hd, kvh, n), w[p + "k_norm.weight"], cfg.eps)
-            graph = CompiledGraph(self.backend, b, b.concat(b.reshape_2d(k, hd * kvh, n),
-                                                            b.linear(x, w[p + "v_proj.weight"]), 0))
-            try:
-                data = graph.run({"states": flat}).reshape(n, 2, kvh, hd)
-            finally:
-                graph.close()
-            kv[f"k.{il}"] = RawTensor.from_numpy(data[:, 0].astype(dtype))                   # ne [hd, kvh, n]
-            kv[f"v.{il}"] = RawTensor.from_numpy(data[:, 1].transpose(1, 2, 0).astype(dtype))  # ne [n, hd, kvh]
+            specs[f"k.{il}"] = RawTensor.empty((n, kvh, hd), dtype)   # ne [hd, kvh, n]
+            specs[f"v.{il}"] = RawTensor.empty((kvh, hd, n), dtype)   # ne [n, hd, kvh]
+        kv = Weights(self.backend, specs, upload=False)
+        try:
+            for il in cfg.cross_layers:
+                v_t = np.empty((kvh, hd, n), dtype)
+                for start in range(0, n, CROSS_KV_CHUNK):
+                    part = flat[start:start + CROSS_KV_CHUNK]
+                    data = self._cross_kv_graph(il, part)
+                    kv.set(f"k.{il}", data[:, 0].astype(dtype), start * kvh * hd * v_t.itemsize)
+                    v_t[:, :, start:start + len(part)] = data[:, 1].transpose(1, 2, 0)
+                kv.set(f"v.{il}", v_t)
+                del v_t
+        except Exception:
+            kv.close()
+            raise
         return kv
+
+    def _cross_kv_graph(self, il: int, states: np.ndarray) -> np.ndarray:
+        """``(n, 2, kv_heads, hd)`` f32: layer ``il``'s normed K and its V of ``states``."""
+        cfg, w, n, p = self.config, self.weights, len(states), f"blk.{il}.cross_attn_"
+        hd, kvh = cfg.head_dim, cfg.n_head_kv
+        b = GraphBuilder()
+        x = b.input("states", (cfg.n_embd, n))
+        k = b.rms_norm(b.reshape_3d(b.linear(x, w[p + "k_proj.weight"]), hd, kvh, n), w[p + "k_norm.weight"], cfg.eps)
+        graph = CompiledGraph(self.backend, b, b.concat(b.reshape_2d(k, hd * kvh, n),
+                                                        b.linear(x, w[p + "v_proj.weight"]), 0))
+        try:
+            return graph.run({"states": states}).reshape(n, 2, kvh, hd)
+        finally:
+            graph.close()
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: Sequence[int], cross_mask: np.ndarray | None = None, *,
@@ -349,27 +401,56 @@ class MllamaTextModel:
         """
         n = len(tokens)
         ids = np.asarray(tokens, dtype=np.int32)
-        if not n or ids.min() < 0 or ids.max() >= self.weights["token_embd.weight"].contents.ne[1]:
+        if not n or ids.min() < 0 or ids.max() >= self.embeddings.contents.ne[1]:
             raise InvalidRequestError(f"tokens must be a non-empty list of ids in the vocabulary, got {list(tokens)[:8]}")
         if self.n_past + n > self.n_ctx:
             raise ContextOverflowError(f"{self.n_past} + {n} tokens exceed the KV cache of {self.n_ctx}")
+        if self.images is not None and cross_mask is not None:
+            self._check_mask(n, cross_mask)
+        out = []
+        # several tokens: on a scratch backend, so that the prefill's work buffer is not kept
+        backend = self.backend.scratch() if n > 1 else self.backend
+        try:
+            for start in range(0, n, self.n_ubatch):  # graphs of at most n_ubatch tokens
+                end = min(n, start + self.n_ubatch)
+                mask = cross_mask[start:end] if cross_mask is not None else None
+                out.append(self._forward_batch(backend, ids[start:end], mask, "all" if all_logits else
+                                               "last" if end == n else "none"))
+        finally:
+            self.backend.close_scratch(backend)
+        return out[0] if len(out) == 1 else np.concatenate(out) if all_logits else out[-1]
+
+    def _forward_batch(self, backend: Backend, ids: np.ndarray, cross_mask: np.ndarray | None,
+                       logits: str) -> np.ndarray:
+        """One graph over ``ids`` on ``backend`` with the ``logits`` of "all" tokens, the "last" one or
+        "none" (an earlier micro-batch: its last hidden row is returned); one-token graphs share an
+        allocator kept across tokens."""
+        n = len(ids)
         inputs = {"tokens": ids, "pos": np.arange(self.n_past, self.n_past + n, dtype=np.int32),
                   "kq_mask": _causal_mask(self.n_past, n)}
         if self.images is not None:
             inputs.update(self._cross_inputs(n, cross_mask))
+        if n == 1 and self._decode_alloc is None:
+            self._decode_alloc = self.backend.g.ggml_gallocr_new(self.backend.buffer_type)
         b = GraphBuilder()
         try:
-            out, writes = self._build(b, n, all_logits)
-            graph = CompiledGraph(self.backend, b, out, before=writes)
+            out, writes = self._build(b, n, logits)
+            graph = CompiledGraph(backend, b, out, before=writes,
+                                  allocator=self._decode_alloc if n == 1 else None)
         except Exception:
             b.close()
             raise
         try:
-            logits = graph.run(inputs)
+            result = graph.run(inputs)
         finally:
             graph.close()
         self.n_past += n
-        return logits.reshape(-1, self.config.n_vocab)
+        return result.reshape(-1, self.config.n_vocab) if logits != "none" else result
+
+    def _check_mask(self, n: int, cross_mask: np.ndarray) -> None:
+        want = (n, len(self.image_tiles), self.tiles_per_image)
+        if cross_mask.shape != want:
+            raise InvalidRequestError(f"cross_mask of shape {cross_mask.shape}; expected {want}")
 
     def _cross_inputs(self, n: int, cross_mask: np.ndarray | None) -> dict[str, np.ndarray]:
         want = (len(self.image_tiles), self.tiles_per_image)
@@ -384,9 +465,9 @@ class MllamaTextModel:
         additive = np.where(seen | ~keep[:, None], 0.0, -np.inf).astype(np.float32)
         return {"cross_mask": additive, "cross_keep": keep.astype(np.float32).reshape(n, 1)}
 
-    def _build(self, b: GraphBuilder, n: int, all_logits: bool) -> tuple[object, list[object]]:
+    def _build(self, b: GraphBuilder, n: int, logits: str) -> tuple[object, list[object]]:
         cfg, w = self.config, self.weights
-        x = b.get_rows(w["token_embd.weight"], b.input("tokens", (n,), ggml.GGML_TYPE_I32))
+        x = b.get_rows(self.embeddings, b.input("tokens", (n,), ggml.GGML_TYPE_I32))
         pos = b.input("pos", (n,), ggml.GGML_TYPE_I32)
         kq_mask = b.input("kq_mask", (self.n_past + n, n))
         if self.images is not None:
@@ -400,9 +481,9 @@ class MllamaTextModel:
                 continue
             x = self._self_layer(b, il, x, pos, kq_mask, n, writes)
         x = b.rms_norm(x, w["output_norm.weight"], cfg.eps)
-        if not all_logits and n > 1:
+        if logits != "all" and n > 1:
             x = b.rows(x, n - 1, 1)
-        return b.linear(x, w["output.weight"]), writes
+        return (b.linear(x, w["output.weight"]) if logits != "none" else x), writes
 
     def _attend(self, b: GraphBuilder, q: object, k: object, v_t: object, mask: object, n: int) -> object:
         """softmax(q k^T / sqrt(hd) + mask) v over heads (GQA by broadcasting): ``[n_embd, n]``."""
@@ -458,6 +539,12 @@ class MllamaTextModel:
 
     def close(self) -> None:
         self._drop_images()
+        if getattr(self, "_decode_alloc", None) is not None:
+            self.backend.g.ggml_gallocr_free(self._decode_alloc)
+            self._decode_alloc = None
+        if getattr(self, "_embd", None) is not None:
+            self._embd.close()
+            self._embd = None
         if getattr(self, "weights", None) is not None:
             self.weights.close()
             self.weights = None

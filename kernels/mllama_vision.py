@@ -39,8 +39,10 @@ import numpy as np
 
 from edgevlm import constants as C
 from edgevlm.errors import InvalidModelError, UnsupportedModelError
+from edgevlm.gguf_info import GGUFHeader
 
 from . import ggml
+from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, upload_weights
 from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
@@ -124,8 +126,9 @@ def read_mllama_config(meta: Mapping[str, Any], tensors: Mapping[str, RawTensor]
         output_width=int(tensors["mm.0.weight"].ne[1]))
 
 
-def attention_mask(cfg: MllamaVisionConfig, n_tiles: int) -> np.ndarray:
-    """The encoder's additive mask ``(N, N)``, ``N = max_num_tiles * n_padded``.
+def attention_mask(cfg: MllamaVisionConfig, n_tiles: int, dtype: type = np.float32) -> np.ndarray:
+    """The encoder's additive mask ``(N, N)``, ``N = max_num_tiles * n_padded``, of ``dtype``
+    (built in place: no temporary of another type or of booleans ``N x N``).
 
     As transformers' ``_prepare_aspect_ratio_attention_mask``: a token is
     *padding* if its tile is past ``n_tiles`` or it is one of the tokens added
@@ -133,8 +136,10 @@ def attention_mask(cfg: MllamaVisionConfig, n_tiles: int) -> np.ndarray:
     """
     padding = np.ones((cfg.max_num_tiles, cfg.n_padded), dtype=bool)
     padding[:n_tiles, :cfg.n_positions] = False
-    flat = padding.reshape(-1)
-    return np.where(flat[:, None] & flat[None, :], -np.inf, 0.0).astype(np.float32)
+    hidden = np.flatnonzero(padding.reshape(-1))
+    mask = np.zeros((padding.size, padding.size), dtype)
+    mask[np.ix_(hidden, hidden)] = -np.inf
+    return mask
 
 
 def gate_values(tensors: Mapping[str, RawTensor]) -> dict[str, float]:
@@ -159,16 +164,20 @@ class MllamaVisionEncoder:
         flash_attn: ggml's fused attention (f16 K/V and mask, f32 accumulation): the
             ``heads x N x N`` score matrix is never stored (N = tiles x padded tokens:
             6432 for the 11B, 2.6 GB of f32 scores otherwise); False: f32 softmax(QK^T)V.
+        keep_graph: keep the graph and its compute buffer between images (539 MiB on the 11B);
+            False (the default) frees them after each :meth:`encode`, so the buffer is never
+            held beside the text decoder's (a graph build costs milliseconds; an encode, seconds).
+        header: the file's header when already read (the model descriptor's); read otherwise.
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
-                 flash_attn: bool = True) -> None:
+                 flash_attn: bool = True, keep_graph: bool = False, header: GGUFHeader | None = None) -> None:
         self.path = Path(path)
-        self.flash_attn = flash_attn
-        self.meta, tensors = read_gguf_tensors(self.path)
+        self.flash_attn, self.keep_graph = flash_attn, keep_graph
+        self.meta, tensors = read_gguf_tensors(self.path, header)
         self.config = read_mllama_config(self.meta, tensors)
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
@@ -177,10 +186,16 @@ class MllamaVisionEncoder:
         self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
         self.backend = self.weights.backend
         self._graph: CompiledGraph | None = None
+        self._scratch: Backend | None = None  # the backend the graph runs on
 
     @property
     def device(self) -> str:
         return self.backend.name
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes of the compute buffer held now (0 between images unless ``keep_graph``)."""
+        return self._graph.compute_bytes if self._graph is not None else 0
 
     def encode(self, pixels: np.ndarray, aspect_ratio_id: int, n_tiles: int) -> np.ndarray:
         """Run the encoder and projector on one image's tiles.
@@ -204,26 +219,40 @@ class MllamaVisionEncoder:
             raise InvalidModelError(f"aspect_ratio_id {aspect_ratio_id} is outside 1..{len(cfg.aspect_ratios)}")
         if not 1 <= n_tiles <= cfg.max_num_tiles:
             raise InvalidModelError(f"n_tiles {n_tiles} is outside 1..{cfg.max_num_tiles}")
-        if self._graph is None:
-            self._graph = self._build()
-        patches = np.stack([patchify(t.astype(np.float32), cfg.patch_size) for t in pixels])
-        out = self._graph.run({"patches": patches, "aspect_ratio_id": np.array([aspect_ratio_id], np.int32),
-                               "mask": attention_mask(cfg, n_tiles).astype(np.float16)})
+        try:
+            graph = self._graph = self._graph or self._build()
+            graph.set_inputs({"patches": np.stack([patchify(t.astype(np.float32), cfg.patch_size) for t in pixels]),
+                              "aspect_ratio_id": np.array([aspect_ratio_id], np.int32),
+                              "mask": attention_mask(cfg, n_tiles, np.float16)})  # host copies dropped here
+            graph.compute()
+            out = graph.output_array()
+        finally:
+            if not self.keep_graph:
+                self.release()
         return out.reshape(cfg.max_num_tiles, cfg.n_positions, cfg.output_width)
+
+    def release(self) -> None:
+        """Free the graph, its compute buffer and (on the CPU) the scratch backend it ran on, whose
+        work buffer ggml keeps at its largest; the next :meth:`encode` builds them again."""
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
+        if self._scratch is not None:
+            self.backend.close_scratch(self._scratch)
+            self._scratch = None
 
     def _build(self) -> CompiledGraph:
         b = GraphBuilder()
         try:
             out = build_encoder(b, self.weights, self.config, self.gates, flash=self.flash_attn)
-            return CompiledGraph(self.backend, b, out)
+            self._scratch = self.backend if self.keep_graph else self.backend.scratch()
+            return CompiledGraph(self._scratch, b, out)
         except Exception:
             b.close()
             raise
 
     def close(self) -> None:
-        if self._graph is not None:
-            self._graph.close()
-            self._graph = None
+        self.release()
         if getattr(self, "weights", None) is not None:
             self.weights.close()
             self.weights = None

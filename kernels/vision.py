@@ -213,13 +213,14 @@ _PLAIN_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.
 """ggml types stored as plain numpy items (F32, F16, I8, I16, I32, I64, F64); others as bytes."""
 
 
-def read_gguf_tensors(path: Path) -> tuple[dict[str, Any], dict[str, RawTensor]]:
-    """Metadata and tensors (memory-mapped) of a GGUF file.
+def read_gguf_tensors(path: Path, header: GGUFHeader | None = None) -> tuple[dict[str, Any], dict[str, RawTensor]]:
+    """Metadata and tensors (memory-mapped) of a GGUF file (``header``: its header when already read).
 
     Raises:
         ModelNotFoundError, InvalidModelError: not a readable GGUF file.
     """
-    header = read_header(path)
+    if header is None or not header.data_offset:
+        header = read_header(path)
     return dict(header.metadata), read_tensor_data(header)
 
 

@@ -26,6 +26,13 @@ if TYPE_CHECKING:  # pragma: no cover
 #: Bytes of the engine's KV cache and cross-attention K/V elements (the kv types it runs).
 KV_ELEMENT = {"f32": 4, "f16": 2}
 F32 = 4
+#: What loading the engine adds to the process figure besides its buffers: edgevlm's ggml bindings
+#: and graph modules, the two graphs' CPU backends, the vocabulary-only llama.cpp model and the
+#: image decoders. Measured on the test model's load: 19 MiB above the process figure, 8 MiB of
+#: which the planner's RUNTIME_SLACK already counts.
+ENGINE_BYTES = 11 << 20
+EMBD = "token_embd.weight"
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class MllamaShape:
     patch_values: int  # patches per tile x 3 x patch^2
     width: int
     n_intermediate: int
+    vision_ffn: int
 
     @classmethod
     def of(cls, model: ModelDescriptor) -> MllamaShape:
@@ -59,7 +67,8 @@ class MllamaShape:
                    n_ctx_train=int(model.llm_key("context_length") or 4096), tiles=vision.max_num_tiles,
                    n_positions=vision.n_positions, n_padded=vision.n_padded,
                    patch_values=vision.n_patches * 3 * vision.patch_size ** 2, width=vision.width,
-                   n_intermediate=len(vision.intermediate))
+                   n_intermediate=len(vision.intermediate),
+                   vision_ffn=int(proj.metadata.get("clip.vision.feed_forward_length") or 4 * vision.width))
 
     @property
     def image_states(self) -> int:
@@ -68,16 +77,18 @@ class MllamaShape:
 
     def vision_compute(self, output_width: int) -> int:
         """The encoder graph's buffer (flash attention): its f16 mask, the local layers' outputs kept
-        for the projector and their concatenation, the projected states, the patches.
+        for the projector and their concatenation, the projected states, the patches; and ggml's
+        work buffer for its widest product (f16 copy of the projector's input or the MLP's hidden).
 
         Checked against ``CompiledGraph.compute_bytes``: 344 MiB measured, 350 MiB here, at the
         11B's tile geometry (4 x 1608 tokens, width 1280) with 2 intermediate layers."""
         n = self.tiles * self.n_padded
-        return (n * n * 2 + F32 * (n * self.width * (1 + 2 * self.n_intermediate)
-                                   + self.image_states * output_width + self.tiles * self.patch_values))
+        work = 2 * max(self.image_states * self.width * (1 + self.n_intermediate), n * self.vision_ffn)
+        return (n * n * 2 + work + F32 * (n * self.width * (1 + 2 * self.n_intermediate)
+                                          + self.image_states * output_width + self.tiles * self.patch_values))
 
     def decoder_compute(self, n_ctx: int, n_batch: int, n_images: int) -> int:
-        """One prefill graph of ``n_batch`` tokens at a full context: attention scores of every head
+        """One prefill graph of ``n_batch`` tokens (a micro-batch) at a full context: attention scores of every head
         (f32, softmax in place) over the larger of the context and the images' states, their f16
         copy for the product with V (ggml's work buffer), both masks and a few hidden rows.
 
@@ -87,11 +98,13 @@ class MllamaShape:
         widest = max(n_ctx, n_img)
         return n_batch * (6 * self.n_head * widest + F32 * (n_ctx + n_img + 2 * self.n_embd))
 
-    def cross_kv_compute(self, n_images: int, kv_bytes: int) -> int:
-        """Computing the images' cross-attention K/V (one graph per cross layer): the states, one
-        layer's K and V (f32, in the graph and copied out) and the K/V of every layer before upload."""
+    def cross_kv_compute(self, n_images: int, kv_bytes: int, chunk: int) -> int:
+        """Computing the images' cross-attention K/V (graphs of ``chunk`` states per cross layer, each
+        uploaded as it comes): a chunk's states, K and V in the graph (f32: projections, norm,
+        concatenation) and copied out, and one layer's V on the host before its upload."""
         n_img = n_images * self.image_states
-        return n_img * (F32 * (2 * self.n_embd + 4 * self.kv_width) + self.n_cross * 2 * self.kv_width * kv_bytes)
+        rows = min(chunk, n_img)
+        return rows * F32 * (self.n_embd + 7 * self.kv_width) + n_img * self.kv_width * kv_bytes
 
 
 @register
@@ -142,7 +155,7 @@ class MllamaFamily(Family):
             raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {shape.n_ctx_train} tokens the model "
                                       "was trained for")
         parts = _memory_parts(self.model, shape, request, n_ctx, process_bytes)
-        settings = PlanSettings(n_ctx=n_ctx, n_batch=_prefill_batch(n_ctx), n_ubatch=_prefill_batch(n_ctx),
+        settings = PlanSettings(n_ctx=n_ctx, n_batch=_prefill_batch(n_ctx), n_ubatch=_micro_batch(n_ctx),
                                 kv_type=request.kv_type, flash_attn=False,
                                 n_gpu_layers=-1 if _device(request) != "CPU" else 0,
                                 image_tokens=shape.image_states, image_views=shape.tiles,
@@ -167,37 +180,65 @@ def _prefill_batch(n_ctx: int) -> int:
     return min(PREFILL_BATCH, n_ctx)
 
 
+def _micro_batch(n_ctx: int) -> int:
+    """Tokens per decoder graph (the engine reads its prefill batches in graphs of this many)."""
+    from edgevlm.kernels.mllama_text import UBATCH
+
+    return min(UBATCH, n_ctx)
+
+
+def _mapped_embeddings(model: ModelDescriptor, dev: str, n_ctx: int) -> list[MemoryPart]:
+    """On the CPU the token embeddings are read in place from the mapped file: resident are the
+    pages of the tokens seen, at most a row and a page per context position."""
+    from edgevlm.planner import MemoryPart, tensor_bytes
+
+    table = next((t for t in model.llm.tensors if t.name == EMBD), None)
+    if dev != "CPU" or table is None:
+        return []
+    total = tensor_bytes(table)
+    resident = min(total, n_ctx * (total // table.shape[-1] + PAGE))
+    return [MemoryPart("token embeddings", "CPU", resident,
+                       f"read in place from the file ({total >> 20} MiB): the rows of up to {n_ctx} tokens")]
+
+
 def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanRequest, n_ctx: int,
                   process_bytes: int) -> list[MemoryPart]:
-    """Process, weights, KV cache, one image's cross-attention K/V, the graphs' buffers, the image."""
+    """Process, weights, KV cache and one image's vision states, held throughout; the encoder's buffer
+    while an image is encoded ("encode" phase: freed after it); the image's cross-attention K/V and the
+    decoder's buffer after it ("decode" phase)."""
+    from edgevlm.kernels.mllama_text import CROSS_KV_CHUNK
     from edgevlm.planner import RUNTIME_SLACK, MemoryPart, tensor_bytes
 
     assert model.projector is not None
     dev, kv = _device(request), KV_ELEMENT[request.kv_type]
-    n_self, out_width = shape.n_layer - shape.n_cross, shape.n_embd
+    n_self, out_width, ubatch = shape.n_layer - shape.n_cross, shape.n_embd, _micro_batch(n_ctx)
     states = shape.image_states * shape.n_embd * F32
-    decoder = shape.decoder_compute(n_ctx, _prefill_batch(n_ctx), 1)
-    cross_kv = shape.cross_kv_compute(1, kv)
+    decoder = shape.decoder_compute(n_ctx, ubatch, 1)
+    cross_kv = shape.cross_kv_compute(1, kv, CROSS_KV_CHUNK)
     w, h = request.image_size or (4096, 3072)
     scale = min(1.0, 4096 / max(w, h))
     return [
         MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured"),
-        MemoryPart("llm weights", dev, sum(tensor_bytes(t) for t in model.llm.tensors),
+        MemoryPart("engine", "CPU", ENGINE_BYTES, "graph modules, backends, vocabulary, image decoders"),
+        MemoryPart("llm weights", dev, sum(tensor_bytes(t) for t in model.llm.tensors if dev != "CPU" or t.name != EMBD),
                    f"{shape.n_layer} layers ({shape.n_cross} cross-attention), in backend buffers"),
+        *_mapped_embeddings(model, dev, n_ctx),
         MemoryPart("kv cache", dev, n_self * n_ctx * shape.kv_width * 2 * kv,
                    f"{n_self} self-attention layers x {n_ctx} cells, {request.kv_type}"),
-        MemoryPart("image cross kv", dev, shape.n_cross * shape.image_states * shape.kv_width * 2 * kv,
-                   f"{shape.n_cross} cross layers x {shape.tiles} tiles x {shape.n_positions} states, "
-                   f"{request.kv_type}; per image in the conversation"),
         MemoryPart("projector weights", dev, sum(tensor_bytes(t) for t in model.projector.header.tensors),
                    "vision encoder + projector"),
-        MemoryPart("vision compute", dev, shape.vision_compute(out_width),
-                   f"{shape.tiles} tiles x {shape.n_padded} tokens, flash attention; kept after the first image"),
-        MemoryPart("llm compute", dev, max(decoder, cross_kv),
-                   f"prefill of {_prefill_batch(n_ctx)} tokens, attention scores over "
-                   f"max({n_ctx}, {shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)"),
-        MemoryPart("image embeddings", "CPU", 2 * states,
-                   f"f32 vision states (RAM tier + encoder output); +{states >> 20} MiB per further image, up to 4"),
+        MemoryPart("image embeddings", "CPU", states,
+                   f"f32 vision states (one copy: the RAM tier); +{states >> 20} MiB per further image, up to 4"),
         MemoryPart("image decode", "CPU", int(w * scale) * int(h * scale) * 3 * 2
                    + 2 * shape.tiles * shape.patch_values * F32, f"{int(w * scale)}x{int(h * scale)} RGB + tiles"),
+        MemoryPart("vision compute", dev, shape.vision_compute(out_width),
+                   f"{shape.tiles} tiles x {shape.n_padded} tokens, flash attention, + work buffer; "
+                   "freed after each image",
+                   phase="encode"),
+        MemoryPart("image cross kv", dev, shape.n_cross * shape.image_states * shape.kv_width * 2 * kv,
+                   f"{shape.n_cross} cross layers x {shape.tiles} tiles x {shape.n_positions} states, "
+                   f"{request.kv_type}; per image in the conversation", phase="decode"),
+        MemoryPart("llm compute", dev, max(decoder, cross_kv),
+                   f"prefill graphs of {ubatch} tokens, attention scores over max({n_ctx}, "
+                   f"{shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)", phase="decode"),
     ]

@@ -202,3 +202,29 @@ def test_f16_kv_cache_stays_close(tokenizer, encoder, text_model, mllama_f32_res
         model.close()
     print(f"f16 KV cache: max-abs {np.abs(got - ref).max():.2e}")
     assert np.abs(got - ref).max() <= 5e-2 and np.array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_micro_batches_and_chunked_cross_kv_equal_one_graph(tokenizer, encoder, text_model, mllama_f32_result,
+                                                             monkeypatch):
+    """A forward split into graphs of 3 tokens (all logits, and the last only) and cross-attention K/V
+    computed 10 states at a time give one graph's logits; one-token graphs reuse one allocator."""
+    import edgevlm.kernels.mllama_text as mt
+
+    ids = tokenizer("<|image|>what is in the picture? the red car on the road").input_ids
+    batch = _pixels([IMAGES[3]])
+    whole, mask = _ours(text_model, encoder, ids, batch)
+    monkeypatch.setattr(mt, "CROSS_KV_CHUNK", 10)
+    model = mt.MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=1, n_ctx=64, n_ubatch=3)
+    try:
+        split, _ = _ours(model, encoder, ids, batch)
+        model.rewind(0)
+        last = model.forward(ids, mask)
+        first = model.forward([5])
+        allocator = model._decode_alloc
+        model.forward([6])
+        assert allocator is not None and model._decode_alloc == allocator
+    finally:
+        model.close()
+    assert split.shape == whole.shape and np.abs(split - whole).max() <= 1e-5
+    assert last.shape == (1, whole.shape[1]) and np.abs(last[0] - whole[-1]).max() <= 1e-5
+    assert first.shape == (1, whole.shape[1])

@@ -209,3 +209,24 @@ def test_bad_inputs_are_refused(encoder):
         encoder.encode(pixels, 9, 1)
     with pytest.raises(InvalidModelError, match="n_tiles 5"):
         encoder.encode(pixels, 1, 5)
+
+
+def test_the_compute_buffer_is_freed_after_encoding(mllama_f32_result):
+    """The encoder's graph and compute buffer live only while an image is encoded (keep_graph keeps
+    them); the states are the same either way."""
+    from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
+
+    pixels = np.random.default_rng(3).standard_normal((4, 3, 56, 56)).astype(np.float32)
+    transient = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=1)
+    kept = MllamaVisionEncoder(mllama_f32_result.mmproj_path, device="cpu", n_threads=1, keep_graph=True)
+    try:
+        assert transient.compute_bytes == kept.compute_bytes == 0
+        a = transient.encode(pixels, 1, 1)
+        b = kept.encode(pixels, 1, 1)
+        assert transient.compute_bytes == 0 and transient._graph is None
+        assert kept.compute_bytes > 0
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(transient.encode(pixels, 1, 1), a)
+    finally:
+        transient.close()
+        kept.close()

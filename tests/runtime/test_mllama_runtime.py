@@ -143,3 +143,31 @@ def test_follow_up_with_a_new_image(pipeline):
           f"{np.abs(split - one).max():.2e} without")
     np.testing.assert_allclose(split, one, atol=1e-4)
     assert with_bos > 1e-4
+
+
+def test_a_load_parses_each_header_once(mllama_f32_result, monkeypatch):
+    """Given the descriptor's headers, the pipeline parses neither file again (the vocabulary file is
+    copied from the LLM file's raw metadata, not through gguf's reader); the token embeddings are
+    read in place from the mapped file on the CPU."""
+    import gguf
+
+    import edgevlm.gguf_info as info
+    from edgevlm.gguf_info import read_header
+    from edgevlm.kernels.graph import MappedTensor
+    from edgevlm.mllama_runtime import MllamaPipeline
+
+    headers = (read_header(mllama_f32_result.llm_path), read_header(mllama_f32_result.mmproj_path))
+    info.clear_header_cache()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a header was parsed again")
+
+    monkeypatch.setattr(info, "_parse", forbidden)
+    monkeypatch.setattr(gguf, "GGUFReader", forbidden)
+    pipe = MllamaPipeline(mllama_f32_result.llm_path, mllama_f32_result.mmproj_path, device="cpu",
+                          n_threads=1, n_ctx=32, kv_type="f32", headers=headers)
+    try:
+        assert isinstance(pipe.text._embd, MappedTensor) and "token_embd.weight" not in pipe.text.weights
+        assert pipe.tokenize("hello world") == pipe.vocab.tokenize("hello world", add_special=True, parse_special=True)
+    finally:
+        pipe.close()
