@@ -58,7 +58,7 @@ def test_budget_refuses_in_one_line_before_loading(mllama_f32_result, monkeypatc
     with pytest.raises(MemoryBudgetError) as err:
         edgevlm.load(mllama_f32_result.llm_path.parent, memory_budget="20MiB", n_gpu_layers=0)
     line = str(err.value)
-    assert "\n" not in line and "the memory budget is 20 MiB" in line and "q4_0" in line
+    assert "\n" not in line and "the memory budget is 20 MiB" in line and "q4_k_m" in line
     assert line.startswith("needs ") and "llm compute" in line and "process" in line
 
 

@@ -113,7 +113,6 @@ class MllamaFamily(Family):
     describes = "Llama-3.2-Vision (mllama), run on edgevlm's kernels (cross-attention text decoder)"
     priority = 10
     engines = (C.VISION_ENGINE_KERNELS,)
-    smallest_quant = "q4_0"
     prices_own_engine = True
 
     @classmethod
