@@ -105,6 +105,8 @@ def test_an_unrepaired_amx_build_is_a_warning_unless_the_user_chose_the_guard(mo
     monkeypatch.setattr(amx_guard, "amx_status", lambda: status)
     if forced:
         monkeypatch.setenv(amx_guard.ENV, "off")
+    else:
+        monkeypatch.delenv(amx_guard.ENV, raising=False)
     cpu = health.check_cpu(health.Build(backends=(health.BackendBuild("CPU", 1, {}),)))
     assert cpu.amx_guard_active and cpu.amx_reason == status.reason
     assert (status.reason in cpu.warnings) is not forced
