@@ -101,9 +101,29 @@ def _has_marker(path: Path) -> bool:
     native.llama()
     try:
         loaded = ctypes.CDLL(path.name + ".0", mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
-        return ctypes.c_int.in_dll(loaded, MARKER).value >= MARKER_VERSION
+        marker = ctypes.c_int.in_dll(loaded, MARKER)
     except (OSError, ValueError):
         return False
+    # dlsym also searches the library's dependencies: the marker must be libggml-cpu's own
+    return _defined_in(ctypes.addressof(marker), path.name) and marker.value >= MARKER_VERSION
+
+
+class _DlInfo(ctypes.Structure):
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
+def _defined_in(address: int, stem: str) -> bool:
+    """Whether ``address`` lies in a loaded file whose name starts with ``stem`` (glibc's ``dladdr``)."""
+    try:
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
+        return True  # no dladdr: trust the lookup
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)]
+    info = _DlInfo()
+    if not dladdr(address, ctypes.byref(info)) or not info.dli_fname:
+        return False
+    return os.path.basename(info.dli_fname.decode(errors="replace")).startswith(stem)
 
 
 def _stored_probe(key: str) -> bool | None:
@@ -166,7 +186,7 @@ def _decide() -> AmxStatus:
         return AmxStatus(True, True, "the AMX path passed edgevlm's probe (a Q8_0 product checked against numpy)")
     return AmxStatus(True, False, "this llama.cpp build's AMX path fails (built without edgevlm's tile-configuration "
                                   "fix by a GCC that miscompiles it); quantised weights stay out of it. Reinstall "
-                                  "llama-cpp-python as the README's \"CPU builds\" says for the faster AMX kernels")
+                                  "llama-cpp-python as the README's \"Builds\" section says for the faster AMX kernels")
 
 
 @functools.lru_cache(maxsize=1)

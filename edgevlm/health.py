@@ -132,7 +132,7 @@ class Cpu:
 
     Attributes:
         amx_guard_active: llama.cpp has ggml's AMX path but it is not safe to use, so edgevlm
-            loads weights without llama.cpp's extra buffer types (see README "CPU builds").
+            loads weights without llama.cpp's extra buffer types (see README "Builds").
         amx_reason: why the AMX path is used or guarded (:class:`edgevlm.amx_guard.AmxStatus`).
     """
 

@@ -171,8 +171,8 @@ def system_info() -> str:
 def cpu_has_amx() -> bool:
     """Whether ggml's CPU backend was built with its AMX path on an AMX CPU.
 
-    In the pinned llama.cpp, quantised weights placed in the AMX extra buffer
-    type crash (SIGSEGV in ``ggml_backend_amx_mul_mat``); see README "CPU builds".
+    Whether that path may be used is :func:`edgevlm.amx_guard.amx_status`'s decision (unrepaired
+    builds crash in it; README "Builds").
     """
     return "AMX_INT8 = 1" in system_info()
 

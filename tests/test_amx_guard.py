@@ -87,6 +87,15 @@ def test_an_unwritable_cache_only_costs_a_probe(fresh, tmp_path):
     assert not amx_guard.amx_guard_active() and calls == [1]
 
 
+def test_the_marker_must_be_libggml_cpus_own():
+    """dlsym searches a library's dependencies too; where the marker lives is checked by address."""
+    import ctypes
+
+    libc_function = ctypes.cast(ctypes.CDLL(None).printf, ctypes.c_void_p).value
+    assert amx_guard._defined_in(libc_function, "libc")
+    assert not amx_guard._defined_in(libc_function, "libggml-cpu")
+
+
 def test_the_real_probe_agrees_with_the_build(fresh):
     """The child process computes a Q8_0 product in the AMX buffer type: it passes exactly when the build has
     an AMX path that works (builds with the README's fix do; without AMX there is no such buffer type)."""
