@@ -22,7 +22,7 @@ peak RSS measured on the CPU (see README "Fit the machine"):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -484,17 +484,24 @@ def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_
 
 
 def projector_weight_bytes(model: ModelDescriptor, engine: str, *, on_cpu: bool) -> int:
-    """The projector's weights as loaded: the kernels engine on the CPU converts f16 towers at load
-    (Q8_0 where ggml's AMX path is usable: :func:`edgevlm.kernels.tower_weights.auto_weight_type`)."""
+    """The projector's weights as loaded (see :func:`loaded_tower_bytes`; libmtmd loads the file's types)."""
     assert model.projector is not None
     tensors = model.projector.header.tensors
     if engine != C.VISION_ENGINE_KERNELS or not on_cpu:
         return sum(tensor_bytes(t) for t in tensors)
+    from edgevlm.kernels.tower_weights import MATMUL_WEIGHT
+
+    return loaded_tower_bytes(tensors, lambda name, shape: bool(MATMUL_WEIGHT.match(name)) and len(shape) == 2)
+
+
+def loaded_tower_bytes(tensors: Sequence[TensorInfo], is_matrix: Callable[[str, tuple[int, ...]], bool]) -> int:
+    """A kernels-engine tower's weights on the CPU as loaded: ``auto`` converts f16 matrices at load (Q8_0
+    where ggml's AMX path is usable: :func:`edgevlm.kernels.tower_weights.auto_weight_type`)."""
     from edgevlm import amx_guard, native
-    from edgevlm.kernels.tower_weights import MATMUL_WEIGHT, auto_weight_type, loaded_matrix_bytes
+    from edgevlm.kernels.tower_weights import auto_weight_type, loaded_matrix_bytes
 
     amx = amx_guard.amx_status()
-    matrices = [t for t in tensors if MATMUL_WEIGHT.match(t.name) and len(t.shape) == 2]
+    matrices = [t for t in tensors if is_matrix(t.name, t.shape)]
     choice = auto_weight_type({t.ggml_type for t in matrices}, amx=amx.built and amx.usable,
                               avx512_bf16="AVX512_BF16 = 1" in native.system_info())
     names = {t.name for t in matrices}

@@ -43,7 +43,8 @@ from edgevlm.gguf_info import GGUFHeader
 
 from . import ggml
 from .backend import Backend
-from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, upload_weights
+from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from .tower_weights import LOG, apply_weight_type, choose_weight_type
 from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
 LAYER_NORM_EPS = 1e-5  # MllamaVisionModel's layernorm_pre / layernorm_post: nn.LayerNorm defaults
@@ -154,6 +155,27 @@ def gate_values(tensors: Mapping[str, RawTensor]) -> dict[str, float]:
     return out
 
 
+def is_encoder_matrix(name: str, ne: tuple[int, ...]) -> bool:
+    """Whether a projector tensor is one of the encoder's ``mul_mat`` weights (converted and repacked)."""
+    return (len(ne) == 2 and name.endswith(".weight") and name.startswith(("v.blk.", "v.global.blk.", "mm."))
+            and "ln" not in name)
+
+
+def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: set[str]) -> Weights:
+    """The encoder's weights on a new backend; on the CPU, f16 matrices as ``auto`` converts a tower's
+    (Q8_0 for ggml's AMX tile kernels where they are usable: :func:`tower_weights.choose_weight_type`)."""
+    backend = Backend(device, n_threads=n_threads)
+    try:
+        extra = backend.extra_buffer_types()
+        choice = choose_weight_type("auto", tensors, backend, extra, matmul)
+        tensors = apply_weight_type(tensors, choice, matmul)
+        LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
+        return Weights(backend, tensors, matmul=matmul, extra=extra)
+    except Exception:
+        backend.close()
+        raise
+
+
 class MllamaVisionEncoder:
     """An mllama projector GGUF on a ggml backend: tiles in, cross-attention states out.
 
@@ -181,9 +203,8 @@ class MllamaVisionEncoder:
         self.config = read_mllama_config(self.meta, tensors)
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
-        matmul = {n for n, t in device_tensors.items() if len(t.ne) == 2 and n.endswith(".weight")
-                  and (n.startswith(("v.blk.", "v.global.blk.", "mm.")) and "ln" not in n)}
-        self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
+        matmul = {n for n, t in device_tensors.items() if is_encoder_matrix(n, t.ne)}
+        self.weights = _upload(device, n_threads, device_tensors, matmul)
         self.backend = self.weights.backend
         self._graph: CompiledGraph | None = None
         self._scratch: Backend | None = None  # the backend the graph runs on

@@ -65,7 +65,7 @@ class WeightChoice:
 
 
 def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend: Backend,
-                       extra: Sequence[BufferType] = ()) -> WeightChoice:
+                       extra: Sequence[BufferType] = (), matrices: set[str] | None = None) -> WeightChoice:
     """Decide the tower's matrix type.
 
     ``"auto"`` changes only f16 matrices on the CPU (f32 files are kept exact:
@@ -79,6 +79,7 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
         tensors: the tower's device tensors.
         backend: where the tower runs.
         extra: the extra buffer types the weights may use (``Backend.extra_buffer_types``).
+        matrices: the names of the ``mul_mat`` matrices (default: :func:`matmul_weights`).
 
     Returns:
         The choice with its reason.
@@ -88,7 +89,7 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
     """
     if requested not in WEIGHT_TYPES:
         raise InvalidRequestError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, not {requested!r}")
-    types = {tensors[name].ggml_type for name in matmul_weights(tensors)}
+    types = {tensors[name].ggml_type for name in (matmul_weights(tensors) if matrices is None else matrices)}
     names = sorted(ggml.lib().ggml_type_name(t).decode() for t in types)
     file_types = "/".join(names) or "none"
     if requested == "as-file":
@@ -196,14 +197,17 @@ def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
 _LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
 
 
-def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice) -> dict[str, RawTensor]:
+def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice,
+                      matrices: set[str] | None = None) -> dict[str, RawTensor]:
     """``tensors`` with the matrices converted as ``choice`` says (others unchanged).
 
-    Q8_0 converts only matrices whose rows are whole 32-value blocks; the others keep the file's type.
+    ``matrices``: the names that may change (default: :func:`matmul_weights`). Q8_0 converts only
+    matrices whose rows are whole 32-value blocks; the others keep the file's type.
     """
     lazy = _LAZY.get(choice.weight_type)
     if lazy is None:
         return dict(tensors)
-    convert = {name for name in matmul_weights(tensors) if tensors[name].ggml_type in _CONVERTIBLE
+    names = matmul_weights(tensors) if matrices is None else matrices
+    convert = {name for name in names if tensors[name].ggml_type in _CONVERTIBLE
                and (choice.weight_type != "q8_0" or tensors[name].ne[0] % QK8_0 == 0)}
     return {name: lazy(raw) if name in convert else raw for name, raw in tensors.items()}

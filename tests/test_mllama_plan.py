@@ -80,13 +80,21 @@ ELEVEN_B = {("q4_k_m", "f16"): 8915118220,   # 8.30 GiB, 8.92 GB: over the issue
             ("q4_0", "q8_0"): 7959562380}    # 7.41 GiB, 7.96 GB
 
 
+def _no_amx(monkeypatch) -> None:
+    """Price as a CPU without ggml's AMX path does (there the f16 encoder keeps its f16 matrices)."""
+    from edgevlm import amx_guard
+
+    monkeypatch.setattr(amx_guard, "amx_status", lambda: amx_guard.AmxStatus(False, False, "test: no AMX"))
+
+
 @pytest.mark.parametrize(("text", "vision"), sorted(ELEVEN_B))
-def test_llama_32_11b_vision_header_only(text, vision):
+def test_llama_32_11b_vision_header_only(text, vision, monkeypatch):
     """The real 11B's shapes (no data): what a 4096-token context with one 4-tile image takes."""
     from edgevlm.families import family_for
     from edgevlm.planner import PlanRequest, plan_memory, tensor_bytes
     from tests.fixtures.mllama_11b import VOCAB, llama_32_11b_vision
 
+    _no_amx(monkeypatch)
     model = llama_32_11b_vision(text, vision)
     plan = plan_memory(model, family_for(model), PlanRequest(n_ctx=4096, image_size=(1120, 1120), cache=False),
                        64 * MiB)
@@ -105,3 +113,21 @@ def test_llama_32_11b_vision_header_only(text, vision):
     assert plan.by_name("llm weights") == sum(sizes.values())
     assert plan.by_name("token embeddings") == 4096 * (embd // (VOCAB + 8) + 4096) < embd
     assert plan.ram_bytes == ELEVEN_B[text, vision]
+
+
+def test_on_an_amx_cpu_the_f16_encoder_is_priced_as_it_loads(monkeypatch):
+    """Where ggml's AMX path is usable the encoder's f16 matrices are quantised to Q8_0 at load (as a tower's),
+    and the plan says so: the f16 file then costs what the q8_0 file does."""
+    from edgevlm import amx_guard
+    from edgevlm.families import family_for
+    from edgevlm.planner import PlanRequest, plan_memory
+    from tests.fixtures.mllama_11b import llama_32_11b_vision
+
+    monkeypatch.setattr(amx_guard, "amx_status", lambda: amx_guard.AmxStatus(True, True, "test: AMX"))
+    request = PlanRequest(n_ctx=4096, image_size=(1120, 1120), cache=False)
+    totals = {}
+    for vision in ("f16", "q8_0"):
+        model = llama_32_11b_vision("q4_k_m", vision)
+        totals[vision] = plan_memory(model, family_for(model), request, 64 * MiB).ram_bytes
+    print({k: f"{v / 2**30:.2f} GiB" for k, v in totals.items()})
+    assert totals["f16"] == totals["q8_0"] == ELEVEN_B["q4_k_m", "q8_0"]

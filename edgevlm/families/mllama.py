@@ -186,6 +186,18 @@ def _micro_batch(n_ctx: int) -> int:
     return min(UBATCH, n_ctx)
 
 
+def _vision_weight_bytes(model: ModelDescriptor, dev: str) -> int:
+    """The encoder's weights as loaded (on the CPU, f16 matrices converted as a tower's: planner.loaded_tower_bytes)."""
+    from edgevlm.kernels.mllama_vision import is_encoder_matrix
+    from edgevlm.planner import loaded_tower_bytes, tensor_bytes
+
+    assert model.projector is not None
+    tensors = model.projector.header.tensors
+    if dev != "CPU":
+        return sum(tensor_bytes(t) for t in tensors)
+    return loaded_tower_bytes(tensors, is_encoder_matrix)
+
+
 def _mapped_embeddings(model: ModelDescriptor, dev: str, n_ctx: int) -> list[MemoryPart]:
     """On the CPU the token embeddings are read in place from the mapped file: resident are the
     pages of the tokens seen, at most a row and a page per context position."""
@@ -224,8 +236,8 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
         *_mapped_embeddings(model, dev, n_ctx),
         MemoryPart("kv cache", dev, n_self * n_ctx * shape.kv_width * 2 * kv,
                    f"{n_self} self-attention layers x {n_ctx} cells, {request.kv_type}"),
-        MemoryPart("projector weights", dev, sum(tensor_bytes(t) for t in model.projector.header.tensors),
-                   "vision encoder + projector"),
+        MemoryPart("projector weights", dev, _vision_weight_bytes(model, dev),
+                   "vision encoder + projector, as loaded"),
         MemoryPart("image embeddings", "CPU", states,
                    f"f32 vision states (one copy: the RAM tier); +{states >> 20} MiB per further image, up to 4"),
         MemoryPart("image decode", "CPU", int(w * scale) * int(h * scale) * 3 * 2
