@@ -102,7 +102,7 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
         template = request.chat_template if request.chat_template is not None else pipe.vocab.chat_template()
         settings = RuntimeSettings(n_ctx=n_ctx, n_batch=PREFILL_BATCH, n_threads=threads, n_threads_batch=threads,
                                    n_gpu_layers=0 if request.device == "cpu" else -1, kv_type=request.kv_type,
-                                   flash_attn=0)
+                                   flash_attn=int(pipe.text.flash))  # a quantised cache is read by flash attention
         images = MllamaImages(pipe, EmbeddingStore() if request.cache else None, file_identity(files.mmproj))
         return MllamaEngine(pipe, images, family, template=template,
                             chat_format=request.chat_format or family.default_chat_format(),

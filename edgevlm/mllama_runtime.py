@@ -79,7 +79,7 @@ class MllamaPipeline:
         device: ggml device for both graphs.
         n_threads: CPU threads (default: :func:`edgevlm.llm.default_threads`).
         n_ctx: Tokens the KV cache holds.
-        kv_type: "f16" or "f32" KV cache.
+        kv_type: the KV cache's type ("f32", "f16", "q8_0", "q4_0": see MllamaTextModel).
         headers: the two files' headers when already read (the model descriptor's), so that
             neither file is parsed again.
 

@@ -36,6 +36,7 @@ from edgevlm.parking import DEFAULT_PARK_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.families.base import Family
+    from edgevlm.kernels.tower_weights import WeightChoice
 
 MiB = 1 << 20
 #: Bytes per KV element by type (ggml block sizes: q8_0 34 B / 32, q4_0 18 B / 32).
@@ -494,16 +495,24 @@ def projector_weight_bytes(model: ModelDescriptor, engine: str, *, on_cpu: bool)
     return loaded_tower_bytes(tensors, lambda name, shape: bool(MATMUL_WEIGHT.match(name)) and len(shape) == 2)
 
 
+def loaded_tower_choice(tensors: Sequence[TensorInfo], is_matrix: Callable[[str, tuple[int, ...]], bool]) -> WeightChoice:
+    """What ``auto`` does to a kernels-engine tower's matrices on the CPU at load (a ``WeightChoice``:
+    :func:`edgevlm.kernels.tower_weights.auto_weight_type`)."""
+    from edgevlm import amx_guard, native
+    from edgevlm.kernels.tower_weights import auto_weight_type
+
+    amx = amx_guard.amx_status()
+    return auto_weight_type({t.ggml_type for t in tensors if is_matrix(t.name, t.shape)},
+                            amx=amx.built and amx.usable, avx512_bf16="AVX512_BF16 = 1" in native.system_info())
+
+
 def loaded_tower_bytes(tensors: Sequence[TensorInfo], is_matrix: Callable[[str, tuple[int, ...]], bool]) -> int:
     """A kernels-engine tower's weights on the CPU as loaded: ``auto`` converts f16 matrices at load (Q8_0
     where ggml's AMX path is usable: :func:`edgevlm.kernels.tower_weights.auto_weight_type`)."""
-    from edgevlm import amx_guard, native
-    from edgevlm.kernels.tower_weights import auto_weight_type, loaded_matrix_bytes
+    from edgevlm.kernels.tower_weights import loaded_matrix_bytes
 
-    amx = amx_guard.amx_status()
     matrices = [t for t in tensors if is_matrix(t.name, t.shape)]
-    choice = auto_weight_type({t.ggml_type for t in matrices}, amx=amx.built and amx.usable,
-                              avx512_bf16="AVX512_BF16 = 1" in native.system_info())
+    choice = loaded_tower_choice(tensors, is_matrix)
     names = {t.name for t in matrices}
     return (sum(tensor_bytes(t) for t in tensors if t.name not in names)
             + sum(loaded_matrix_bytes(t.shape, t.ggml_type, choice) for t in matrices))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from edgevlm import constants as C
 from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, KernelsUnavailableError
@@ -45,7 +46,12 @@ from .mllama_vision import gate_values
 from .vision import _positive, read_gguf_tensors
 
 ARCH = C.LLM_ARCH_MLLAMA
-KV_TYPES = {"f32": np.float32, "f16": np.float16}
+#: The self-attention KV cache's element types: numpy float types, or ggml block types (q8_0: 34 bytes
+#: per 32 values, q4_0: 18) read by ggml's flash attention (quantised V needs it).
+KV_TYPES: dict[str, Any] = {"f32": np.float32, "f16": np.float16, "q8_0": ggml.GGML_TYPE_Q8_0,
+                            "q4_0": ggml.GGML_TYPE_Q4_0}
+#: The block types among :data:`KV_TYPES`; with them, the images' cross-attention K/V stay f16.
+QUANTISED_KV = ("q8_0", "q4_0")
 EMBD = "token_embd.weight"
 ROPE_BETA_FAST, ROPE_BETA_SLOW = 32.0, 1.0  # ggml defaults; unused without YaRN (ext_factor 0)
 #: Tokens per graph (llama.cpp's micro-batch): a longer forward runs in graphs of this many, so the
@@ -203,9 +209,10 @@ class MllamaTextModel:
         device: ggml device ("auto", "cpu", "cuda", "metal", or a name).
         n_threads: CPU threads.
         n_ctx: Tokens the KV cache holds.
-        kv_type: "f32" or "f16" elements of the KV cache and of the images' cross-attention
+        kv_type: elements of the KV cache (:data:`KV_TYPES`) and of the images' cross-attention
             keys and values (f16 halves both: 210 MB instead of 420 MB per 4-tile image for
-            the 11B's 8 cross-attention layers).
+            the 11B's 8 cross-attention layers; with q8_0 / q4_0 the self-attention cache is
+            quantised, read by ggml's flash attention, and the images' K/V stay f16).
         n_ubatch: tokens per graph (:data:`UBATCH`).
         header: the file's header when already read (the model descriptor's); read otherwise.
 
@@ -215,22 +222,26 @@ class MllamaTextModel:
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4, n_ctx: int = 512,
                  kv_type: str = "f32", n_ubatch: int = UBATCH, header: GGUFHeader | None = None) -> None:
-        if kv_type not in KV_TYPES or n_ctx < 1 or n_ubatch < 1:
-            raise InvalidRequestError(f"kv_type must be one of {', '.join(KV_TYPES)}, n_ctx and n_ubatch >= 1")
+        if kv_type not in KV_TYPES:
+            raise InvalidRequestError(f"kv_type={kv_type!r}: the mllama decoder keeps its KV cache in one of "
+                                      f"{', '.join(KV_TYPES)}; pass one of these")
+        if n_ctx < 1 or n_ubatch < 1:
+            raise InvalidRequestError(f"n_ctx ({n_ctx}) and n_ubatch ({n_ubatch}) must be at least 1")
         self.path, self.n_ctx, self.kv_type, self.n_ubatch = Path(path), n_ctx, kv_type, n_ubatch
+        self.flash = kv_type in QUANTISED_KV
         self._decode_alloc: int | None = None  # one-token graphs' allocator, kept across tokens
         self.meta, tensors = read_gguf_tensors(self.path, header)
         self.config = cfg = read_text_config(self.meta, tensors)
+        if self.flash and cfg.head_dim % GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])][0]:
+            raise InvalidRequestError(f"kv_type={kv_type!r} quantises rows of one head ({cfg.head_dim} values), "
+                                      "which must be whole blocks of 32; use kv_type='f16'")
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates and n != EMBD}
         factors = self.meta.get(C.KEY_ROPE_FREQ_FACTORS)
         if factors is not None:
             device_tensors["rope_freqs"] = RawTensor.from_numpy(np.asarray(factors, np.float32))
-        kv_shape = (n_ctx, cfg.n_head_kv, cfg.head_dim)
-        for il in range(cfg.n_layer):
-            if il not in cfg.cross_layers:
-                for kind in "kv":
-                    device_tensors[f"cache.{kind}.{il}"] = RawTensor.from_numpy(np.zeros(kv_shape, KV_TYPES[kv_type]))
+        for name in self._cache_names():
+            device_tensors[name] = _empty_cache(kv_type, (n_ctx, cfg.n_head_kv, cfg.head_dim))
         matmul = {n for n, t in device_tensors.items()
                   if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
         self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
@@ -282,23 +293,33 @@ class MllamaTextModel:
         self.n_past = n_past
         self._last_row = None
 
+    @property
+    def cross_dtype(self) -> type:
+        """numpy type of the images' cross-attention K/V (f16 beside a quantised cache)."""
+        return np.float16 if self.flash else KV_TYPES[self.kv_type]
+
     def _cache_names(self) -> list[str]:
         return [f"cache.{kind}.{il}" for il in range(self.config.n_layer) if il not in self.config.cross_layers
                 for kind in "kv"]
 
     def snapshot(self) -> TextState:
         """A copy of the conversation: the KV prefix copied to the host, the images' K/V shared."""
-        g, dtype = self.backend.g, KV_TYPES[self.kv_type]
-        shape = (self.n_past, self.config.n_head_kv, self.config.head_dim)
+        g = self.backend.g
         kv = {}
         for name in self._cache_names():
-            host = np.empty(shape, dtype)
+            host = np.empty(self._host_shape(self.n_past), np.uint8 if self.flash else KV_TYPES[self.kv_type])
             if host.nbytes:
                 g.ggml_backend_tensor_get(self.weights[name], host.ctypes.data, 0, host.nbytes)
             kv[name] = host
         images = self.images.share() if self.images is not None else None
         return TextState(self.n_past, kv, images, self.image_tiles, self.tiles_per_image,
                          self.tokens_per_tile, self.n_image_tokens, self._last_row)
+
+    def _host_shape(self, n_pos: int) -> tuple[int, ...]:
+        """A host copy of ``n_pos`` cache positions: ``(n, kv_heads, hd)`` values, or ``(n, bytes)`` of blocks."""
+        if self.flash:
+            return (n_pos, int(self.weights[self._cache_names()[0]].contents.nb[2]))
+        return (n_pos, self.config.n_head_kv, self.config.head_dim)
 
     def attach(self, state: TextState) -> None:
         """Make ``state`` the live conversation (the current one is dropped); ``state`` is consumed."""
@@ -345,7 +366,7 @@ class MllamaTextModel:
         """Each cross layer's K (normed) and V in backend buffers allocated first, computed layer by
         layer in graphs of :data:`CROSS_KV_CHUNK` states and uploaded as they come (the host holds one
         layer's V at most); V is kept transposed ``[n, hd, kv_heads]``."""
-        cfg, n, dtype = self.config, len(flat), KV_TYPES[self.kv_type]
+        cfg, n, dtype = self.config, len(flat), self.cross_dtype
         hd, kvh = cfg.head_dim, cfg.n_head_kv
         specs = {}
         for il in cfg.cross_layers:
@@ -426,8 +447,9 @@ class MllamaTextModel:
         "none" (an earlier micro-batch: its last hidden row is returned); one-token graphs share an
         allocator kept across tokens."""
         n = len(ids)
+        mask = _causal_mask(self.n_past, n)
         inputs = {"tokens": ids, "pos": np.arange(self.n_past, self.n_past + n, dtype=np.int32),
-                  "kq_mask": _causal_mask(self.n_past, n)}
+                  "kq_mask": mask.astype(np.float16) if self.flash else mask}
         if self.images is not None:
             inputs.update(self._cross_inputs(n, cross_mask))
         if n == 1 and self._decode_alloc is None:
@@ -469,7 +491,7 @@ class MllamaTextModel:
         cfg, w = self.config, self.weights
         x = b.get_rows(self.embeddings, b.input("tokens", (n,), ggml.GGML_TYPE_I32))
         pos = b.input("pos", (n,), ggml.GGML_TYPE_I32)
-        kq_mask = b.input("kq_mask", (self.n_past + n, n))
+        kq_mask = b.input("kq_mask", (self.n_past + n, n), ggml.GGML_TYPE_F16 if self.flash else ggml.GGML_TYPE_F32)
         if self.images is not None:
             b.input("cross_mask", (self.n_image_tokens, n))
             b.input("cross_keep", (1, n))
@@ -514,8 +536,15 @@ class MllamaTextModel:
                                                                  self.n_past * nb[2])))
             views.append(g.ggml_view_3d(b.ctx, cache, hd, kvh, n_kv, nb[1], nb[2], 0))
         keys = g.ggml_permute(b.ctx, views[0], 0, 2, 1, 3)                           # [hd, n_kv, kvh]
-        values_t = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, views[1], 1, 2, 0, 3))  # [n_kv, hd, kvh]
-        attn = self._attend(b, g.ggml_permute(b.ctx, q, 0, 2, 1, 3), keys, values_t, kq_mask, n)
+        q = g.ggml_permute(b.ctx, q, 0, 2, 1, 3)                                     # [hd, n, H]
+        if self.flash:  # the quantised cache read in place: ggml's fused kernel, f32 accumulation
+            fused = g.ggml_flash_attn_ext(b.ctx, q, keys, g.ggml_permute(b.ctx, views[1], 0, 2, 1, 3), kq_mask,
+                                          1.0 / math.sqrt(hd), 0.0, 0.0)
+            g.ggml_prec_set_acc(fused, ggml.GGML_PREC_F32)                           # [hd, H, n]
+            attn = b.reshape_2d(fused, cfg.n_embd, n)
+        else:
+            values_t = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, views[1], 1, 2, 0, 3))  # [n_kv, hd, kvh]
+            attn = self._attend(b, q, keys, values_t, kq_mask, n)
         x = b.add(x, b.linear(attn, w[p + "attn_output.weight"]))
         return b.add(x, self._mlp(b, p, b.rms_norm(x, w[p + "ffn_norm.weight"], cfg.eps)))
 
@@ -551,6 +580,14 @@ class MllamaTextModel:
         if getattr(self, "backend", None) is not None:
             self.backend.close()
             self.backend = None
+
+
+def _empty_cache(kv_type: str, shape: tuple[int, int, int]) -> RawTensor:
+    """A zeroed cache tensor of numpy ``shape`` (positions, kv heads, head dim) in ``kv_type``."""
+    if kv_type not in QUANTISED_KV:
+        return RawTensor.from_numpy(np.zeros(shape, KV_TYPES[kv_type]))
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])]
+    return RawTensor(KV_TYPES[kv_type], tuple(reversed(shape)), np.zeros(math.prod(shape) // block * size, np.uint8))
 
 
 def _causal_mask(n_past: int, n: int) -> np.ndarray:

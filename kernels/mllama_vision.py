@@ -49,6 +49,7 @@ from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
 LAYER_NORM_EPS = 1e-5  # MllamaVisionModel's layernorm_pre / layernorm_post: nn.LayerNorm defaults
 TOKEN_MULTIPLE = 8     # each tile's tokens are padded to a multiple of this
+PROJECTOR = "mm.0.weight"  # the projector matrix (an f16 one takes the encoder's states in f16)
 _BLOCK_PARTS = ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
 
 
@@ -169,6 +170,10 @@ def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: 
         extra = backend.extra_buffer_types()
         choice = choose_weight_type("auto", tensors, backend, extra, matmul)
         tensors = apply_weight_type(tensors, choice, matmul)
+        if tensors[PROJECTOR].ggml_type == ggml.GGML_TYPE_F16:
+            # an f16 projector takes f16 input (build_encoder), which ggml's AMX buffer type would
+            # read as f32 (its kernels assume an f32 batch): that weight stays in the plain buffer
+            matmul = matmul - {PROJECTOR}
         LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
         return Weights(backend, tensors, matmul=matmul, extra=extra)
     except Exception:
@@ -265,9 +270,9 @@ class MllamaVisionEncoder:
     def _build(self) -> CompiledGraph:
         b = GraphBuilder()
         try:
-            out = build_encoder(b, self.weights, self.config, self.gates, flash=self.flash_attn)
+            out, first = build_encoder(b, self.weights, self.config, self.gates, flash=self.flash_attn)
             self._scratch = self.backend if self.keep_graph else self.backend.scratch()
-            return CompiledGraph(self._scratch, b, out)
+            return CompiledGraph(self._scratch, b, out, before=first)
         except Exception:
             b.close()
             raise
@@ -320,16 +325,29 @@ def _layer(b: GraphBuilder, w: Weights, prefix: str, x: object, mask: object, cf
 
 
 def build_encoder(b: GraphBuilder, w: Weights, cfg: MllamaVisionConfig, gates: Mapping[str, float], *,
-                  flash: bool = False) -> object:
-    """The whole encoder + projector graph: ``[output_width, n_positions, tiles]`` (mask input f16)."""
+                  flash: bool = False) -> tuple[object, list[object]]:
+    """The whole encoder + projector graph: ``[output_width, n_positions, tiles]`` (mask input f16),
+    and the nodes to compute first.
+
+    Unless the projector is f32, the kept intermediate states and their concatenation are f16, each
+    copied as soon as its layer is done (the nodes returned), so its f32 state is freed; an f16
+    projector takes that input as it is (what ggml would convert an f32 input to for that product),
+    another type an f32 copy of it. On the 11B's geometry (CompiledGraph.compute_bytes): f16
+    projector 564 -> 376 MiB (and ggml's work buffer loses its 94 MiB f16 copy of the input)."""
     d, tiles, n = cfg.width, cfg.max_num_tiles, cfg.max_num_tiles * cfg.n_padded
     x = b.reshape_2d(_embed_tiles(b, w, cfg, gates), d, n)
     mask = b.input("mask", (n, n), ggml.GGML_TYPE_F16)
+    projector = w[PROJECTOR].contents.type
+    half = projector != ggml.GGML_TYPE_F32
+
+    def keep(t: object) -> object:
+        return b.g.ggml_cast(b.ctx, t, ggml.GGML_TYPE_F16) if half else t
+
     kept = []
     for il in range(cfg.n_local):
         x = _layer(b, w, f"v.blk.{il}", x, mask, cfg, None, flash)
         if il in cfg.intermediate:
-            kept.append(x)
+            kept.append(keep(x))
     x = b.layer_norm(x, *_pair(w, "v.post_ln"), LAYER_NORM_EPS)
     post = b.reshape_3d(b.get_rows(w["v.post_tile_position_embd.weight"], b.inputs["aspect_ratio_id"]), d, 1, tiles)
     x = b.add(b.reshape_3d(x, d, cfg.n_padded, tiles), b.scale(post, gates["v.post_tile_position_embd.gate"]))
@@ -340,7 +358,10 @@ def build_encoder(b: GraphBuilder, w: Weights, cfg: MllamaVisionConfig, gates: M
         stacked = b.reshape_3d(kept[0], 1, d, n)
         for state in kept[1:]:
             stacked = b.concat(stacked, b.reshape_3d(state, 1, d, n), 0)  # [K, d, n]: feature d*K + k
-        x = b.concat(x, b.reshape_2d(stacked, d * len(kept), n), 0)
+        x = b.concat(keep(x), b.reshape_2d(stacked, d * len(kept), n), 0)
     width = d * (1 + len(kept))
-    x = b.rows(b.reshape_3d(x, width, cfg.n_padded, tiles), 0, cfg.n_positions)
-    return b.linear(x, *_pair(w, "mm.0"))
+    x = b.rows(b.reshape_3d(x, width, cfg.n_padded, tiles), 0, cfg.n_positions)  # a contiguous copy:
+    if half and projector != ggml.GGML_TYPE_F16:
+        x = b.g.ggml_cast(b.ctx, x, ggml.GGML_TYPE_F32)
+    out = b.linear(b.reshape_2d(x, width, cfg.n_positions * tiles), *_pair(w, "mm.0"))  # one product
+    return b.reshape_3d(out, cfg.output_width, cfg.n_positions, tiles), kept if half else []

@@ -23,8 +23,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgevlm.engine_protocol import EngineRequest, VLMEngine
     from edgevlm.planner import MemoryPart, PlanRequest, PlanSettings
 
-#: Bytes of the engine's KV cache and cross-attention K/V elements (the kv types it runs).
-KV_ELEMENT = {"f32": 4, "f16": 2}
+#: Bytes per value of the engine's self-attention KV cache (the kv types it runs; q8_0: 34 bytes per
+#: block of 32 values, q4_0: 18), and of the images' cross-attention K/V (f16 beside a quantised cache).
+KV_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+CROSS_KV_ELEMENT = {"f32": 4, "f16": 2, "q8_0": 2, "q4_0": 2}
+#: The quantised cache types: the engine reads them with ggml's flash attention.
+QUANTISED_KV = ("q8_0", "q4_0")
 F32 = 4
 #: What loading the engine adds to the process figure besides its buffers: edgevlm's ggml bindings
 #: and graph modules, the two graphs' CPU backends, the vocabulary-only llama.cpp model and the
@@ -32,6 +36,7 @@ F32 = 4
 #: which the planner's RUNTIME_SLACK already counts.
 ENGINE_BYTES = 11 << 20
 EMBD = "token_embd.weight"
+F32_TYPE, F16_TYPE = 0, 1  # ggml types of the projector matrix
 PAGE = 4096
 
 
@@ -75,17 +80,26 @@ class MllamaShape:
         """Vision states one image gives the text (every tile the encoder runs, padding tiles included)."""
         return self.tiles * self.n_positions
 
-    def vision_compute(self, output_width: int) -> int:
-        """The encoder graph's buffer (flash attention): its f16 mask, the local layers' outputs kept
-        for the projector and their concatenation, the projected states, the patches; and ggml's
-        work buffer for its widest product (f16 copy of the projector's input or the MLP's hidden).
+    def vision_compute(self, output_width: int, kept_half: bool, input_half: bool) -> int:
+        """The encoder graph's buffer (flash attention) and ggml's work buffer (copies of a product's
+        input in the weight's dot type, priced at 2 bytes a value). The buffer peaks either inside a
+        layer (the f16 mask, the MLP's f32 hidden, the residual stream and its neighbours, the kept
+        intermediate states: f16 unless the projector is f32, ``kept_half``) or at the projector
+        (the kept states' concatenation, its unpadded copy, and an f32 copy of that unless the
+        projector is f16 as loaded, ``input_half``: then ggml needs no copy of its input either).
 
-        Checked against ``CompiledGraph.compute_bytes``: 344 MiB measured, 350 MiB here, at the
-        11B's tile geometry (4 x 1608 tokens, width 1280) with 2 intermediate layers."""
-        n = self.tiles * self.n_padded
-        work = 2 * max(self.image_states * self.width * (1 + self.n_intermediate), n * self.vision_ffn)
-        return (n * n * 2 + work + F32 * (n * self.width * (1 + 2 * self.n_intermediate)
-                                          + self.image_states * output_width + self.tiles * self.patch_values))
+        Measured with ``CompiledGraph.compute_bytes`` at the 11B's geometry (4 x 1608 tokens, width
+        1280, FFN 5120) for 2 / 3 / 5 kept layers: f16 kept and projector 344.5 / 360.2 / 375.7 MiB,
+        priced 345.4 / 361.1 / 392.5; f16 kept, Q8_0 or BF16 projector 381.5 MiB for 5, priced
+        392.5; f32 kept 407.1 / 438.5 / 564.1 MiB, priced 408.2 / 439.6 / 565.3."""
+        n, d, k = self.tiles * self.n_padded, self.width, self.n_intermediate
+        kept, cat = 2 if kept_half else F32, (k + 1) * d
+        layer = n * n * 2 + n * self.vision_ffn * F32 + n * d * (10 + kept * (k + 2))
+        projector = 3 * cat * n * kept
+        if kept_half and not input_half:
+            projector = max(projector, cat * self.image_states * (2 + F32))
+        work = 2 * max(n * self.vision_ffn, 0 if input_half else self.image_states * cat)
+        return max(layer, projector) + work
 
     def decoder_compute(self, n_ctx: int, n_batch: int, n_images: int) -> int:
         """One prefill graph of ``n_batch`` tokens (a micro-batch) at a full context: attention scores of every head
@@ -148,14 +162,18 @@ class MllamaFamily(Family):
         shape = MllamaShape.of(self.model)
         if request.kv_type not in KV_ELEMENT:
             raise InvalidRequestError(f"kv_type={request.kv_type!r}: the mllama engine keeps its KV cache in "
-                                      f"{' or '.join(KV_ELEMENT)}")
+                                      f"one of {', '.join(KV_ELEMENT)}; pass one of these")
+        head_dim = shape.n_embd // shape.n_head
+        if request.kv_type in QUANTISED_KV and head_dim % 32:
+            raise InvalidRequestError(f"kv_type={request.kv_type!r} quantises rows of one head ({head_dim} values), "
+                                      "which must be whole blocks of 32; use kv_type='f16'")
         n_ctx = request.n_ctx or min(shape.n_ctx_train, DEFAULT_CTX)
         if n_ctx > shape.n_ctx_train:
             raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {shape.n_ctx_train} tokens the model "
                                       "was trained for")
         parts = _memory_parts(self.model, shape, request, n_ctx, process_bytes)
         settings = PlanSettings(n_ctx=n_ctx, n_batch=_prefill_batch(n_ctx), n_ubatch=_micro_batch(n_ctx),
-                                kv_type=request.kv_type, flash_attn=False,
+                                kv_type=request.kv_type, flash_attn=request.kv_type in QUANTISED_KV,
                                 n_gpu_layers=-1 if _device(request) != "CPU" else 0,
                                 image_tokens=shape.image_states, image_views=shape.tiles,
                                 vision_device=C.VISION_ENGINE_KERNELS, cache=request.cache)
@@ -198,6 +216,21 @@ def _vision_weight_bytes(model: ModelDescriptor, dev: str) -> int:
     return loaded_tower_bytes(tensors, is_encoder_matrix)
 
 
+def _projector_types(model: ModelDescriptor, dev: str) -> tuple[bool, bool]:
+    """Whether the encoder keeps its intermediate states in f16 (a projector matrix other than f32) and
+    feeds them to the projector as they are (one that is f16 as loaded: on the CPU, unless ``auto``
+    converts the encoder's f16 matrices, see :func:`_vision_weight_bytes`)."""
+    from edgevlm.kernels.mllama_vision import PROJECTOR, is_encoder_matrix
+    from edgevlm.planner import loaded_tower_choice
+
+    assert model.projector is not None
+    tensors = model.projector.header.tensors
+    file_type = next((t.ggml_type for t in tensors if t.name == PROJECTOR), F32_TYPE)
+    if file_type != F16_TYPE:
+        return file_type != F32_TYPE, False
+    return True, dev != "CPU" or loaded_tower_choice(tensors, is_encoder_matrix).weight_type == "as-file"
+
+
 def _mapped_embeddings(model: ModelDescriptor, dev: str, n_ctx: int) -> list[MemoryPart]:
     """On the CPU the token embeddings are read in place from the mapped file: resident are the
     pages of the tokens seen, at most a row and a page per context position."""
@@ -221,11 +254,12 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
     from edgevlm.planner import RUNTIME_SLACK, MemoryPart, tensor_bytes
 
     assert model.projector is not None
-    dev, kv = _device(request), KV_ELEMENT[request.kv_type]
+    dev, kv, cross = _device(request), KV_ELEMENT[request.kv_type], CROSS_KV_ELEMENT[request.kv_type]
+    kept_half, input_half = _projector_types(model, dev)
     n_self, out_width, ubatch = shape.n_layer - shape.n_cross, shape.n_embd, _micro_batch(n_ctx)
     states = shape.image_states * shape.n_embd * F32
     decoder = shape.decoder_compute(n_ctx, ubatch, 1)
-    cross_kv = shape.cross_kv_compute(1, kv, CROSS_KV_CHUNK)
+    cross_kv = shape.cross_kv_compute(1, cross, CROSS_KV_CHUNK)
     w, h = request.image_size or (4096, 3072)
     scale = min(1.0, 4096 / max(w, h))
     return [
@@ -234,7 +268,7 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
         MemoryPart("llm weights", dev, sum(tensor_bytes(t) for t in model.llm.tensors if dev != "CPU" or t.name != EMBD),
                    f"{shape.n_layer} layers ({shape.n_cross} cross-attention), in backend buffers"),
         *_mapped_embeddings(model, dev, n_ctx),
-        MemoryPart("kv cache", dev, n_self * n_ctx * shape.kv_width * 2 * kv,
+        MemoryPart("kv cache", dev, int(n_self * n_ctx * shape.kv_width * 2 * kv),
                    f"{n_self} self-attention layers x {n_ctx} cells, {request.kv_type}"),
         MemoryPart("projector weights", dev, _vision_weight_bytes(model, dev),
                    "vision encoder + projector, as loaded"),
@@ -242,13 +276,13 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
                    f"f32 vision states (one copy: the RAM tier); +{states >> 20} MiB per further image, up to 4"),
         MemoryPart("image decode", "CPU", int(w * scale) * int(h * scale) * 3 * 2
                    + 2 * shape.tiles * shape.patch_values * F32, f"{int(w * scale)}x{int(h * scale)} RGB + tiles"),
-        MemoryPart("vision compute", dev, shape.vision_compute(out_width),
-                   f"{shape.tiles} tiles x {shape.n_padded} tokens, flash attention, + work buffer; "
-                   "freed after each image",
+        MemoryPart("vision compute", dev, shape.vision_compute(out_width, kept_half, input_half),
+                   f"{shape.tiles} tiles x {shape.n_padded} tokens, flash attention, kept states "
+                   f"{'f16' if kept_half else 'f32'}, + work buffer; freed after each image",
                    phase="encode"),
-        MemoryPart("image cross kv", dev, shape.n_cross * shape.image_states * shape.kv_width * 2 * kv,
+        MemoryPart("image cross kv", dev, shape.n_cross * shape.image_states * shape.kv_width * 2 * cross,
                    f"{shape.n_cross} cross layers x {shape.tiles} tiles x {shape.n_positions} states, "
-                   f"{request.kv_type}; per image in the conversation", phase="decode"),
+                   f"{'f32' if cross == F32 else 'f16'}; per image in the conversation", phase="decode"),
         MemoryPart("llm compute", dev, max(decoder, cross_kv),
                    f"prefill graphs of {ubatch} tokens, attention scores over max({n_ctx}, "
                    f"{shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)", phase="decode"),
