@@ -55,10 +55,13 @@ QUANTISED_KV = ("q8_0", "q4_0")
 EMBD = "token_embd.weight"
 ROPE_BETA_FAST, ROPE_BETA_SLOW = 32.0, 1.0  # ggml defaults; unused without YaRN (ext_factor 0)
 #: Tokens per graph (llama.cpp's micro-batch): a longer forward runs in graphs of this many, so the
-#: attention scores (heads x tokens x max(context, image states), f32 + an f16 copy) stay bounded:
-#: 318 MiB on the 11B at a 4096 context with one 4-tile image (637 MiB at 512 tokens), less than
-#: the vision encoder's buffer (539 MiB), so the decoder is not what sets the peak.
+#: hidden rows and masks stay bounded (the attention scores are bounded by :data:`ATTN_CHUNK`).
 UBATCH = 256
+#: Query tokens per attention product inside a graph: the scores (heads x tokens x max(context, image
+#: states), f32 + an f16 copy) of at most this many tokens exist at once: 75 MiB on the 11B at a 4096
+#: context with one 4-tile image (300 MiB for all 256 tokens of a graph; measured on the bench model:
+#: 71 + 25 MiB of buffers instead of 214 + 100).
+ATTN_CHUNK = 64
 #: Image states per graph when computing the cross-attention keys and values.
 CROSS_KV_CHUNK = 2048
 
@@ -508,12 +511,21 @@ class MllamaTextModel:
         return (b.linear(x, w["output.weight"]) if logits != "none" else x), writes
 
     def _attend(self, b: GraphBuilder, q: object, k: object, v_t: object, mask: object, n: int) -> object:
-        """softmax(q k^T / sqrt(hd) + mask) v over heads (GQA by broadcasting): ``[n_embd, n]``."""
+        """softmax(q k^T / sqrt(hd) + mask) v over heads (GQA by broadcasting): ``[n_embd, n]``, in
+        products of :data:`ATTN_CHUNK` query tokens run one after another (their scores are freed
+        before the next chunk's)."""
         g, hd = b.g, self.config.head_dim
-        probs = b.softmax(g.ggml_mul_mat(b.ctx, k, q), 1.0 / math.sqrt(hd), mask)   # [n_kv, n, H]
-        ctx = g.ggml_mul_mat(b.ctx, v_t, probs)                                        # [hd, n, H]
-        merged = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, ctx, 0, 2, 1, 3))
-        return b.reshape_2d(merged, self.config.n_embd, n)
+        parts = []
+        for start in range(0, n, ATTN_CHUNK):
+            m = min(ATTN_CHUNK, n - start)
+            qt, mt = q.contents, mask.contents
+            q_part = q if m == n else g.ggml_view_3d(b.ctx, q, hd, m, qt.ne[2], qt.nb[1], qt.nb[2], start * qt.nb[1])
+            mask_part = mask if m == n else g.ggml_view_2d(b.ctx, mask, mt.ne[0], m, mt.nb[1], start * mt.nb[1])
+            probs = b.softmax(g.ggml_mul_mat(b.ctx, k, q_part), 1.0 / math.sqrt(hd), mask_part)  # [n_kv, m, H]
+            ctx = g.ggml_mul_mat(b.ctx, v_t, probs)                                                # [hd, m, H]
+            part = g.ggml_cont(b.ctx, g.ggml_permute(b.ctx, ctx, 0, 2, 1, 3))                      # [hd, H, m]
+            parts.append(part if not parts else b.concat(parts.pop(), part, 2))
+        return b.reshape_2d(parts[0], self.config.n_embd, n)
 
     def _rope(self, b: GraphBuilder, x: object, pos: object) -> object:
         cfg = self.config

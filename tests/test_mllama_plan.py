@@ -74,16 +74,17 @@ def test_cli_budget_refusal(mllama_f32_result, painting):
 #: The 11B at a 4096 context with one 4-tile image (64 MiB process): (text, vision, kv) -> the plan's
 #: total (README's table). Before the phases (encoder buffer freed after each image), one copy of the
 #: vision states, 256-token decoder graphs and token embeddings read in place, q4_0 + f16 planned
-#: 9.43 GiB; before f16 kept states (f16 projector) and quantised caches, q4_k_m + f16 planned 8.30 GiB.
-ELEVEN_B = {("q4_k_m", "f16", "f16"): 8795541644,   # 8.19 GiB (8.80 GB)
-            ("q4_k_m", "f16", "q8_0"): 8543883404,  # 7.96 GiB: the issue's target, <= 8 GiB
-            ("q4_k_m", "f16", "q4_0"): 8409665676,  # 7.83 GiB
+#: 9.43 GiB; before f16 kept states (f16 projector), attention in 64-token products and quantised
+#: caches, q4_k_m + f16 planned 8.30 GiB.
+ELEVEN_B = {("q4_k_m", "f16", "f16"): 8729708684,  # 8.13 GiB (8.73 GB)
+            ("q4_k_m", "f16", "q8_0"): 8478050444,  # 7.90 GiB: the issue's target, <= 8 GiB
+            ("q4_k_m", "f16", "q4_0"): 8343832716,  # 7.77 GiB
             ("q4_k_m", "q8_0", "f16"): 8176152716,  # 7.61 GiB
             ("q4_k_m", "q8_0", "q8_0"): 7924494476,  # 7.38 GiB
-            ("q4_0", "f16", "f16"): 8606757004,     # 8.02 GiB
-            ("q4_0", "f16", "q8_0"): 8355098764,    # 7.78 GiB
-            ("q4_0", "q8_0", "f16"): 7987368076,    # 7.44 GiB
-            ("q4_0", "q8_0", "q8_0"): 7735709836}   # 7.20 GiB
+            ("q4_0", "f16", "f16"): 8540924044,  # 7.95 GiB
+            ("q4_0", "f16", "q8_0"): 8289265804,  # 7.72 GiB
+            ("q4_0", "q8_0", "f16"): 7987368076,  # 7.44 GiB
+            ("q4_0", "q8_0", "q8_0"): 7735709836}  # 7.20 GiB
 KV_BYTES = {"f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per cached value
 
 
@@ -107,8 +108,7 @@ def test_llama_32_11b_vision_header_only(text, vision, kv, monkeypatch):
                                                              kv_type=kv), 64 * MiB)
     print("\n".join(plan.table()), f"= {plan.ram_bytes / 1e9:.2f} GB", sep="\n")
     phases = _check_phases(plan)
-    # the encoder's buffer with f32 kept states (a q8_0 projector) sets the peak; with f16 ones, the decoder's
-    assert (phases["encode"] > phases["decode"]) == (vision == "q8_0")
+    assert phases["encode"] > phases["decode"]  # the encoder's buffer, not the decoder's, sets the peak
     assert plan.by_name("kv cache") == 32 * 4096 * 1024 * 2 * KV_BYTES[kv]  # 32 self-attention layers
     assert plan.by_name("image cross kv") == 8 * 4 * 1601 * 1024 * 2 * 2    # f16 beside any cache type
     assert plan.by_name("image embeddings") == 4 * 1601 * 4096 * 4  # one f32 copy
@@ -126,7 +126,8 @@ def test_llama_32_11b_vision_header_only(text, vision, kv, monkeypatch):
 
 def test_the_11b_target_fits_8_gib_with_a_q8_0_cache():
     """The issue's target: Q4_K_M text, f16 vision, 4096 context, one 4-tile image within 8 GiB; the
-    q8_0 cache saves 240 MiB of the f16 one's 512, the f16 kept states 178 MiB of the encode phase."""
+    q8_0 cache saves 240 MiB of the f16 one's 512; f16 kept states and 64-token attention products
+    take the larger phase from 633 to 456 MiB."""
     assert ELEVEN_B["q4_k_m", "f16", "q8_0"] <= 8 << 30 < ELEVEN_B["q4_k_m", "f16", "f16"]
     assert ELEVEN_B["q4_k_m", "f16", "f16"] - ELEVEN_B["q4_k_m", "f16", "q8_0"] == 32 * 4096 * 2048 * (2 - 34 / 32)
 

@@ -101,16 +101,18 @@ class MllamaShape:
         work = 2 * max(n * self.vision_ffn, 0 if input_half else self.image_states * cat)
         return max(layer, projector) + work
 
-    def decoder_compute(self, n_ctx: int, n_batch: int, n_images: int) -> int:
-        """One prefill graph of ``n_batch`` tokens (a micro-batch) at a full context: attention scores of every head
-        (f32, softmax in place) over the larger of the context and the images' states, their f16
-        copy for the product with V (ggml's work buffer), both masks and a few hidden rows.
+    def decoder_compute(self, n_ctx: int, n_batch: int, n_images: int, chunk: int) -> int:
+        """One prefill graph of ``n_batch`` tokens (a micro-batch) at a full context: the attention
+        scores of every head over the larger of the context and the images' states (f32, softmax in
+        place) and their f16 copy for the product with V (ggml's work buffer), for ``chunk`` query
+        tokens at a time (``kernels.mllama_text.ATTN_CHUNK``); both masks and a few hidden rows.
 
-        Checked against ``CompiledGraph.compute_bytes`` + work buffer on the bench model (4096 wide,
-        32 heads, 6404 image states): 430 MiB buffer measured, 429.8 MiB here."""
+        Checked on the bench model (4096 wide, 32 heads, 4096 context, 6404 image states, 256
+        tokens): ``CompiledGraph.compute_bytes`` 71.3 MiB (f16 cache; 72.3 with q8_0) + 25 MiB of
+        work buffer, 97.3 MiB here (in products of all 256 tokens: 214.4 + 100 MiB, 318.5 priced)."""
         n_img = n_images * self.image_states
         widest = max(n_ctx, n_img)
-        return n_batch * (6 * self.n_head * widest + F32 * (n_ctx + n_img + 2 * self.n_embd))
+        return min(n_batch, chunk) * 6 * self.n_head * widest + n_batch * F32 * (n_ctx + n_img + 3 * self.n_embd)
 
     def cross_kv_compute(self, n_images: int, kv_bytes: int, chunk: int) -> int:
         """Computing the images' cross-attention K/V (graphs of ``chunk`` states per cross layer, each
@@ -250,7 +252,7 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
     """Process, weights, KV cache and one image's vision states, held throughout; the encoder's buffer
     while an image is encoded ("encode" phase: freed after it); the image's cross-attention K/V and the
     decoder's buffer after it ("decode" phase)."""
-    from edgevlm.kernels.mllama_text import CROSS_KV_CHUNK
+    from edgevlm.kernels.mllama_text import ATTN_CHUNK, CROSS_KV_CHUNK
     from edgevlm.planner import RUNTIME_SLACK, MemoryPart, tensor_bytes
 
     assert model.projector is not None
@@ -258,7 +260,7 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
     kept_half, input_half = _projector_types(model, dev)
     n_self, out_width, ubatch = shape.n_layer - shape.n_cross, shape.n_embd, _micro_batch(n_ctx)
     states = shape.image_states * shape.n_embd * F32
-    decoder = shape.decoder_compute(n_ctx, ubatch, 1)
+    decoder = shape.decoder_compute(n_ctx, ubatch, 1, ATTN_CHUNK)
     cross_kv = shape.cross_kv_compute(1, cross, CROSS_KV_CHUNK)
     w, h = request.image_size or (4096, 3072)
     scale = min(1.0, 4096 / max(w, h))
@@ -284,6 +286,6 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
                    f"{shape.n_cross} cross layers x {shape.tiles} tiles x {shape.n_positions} states, "
                    f"{'f32' if cross == F32 else 'f16'}; per image in the conversation", phase="decode"),
         MemoryPart("llm compute", dev, max(decoder, cross_kv),
-                   f"prefill graphs of {ubatch} tokens, attention scores over max({n_ctx}, "
-                   f"{shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)", phase="decode"),
+                   f"prefill graphs of {ubatch} tokens, attention scores of {ATTN_CHUNK} at a time over "
+                   f"max({n_ctx}, {shape.image_states}) (cross K/V of an image: {cross_kv >> 20} MiB)", phase="decode"),
     ]

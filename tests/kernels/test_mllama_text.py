@@ -206,14 +206,16 @@ def test_f16_kv_cache_stays_close(tokenizer, encoder, text_model, mllama_f32_res
 
 def test_micro_batches_and_chunked_cross_kv_equal_one_graph(tokenizer, encoder, text_model, mllama_f32_result,
                                                              monkeypatch):
-    """A forward split into graphs of 3 tokens (all logits, and the last only) and cross-attention K/V
-    computed 10 states at a time give one graph's logits; one-token graphs reuse one allocator."""
+    """A forward split into graphs of 3 tokens (all logits, and the last only), attention products of 2
+    query tokens and cross-attention K/V computed 10 states at a time give one graph's logits; one-token
+    graphs reuse one allocator."""
     import edgevlm.kernels.mllama_text as mt
 
     ids = tokenizer("<|image|>what is in the picture? the red car on the road").input_ids
     batch = _pixels([IMAGES[3]])
     whole, mask = _ours(text_model, encoder, ids, batch)
     monkeypatch.setattr(mt, "CROSS_KV_CHUNK", 10)
+    monkeypatch.setattr(mt, "ATTN_CHUNK", 2)
     model = mt.MllamaTextModel(mllama_f32_result.llm_path, device="cpu", n_threads=1, n_ctx=64, n_ubatch=3)
     try:
         split, _ = _ours(model, encoder, ids, batch)
