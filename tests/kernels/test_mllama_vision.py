@@ -153,22 +153,32 @@ def test_encoder_matches_transformers(hf_model, encoder, size, layout):
     assert cos.min() >= COSINE_MIN and max_abs <= MAX_ABS
 
 
-@pytest.mark.parametrize(("vision_type", "cosine_min"), [("f16", 0.999), ("q8_0", 0.995)])
-def test_quantised_projectors_stay_close(hf_model, mllama_checkpoint, tmp_path, vision_type, cosine_min):
+@pytest.mark.parametrize(("vision_type", "as_file", "cosine_min"),
+                         [("f16", False, 0.999), ("f16", True, 0.999), ("q8_0", False, 0.995)])
+def test_quantised_projectors_stay_close(hf_model, mllama_checkpoint, tmp_path, monkeypatch, vision_type, as_file,
+                                         cosine_min):
+    """f16 / q8_0 encoders (f16 kept states); ``as_file``: the f16 matrices kept as they are (a CPU where
+    ``auto`` does not convert them), so the f16 projector takes the f16 states directly."""
+    import edgevlm.kernels.mllama_vision as mv
     from edgevlm.convert import convert
-    from edgevlm.kernels.mllama_vision import MllamaVisionEncoder
+    from edgevlm.kernels import ggml
+    from edgevlm.kernels.tower_weights import WeightChoice
     from tests.fixtures.mllama import image_processor
 
+    if as_file:
+        monkeypatch.setattr(mv, "choose_weight_type", lambda *args, **kwargs: WeightChoice("as-file", "test"))
     result = convert(mllama_checkpoint, tmp_path, quant="f16", vision_type=vision_type)
     batch = image_processor()(images=[[gradient_image(100, 100)]], return_tensors="np")
     ref = _reference(hf_model, batch)
-    enc = MllamaVisionEncoder(result.mmproj_path, device="cpu", n_threads=1)
+    enc = mv.MllamaVisionEncoder(result.mmproj_path, device="cpu", n_threads=1)
     try:
+        assert not as_file or enc.weights[mv.PROJECTOR].contents.type == ggml.GGML_TYPE_F16
         got = enc.encode(batch["pixel_values"][0, 0], int(batch["aspect_ratio_ids"][0, 0]), 4)
     finally:
         enc.close()
     cos = np.sum(got * ref, -1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
-    print(f"{vision_type}: min cosine {cos.min():.6f}, max-abs {np.abs(got - ref).max():.2e}")
+    print(f"{vision_type}{' as file' if as_file else ''}: min cosine {cos.min():.6f}, "
+          f"max-abs {np.abs(got - ref).max():.2e}")
     assert cos.min() >= cosine_min
 
 
