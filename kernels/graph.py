@@ -396,6 +396,10 @@ class GraphBuilder:
         """
         check_linear(x, w, b)
         g, ne = self.g, list(x.contents.ne)
+        if x.contents.type != ggml.GGML_TYPE_F32:
+            # ggml's AMX kernels read ``x`` as f32 whatever its type (an f16 x gave 7e20); the value
+            # is the same for every other kernel, which converts x for the weight's type anyway
+            x = g.ggml_cast(self.ctx, x, ggml.GGML_TYPE_F32)
         if ne[2] * ne[3] == 1 and g.ggml_is_contiguous(x):
             return self.add(g.ggml_mul_mat(self.ctx, w, x), b)
         # Batches as one [in, n * batch] product: ggml's AMX buffer type runs every mul_mat of its

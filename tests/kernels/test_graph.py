@@ -262,3 +262,19 @@ def test_rows_of_one_block_stay_out_of_the_amx_buffer_type(cpu):
     finally:
         weights.close()
     close(out, x @ quants.dequantize(q, GGMLQuantizationType.Q8_0).reshape(32, 32).T, 2e-2)
+
+
+def test_an_f16_input_through_the_extra_buffer_types(cpu):
+    """ggml's AMX kernels read x as f32 whatever its type: the builder hands them f32."""
+    w, x = rand(64, 128).astype(np.float16), rand(8, 128)
+    weights = Weights(cpu, {"w": RawTensor.from_numpy(w)}, matmul={"w"}, extra=cpu.extra_buffer_types())
+    b = GraphBuilder()
+    x16 = b.g.ggml_cast(b.ctx, b.input("x", (128, 8)), ggml.GGML_TYPE_F16)
+    graph = CompiledGraph(cpu, b, b.linear(x16, weights["w"]))
+    try:
+        out = graph.run({"x": x})
+    finally:
+        graph.close()
+        weights.close()
+    ref = x.astype(np.float16).astype(np.float32) @ w.astype(np.float32).T
+    close(out, ref, 1e-3)
