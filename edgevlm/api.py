@@ -146,7 +146,7 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
         described=described, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
         kv_type=kv_type, seed=seed, device=vision_device or ("cpu" if n_gpu_layers == 0 else "auto"),
         chat_template=chat_template, chat_format=chat_format, cache=cache, max_image_tokens=max_image_tokens,
-        memory_budget=memory_budget, report=report))
+        memory_budget=memory_budget, report=report, flash_attn=flash_attn))
     if own is not None:  # a family running its LLM outside llama.cpp
         return _ready(VLM(own, described, load_ms=(time.perf_counter() - t0) * 1e3), report)
     budget, vram_budget = parse_budget(memory_budget) if memory_budget is not None else (None, None)

@@ -66,6 +66,7 @@ class EngineRequest:
         max_image_tokens: the default image budget.
         memory_budget: the budget asked for (None: none).
         report: the load's progress reporter.
+        flash_attn: flash attention as asked for (None: the engine's choice).
     """
 
     described: ModelDescriptor
@@ -82,6 +83,7 @@ class EngineRequest:
     max_image_tokens: int | None
     memory_budget: int | str | None
     report: LoadReporter
+    flash_attn: bool | None = None
 
 
 class VLMEngine(Protocol):

@@ -421,6 +421,17 @@ def context_size(options: ContextOptions, model: LlamaModel) -> int:
     return options.n_ctx
 
 
+def refuse_unflashed_quantised_kv(kv_type: str, flash_attn: bool | None) -> None:
+    """A quantised V cache is read only by flash attention: refuse one with flash attention forced off.
+
+    Raises:
+        InvalidRequestError: that combination, with what to change.
+    """
+    if flash_attn is False and kv_type in QUANTISED_KV_TYPES:
+        raise InvalidRequestError(f"a {kv_type} KV cache needs flash attention, which was turned "
+                                  "off; use --kv-type f16 or leave flash attention on")
+
+
 def _flash_attn_type(lib: object, options: ContextOptions) -> int:
     """-1 auto, 0 off, 1 on. CPU default: off, except for a quantised KV cache.
 
@@ -434,9 +445,7 @@ def _flash_attn_type(lib: object, options: ContextOptions) -> int:
         InvalidRequestError: a quantised KV cache with flash attention forced off.
     """
     quantised = options.kv_type in QUANTISED_KV_TYPES
-    if options.flash_attn is False and quantised:
-        raise InvalidRequestError(f"a {options.kv_type} KV cache needs flash attention, which was turned "
-                                  "off; use --kv-type f16 or leave flash attention on")
+    refuse_unflashed_quantised_kv(options.kv_type, options.flash_attn)
     if options.flash_attn is not None:
         return 1 if options.flash_attn else 0
     if quantised:

@@ -47,7 +47,7 @@ from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFai
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
 from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
-from edgevlm.llm import Sampler, default_threads
+from edgevlm.llm import Sampler, default_threads, refuse_unflashed_quantised_kv
 from edgevlm.mllama_images import MllamaImages, n_tiles_for
 from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
@@ -87,6 +87,7 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     """
     files = request.described.files
     assert files.mmproj is not None  # the family refuses an LLM file without its projector
+    refuse_unflashed_quantised_kv(request.kv_type, request.flash_attn)
     trained = int(request.described.llm_metadata.get(f"{C.LLM_ARCH_MLLAMA}.context_length", DEFAULT_CTX))
     n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)
     if n_ctx > trained:

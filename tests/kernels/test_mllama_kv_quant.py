@@ -153,3 +153,14 @@ def test_load_and_chat_with_a_q8_0_cache(converted):
     assert replies["q8_0"] == replies["f16"]
     with pytest.raises(InvalidRequestError, match="f32, f16, q8_0, q4_0"):
         edgevlm.plan(folder, kv_type="bf16")
+
+
+def test_a_quantised_cache_with_flash_attention_forced_off_is_refused(converted):
+    """As for llama.cpp models: a q8_0 cache is read only by flash attention, so flash_attn=False is refused
+    before anything loads, with what to change."""
+    import edgevlm
+    from edgevlm.errors import InvalidRequestError
+
+    folder = converted[1].llm_path.parent
+    with pytest.raises(InvalidRequestError, match="needs flash attention.*--kv-type f16"):
+        edgevlm.load(folder, n_ctx=128, kv_type="q8_0", flash_attn=False, n_threads=1, n_gpu_layers=0, cache=False)
