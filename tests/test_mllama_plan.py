@@ -76,15 +76,15 @@ def test_cli_budget_refusal(mllama_f32_result, painting):
 #: vision states, 256-token decoder graphs and token embeddings read in place, q4_0 + f16 planned
 #: 9.43 GiB; before f16 kept states, attention in 64-token products and quantised caches, q4_k_m +
 #: f16 planned 8.30 GiB. Priced as a CPU without AMX and AVX512-BF16 (the f16 encoder stays f16).
-ELEVEN_B = {("q4_k_m", "f16", "f16"): 8729708684,  # 8.13 GiB (8.73 GB)
-            ("q4_k_m", "f16", "q8_0"): 8478050444,  # 7.90 GiB: the target, <= 8 GiB
-            ("q4_k_m", "f16", "q4_0"): 8343832716,  # 7.77 GiB
-            ("q4_k_m", "q8_0", "f16"): 7995439244,  # 7.45 GiB
-            ("q4_k_m", "q8_0", "q8_0"): 7743781004,  # 7.21 GiB
-            ("q4_0", "f16", "f16"): 8540924044,  # 7.95 GiB
-            ("q4_0", "f16", "q8_0"): 8289265804,  # 7.72 GiB
-            ("q4_0", "q8_0", "f16"): 7806654604,  # 7.27 GiB
-            ("q4_0", "q8_0", "q8_0"): 7554996364}  # 7.04 GiB
+ELEVEN_B = {("q4_k_m", "f16", "f16"): 8789992764,  # 8.19 GiB (8.79 GB)
+            ("q4_k_m", "f16", "q8_0"): 8538334524,  # 7.95 GiB (8.54 GB)
+            ("q4_k_m", "f16", "q4_0"): 8404116796,  # 7.83 GiB (8.40 GB)
+            ("q4_k_m", "q8_0", "f16"): 8055723324,  # 7.50 GiB (8.06 GB)
+            ("q4_k_m", "q8_0", "q8_0"): 7804065084,  # 7.27 GiB (7.80 GB)
+            ("q4_0", "f16", "f16"): 8601208124,  # 8.01 GiB (8.60 GB)
+            ("q4_0", "f16", "q8_0"): 8349549884,  # 7.78 GiB (8.35 GB)
+            ("q4_0", "q8_0", "f16"): 7866938684,  # 7.33 GiB (7.87 GB)
+            ("q4_0", "q8_0", "q8_0"): 7615280444}  # 7.09 GiB (7.62 GB)
 KV_BYTES = {"f16": 2, "q8_0": 34 / 32, "q4_0": 18 / 32}  # per cached value
 
 

@@ -35,6 +35,10 @@ F32 = 4
 #: image decoders. Measured on the test model's load: 19 MiB above the process figure, 8 MiB of
 #: which the planner's RUNTIME_SLACK already counts.
 ENGINE_BYTES = 11 << 20
+#: llama.cpp's tokenizer tables per vocabulary entry (the engine loads the LLM file's vocabulary alone):
+#: measured 56.7 MiB for 128256 tokens with 280147 merges (the 11B's sizes) and 15.6 MiB for 32000 / 60000,
+#: as the RSS a vocabulary-only load adds (synthetic GGUFs of those sizes).
+VOCAB_BYTES_PER_TOKEN = 470
 EMBD = "token_embd.weight"
 F32_TYPE, F16_TYPE = 0, 1  # ggml types of the projector matrix
 PAGE = 4096
@@ -206,6 +210,12 @@ def _micro_batch(n_ctx: int) -> int:
     return min(UBATCH, n_ctx)
 
 
+def _vocab_size(model: ModelDescriptor) -> int:
+    """Rows of the token embeddings (the vocabulary and the image token)."""
+    embd = next((t for t in model.llm.tensors if t.name == EMBD), None)
+    return int(embd.shape[1]) if embd is not None and len(embd.shape) > 1 else 0
+
+
 def _vision_weight_bytes(model: ModelDescriptor, dev: str) -> int:
     """The encoder's weights as loaded (on the CPU, f16 matrices converted as a tower's: planner.loaded_tower_bytes)."""
     from edgevlm.kernels.mllama_vision import is_encoder_matrix
@@ -266,7 +276,9 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
     scale = min(1.0, 4096 / max(w, h))
     return [
         MemoryPart("process", "CPU", process_bytes + RUNTIME_SLACK, "interpreter and libraries, measured"),
-        MemoryPart("engine", "CPU", ENGINE_BYTES, "graph modules, backends, vocabulary, image decoders"),
+        MemoryPart("engine", "CPU", ENGINE_BYTES, "graph modules, backends, image decoders"),
+        MemoryPart("vocabulary", "CPU", VOCAB_BYTES_PER_TOKEN * _vocab_size(model),
+                   "llama.cpp's tokenizer tables (a vocabulary-only load)"),
         MemoryPart("llm weights", dev, sum(tensor_bytes(t) for t in model.llm.tensors if dev != "CPU" or t.name != EMBD),
                    f"{shape.n_layer} layers ({shape.n_cross} cross-attention), in backend buffers"),
         *_mapped_embeddings(model, dev, n_ctx),
