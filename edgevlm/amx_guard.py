@@ -2,7 +2,7 @@
 
 llama.cpp's CPU backend, built on a CPU with AMX, offers an extra buffer type
 ("AMX") whose int8 tile kernels run Q4_0/Q8_0/K-quant matrix products several
-times faster than AVX-512. Built with GCC before 14, those kernels load an
+times faster than AVX-512. Built with GCC (12.2 here), those kernels load an
 all-zero tile configuration (GCC's ``_tile_loadconfig`` declares an 8-byte
 operand, so the stores that fill the configuration are dropped) and the first
 tile load stops the process with SIGILL; and in any build, once another

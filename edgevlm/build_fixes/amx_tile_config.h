@@ -3,7 +3,7 @@
  *
  * It repairs two defects of ggml's AMX matrix products (ggml-cpu/amx/mmq.cpp):
  *
- * 1. GCC before 14 declares _tile_loadconfig's memory operand as 8 bytes
+ * 1. GCC (12.2 here) declares _tile_loadconfig's memory operand as 8 bytes
  *    (`"m" (*((const void **)__config))` in amxtileintrin.h), so the compiler
  *    treats the stores that fill a tile configuration's colsb/rows fields as
  *    dead and drops them: ggml_tile_config_init loads a configuration whose
