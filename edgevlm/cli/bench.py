@@ -142,6 +142,8 @@ def serve_args(params: dict[str, Any]) -> list[str]:
     for flag, value in optional.items():
         if value is not None:
             args += [flag, str(value)]
+    if params.get("flash_attn") is not None:
+        args.append("--flash-attn" if params["flash_attn"] else "--no-flash-attn")
     return args
 
 

@@ -28,8 +28,8 @@ model_option = click.option(
 
 
 def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--no-cache/--vision-engine/
-    --vision-device/--image-tokens/--tiles."""
+    """--model/--mmproj/--quant/--ctx/--threads/--gpu-layers/--kv-type/--flash-attn/--no-cache/
+    --vision-engine/--vision-device/--image-tokens/--tiles."""
     decorators = [
         model_option,
         click.option("--mmproj", type=click.Path(dir_okay=False), default=None,
@@ -43,6 +43,10 @@ def model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="LLM layers offloaded to the GPU (-1 = all)."),
         click.option("--kv-type", type=click.Choice(list(KV_TYPES)),
                      default="f16", show_default=True, help="KV cache element type."),
+        click.option("--flash-attn/--no-flash-attn", "flash_attn", default=None,
+                     help="llama.cpp's flash attention (default: off on the CPU, where a reused prompt prefix "
+                          "then equals a fresh one bitwise, on for a quantised KV cache; llama.cpp's choice on "
+                          "a GPU). On the CPU it reads long prompts faster."),
         click.option("--no-cache", is_flag=True, help="Do not use the on-disk embedding cache."),
         click.option("--vision-engine", type=click.Choice(VISION_ENGINES), default="auto",
                      show_default=True,
@@ -87,7 +91,7 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`edgevlm.load` given by :func:`model_options` (``model`` aside)."""
     return {"mmproj": params["mmproj"], "quant": params["quant"], "n_ctx": params["n_ctx"],
             "n_threads": params["n_threads"], "n_gpu_layers": params["n_gpu_layers"],
-            "kv_type": params["kv_type"], "cache": not params["no_cache"],
+            "kv_type": params["kv_type"], "flash_attn": params.get("flash_attn"), "cache": not params["no_cache"],
             "vision_engine": params.get("vision_engine") or "auto",
             "vision_device": params.get("vision_device"),
             "max_image_tokens": params.get("max_image_tokens"), "tiles": params.get("tiles") or "none",

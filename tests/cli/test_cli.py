@@ -195,3 +195,19 @@ def test_real_subprocess(siglip_f32, painting, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edgevlm.cli.main", "inspect", str(tmp_path / "no.gguf")],
                          capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode != 0 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_flash_attention_flags_reach_the_load(siglip_f32, painting):
+    """--flash-attn / --no-flash-attn are edgevlm.load's flash_attn; a quantised cache without it is one line."""
+    from edgevlm.cli.options import load_kwargs
+
+    assert load_kwargs({"mmproj": None, "quant": None, "n_ctx": None, "n_threads": None, "n_gpu_layers": 0,
+                        "kv_type": "f16", "no_cache": True, "flash_attn": True})["flash_attn"] is True
+    res = _run("-v", "chat", "--model", str(siglip_f32), "--image", str(painting), "-p", "hi", "--max-tokens", "1",
+               "--threads", "2", "--ctx", "512", "--flash-attn")
+    assert res.exit_code == 0, res.output
+    assert any("flash_attn" in line and "enabled" in line for line in res.output.splitlines())
+    res = _run("chat", "--model", str(siglip_f32), "--image", str(painting), "-p", "hi", "--max-tokens", "1",
+               "--kv-type", "q8_0", "--no-flash-attn")
+    assert res.exit_code == 2 and "needs flash attention" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
