@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgevlm import native
+from edgevlm.errors import EdgeVLMError
 from edgevlm.paths import cache_dir
 
 LOG = logging.getLogger("edgevlm")
@@ -79,33 +80,28 @@ class AmxStatus:
         return self.built and not self.usable
 
 
-def _cpu_library() -> Path | None:
-    """llama-cpp-python's ``libggml-cpu`` (the file the AMX kernels live in), if found."""
-    import llama_cpp
-
-    folder = Path(llama_cpp.__file__).resolve().parent / "lib"
-    for name in ("libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"):
-        if (folder / name).is_file():
-            return folder / name
-    return None
+def _cpu_library() -> ctypes.CDLL | None:
+    """The libggml-cpu llama.cpp loaded (the file the AMX kernels live in), if found."""
+    try:
+        return native.ggml_library("cpu")
+    except EdgeVLMError:
+        return None
 
 
-def _library_key(path: Path) -> str:
+def _library_key(library: ctypes.CDLL) -> str:
+    path = Path(library._name)
     stat = path.stat()
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def _has_marker(path: Path) -> bool:
-    """Whether the loaded libggml-cpu exports :data:`MARKER` at :data:`MARKER_VERSION` or later
-    (looked up in the copy llama.cpp loaded)."""
-    native.llama()
+def _has_marker(library: ctypes.CDLL) -> bool:
+    """Whether libggml-cpu exports :data:`MARKER` at :data:`MARKER_VERSION` or later."""
     try:
-        loaded = ctypes.CDLL(path.name + ".0", mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
-        marker = ctypes.c_int.in_dll(loaded, MARKER)
-    except (OSError, ValueError):
+        marker = ctypes.c_int.in_dll(library, MARKER)
+    except ValueError:
         return False
     # dlsym also searches the library's dependencies: the marker must be libggml-cpu's own
-    return _defined_in(ctypes.addressof(marker), path.name) and marker.value >= MARKER_VERSION
+    return _defined_in(ctypes.addressof(marker), "libggml-cpu") and marker.value >= MARKER_VERSION
 
 
 class _DlInfo(ctypes.Structure):

@@ -258,8 +258,7 @@ class Engine:
         return TextStream(lambda hooks: self._generate(prompt, options, hooks), cancel)
 
     def _generate(self, prompt: Prompt, options: SamplingOptions, hooks: StreamHooks) -> Iterator[str]:
-        user_cancelled = hooks.cancelled
-        hooks.cancelled = lambda: self.closed or user_cancelled()
+        hooks.also_cancel_when(lambda: self.closed)
         with self.lock:
             started = time.perf_counter()
             stats = self.prefill(prompt, hooks.cancelled)

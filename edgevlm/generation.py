@@ -100,6 +100,11 @@ class StreamHooks:
     cancelled: Callable[[], bool]
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
+    def also_cancel_when(self, stop: Callable[[], bool]) -> None:
+        """End the reply when ``stop()`` is true as well (an engine closed while it streams)."""
+        asked = self.cancelled
+        self.cancelled = lambda: stop() or asked()
+
 
 @dataclass
 class _Run:

@@ -159,6 +159,7 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
     "ggml_backend_reg_get_proc_address": ("base", c_void_p, [P, c_char_p]),
     "ggml_backend_dev_supports_op": ("base", c_bool, [P, T]),
     "ggml_backend_buft_name": ("base", c_char_p, [P]),
+    "ggml_backend_buffer_get_type": ("base", P, [P]),
     "ggml_backend_buft_alloc_buffer": ("base", P, [P, c_size_t]),
     "ggml_backend_alloc_ctx_tensors_from_buft": ("base", P, [P, P]),
     # mllama token embeddings read in place from the mapped file

@@ -287,6 +287,16 @@ class MappedTensor:
             self.ctx = None
 
 
+def linear_once(backend: Backend, w: object, x: np.ndarray) -> np.ndarray:
+    """``x @ W.T`` for a float32 ``x`` [n, in] and a weight already on ``backend``, through a one-off graph."""
+    builder = GraphBuilder()
+    graph = CompiledGraph(backend, builder, builder.linear(builder.input("x", tuple(reversed(x.shape))), w))
+    try:
+        return graph.run({"x": x})
+    finally:
+        graph.close()
+
+
 def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor], *,
                    matmul: Collection[str] = (), allow_extra: bool | None = None) -> Weights:
     """A new :class:`Backend` on ``device`` holding ``tensors`` (``weights.backend``; closed again on failure).
@@ -302,16 +312,35 @@ def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor]
         raise
 
 
+#: Weight types with ggml's AMX tile kernels (ggml-cpu/amx/common.h ``qtype_has_amx_kernels``); its AMX
+#: buffer type also takes F16, for an AVX-512 product that gains nothing and reads x as f32 regardless.
+AMX_TILE_TYPES = frozenset(int(t) for t in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                                             GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_K,
+                                             GGMLQuantizationType.Q5_K, GGMLQuantizationType.Q6_K,
+                                             GGMLQuantizationType.IQ4_XS))
+
+
+def _in_amx_buffer(g: ggml.GgmlLibrary, w: object) -> bool:
+    """Whether weight ``w`` lives in ggml's AMX buffer type."""
+    buffer = w.contents.buffer
+    return bool(buffer) and g.ggml_backend_buft_name(g.ggml_backend_buffer_get_type(buffer)) == b"AMX"
+
+
+def _amx_takes(raw: RawTensor) -> bool:
+    """Whether a matrix may go into ggml's AMX buffer type: a type with tile kernels, rows of two blocks
+    or more (rows of one Q8_0 block gave NaN or 1e38 for 32-256 outputs; 64 values and more were right)."""
+    return (raw.ggml_type in AMX_TILE_TYPES
+            and raw.ne[0] >= 2 * GGML_QUANT_SIZES[GGMLQuantizationType(raw.ggml_type)][0])
+
+
 def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[BufferType]) -> BufferType | None:
     """The first of ``extra`` where ggml runs ``mul_mat(w, x)`` for ``w`` like ``raw``, x f32 [in, 512].
 
     As llama.cpp's ``weight_buft_supported``: a metadata-only copy of the
     weight gets an empty buffer of the candidate type, and the CPU device is
     asked whether it supports the op (the repack type checks the weight's
-    type and shape for a kernel of this CPU). ggml's AMX type also accepts
-    rows of a single quantisation block, where its tile kernels compute
-    garbage (Q8_0 rows of 32 values: NaN or 1e38 for 32-256 outputs, right
-    for 64 and more values per row): those stay out of it.
+    type and shape for a kernel of this CPU). ggml's AMX type gets only what
+    its tile kernels run right (:func:`_amx_takes`).
     """
     if len(raw.ne) != 2 or not extra:
         return None
@@ -322,8 +351,8 @@ def _weight_buffer_type(backend: Backend, raw: RawTensor, extra: Sequence[Buffer
         x = g.ggml_new_tensor_4d(ctx, ggml.GGML_TYPE_F32, raw.ne[0], 512, 1, 1)
         op = g.ggml_mul_mat(ctx, w, x)
         for buft in extra:
-            if buft.name == "AMX" and raw.ne[0] < 2 * GGML_QUANT_SIZES[GGMLQuantizationType(raw.ggml_type)][0]:
-                continue  # ggml's AMX tile kernels give wrong numbers for rows of one Q8_0 block (measured)
+            if buft.name == "AMX" and not _amx_takes(raw):
+                continue
             probe = g.ggml_backend_buft_alloc_buffer(buft.ptr, 0)
             if not probe:
                 continue
@@ -396,15 +425,13 @@ class GraphBuilder:
         """
         check_linear(x, w, b)
         g, ne = self.g, list(x.contents.ne)
-        if x.contents.type != ggml.GGML_TYPE_F32:
-            # ggml's AMX kernels read ``x`` as f32 whatever its type (an f16 x gave 7e20); the value
-            # is the same for every other kernel, which converts x for the weight's type anyway
-            x = g.ggml_cast(self.ctx, x, ggml.GGML_TYPE_F32)
-        if ne[2] * ne[3] == 1 and g.ggml_is_contiguous(x):
+        if not _in_amx_buffer(g, w) or (ne[2] * ne[3] == 1 and x.contents.type == ggml.GGML_TYPE_F32
+                                        and g.ggml_is_contiguous(x)):
             return self.add(g.ggml_mul_mat(self.ctx, w, x), b)
-        # Batches as one [in, n * batch] product: ggml's AMX buffer type runs every mul_mat of its
-        # weights and its kernels read ``x`` as contiguous rows of one batch (its supports_op
-        # says so, but the CPU backend does not ask); the same product for every other buffer.
+        # The CPU backend runs every mul_mat of an AMX-buffer weight with ggml's AMX kernels (their
+        # supports_op is not asked), which read ``x`` as one contiguous f32 batch (a batch of tiles
+        # gave max-abs 4.76, an f16 x 7e20): hand them that, as one [in, n * batch] product.
+        x = g.ggml_cast(self.ctx, x, ggml.GGML_TYPE_F32) if x.contents.type != ggml.GGML_TYPE_F32 else x
         flat = g.ggml_reshape_2d(self.ctx, g.ggml_cont(self.ctx, x), ne[0], ne[1] * ne[2] * ne[3])
         out = g.ggml_mul_mat(self.ctx, w, flat)
         out = g.ggml_reshape_4d(self.ctx, out, out.contents.ne[0], ne[1], ne[2], ne[3])

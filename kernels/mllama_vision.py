@@ -47,9 +47,10 @@ from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
 from .tower_weights import LOG, apply_weight_type, choose_weight_type
 from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
+PROJECTOR = "mm.0.weight"  # the projector matrix (an f16 one takes the encoder's states in f16)
+
 LAYER_NORM_EPS = 1e-5  # MllamaVisionModel's layernorm_pre / layernorm_post: nn.LayerNorm defaults
 TOKEN_MULTIPLE = 8     # each tile's tokens are padded to a multiple of this
-PROJECTOR = "mm.0.weight"  # the projector matrix (an f16 one takes the encoder's states in f16)
 _BLOCK_PARTS = ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
 
 
@@ -170,10 +171,6 @@ def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: 
         extra = backend.extra_buffer_types()
         choice = choose_weight_type("auto", tensors, backend, extra, matmul)
         tensors = apply_weight_type(tensors, choice, matmul)
-        if tensors[PROJECTOR].ggml_type == ggml.GGML_TYPE_F16:
-            # an f16 projector takes f16 input (build_encoder), which ggml's AMX buffer type would
-            # read as f32 (its kernels assume an f32 batch): that weight stays in the plain buffer
-            matmul = matmul - {PROJECTOR}
         LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
         return Weights(backend, tensors, matmul=matmul, extra=extra)
     except Exception:

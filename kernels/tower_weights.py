@@ -90,8 +90,7 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
     if requested not in WEIGHT_TYPES:
         raise InvalidRequestError(f"weight_type must be one of {', '.join(WEIGHT_TYPES)}, not {requested!r}")
     types = {tensors[name].ggml_type for name in (matmul_weights(tensors) if matrices is None else matrices)}
-    names = sorted(ggml.lib().ggml_type_name(t).decode() for t in types)
-    file_types = "/".join(names) or "none"
+    file_types = _type_names(types)
     if requested == "as-file":
         return WeightChoice("as-file", f"as requested (file matrices {file_types})")
     if requested in ("bf16", "q8_0"):
@@ -105,6 +104,11 @@ def choose_weight_type(requested: str, tensors: Mapping[str, RawTensor], backend
                             avx512_bf16=bool(backend.g.ggml_cpu_has_avx512_bf16()))
 
 
+def _type_names(types: set[int]) -> str:
+    """``"f16"``, ``"f16/q8_0"``, ... (``"none"`` for no types)."""
+    return "/".join(sorted(ggml.lib().ggml_type_name(t).decode() for t in types)) or "none"
+
+
 def auto_weight_type(file_types: set[int], *, amx: bool, avx512_bf16: bool) -> WeightChoice:
     """``"auto"``'s rule on the CPU (also what the memory planner prices).
 
@@ -113,7 +117,7 @@ def auto_weight_type(file_types: set[int], *, amx: bool, avx512_bf16: bool) -> W
         amx: ggml's AMX buffer type is offered for the weights (and usable: the AMX guard is off).
         avx512_bf16: ggml's CPU backend has AVX512-BF16 dot products.
     """
-    names = "/".join(sorted(ggml.lib().ggml_type_name(t).decode() for t in file_types)) or "none"
+    names = _type_names(file_types)
     if file_types != {ggml.GGML_TYPE_F16}:
         return WeightChoice("as-file", f"the file's matrices are {names} (auto converts f16 only)")
     if amx:

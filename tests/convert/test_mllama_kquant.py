@@ -147,7 +147,7 @@ def test_mul_mat_on_a_k_quant_weight_equals_numpy(converted, quant, name, qtype,
     from gguf import quants
 
     from edgevlm.kernels import ggml
-    from edgevlm.kernels.graph import CompiledGraph, GraphBuilder, RawTensor, upload_weights
+    from edgevlm.kernels.graph import RawTensor, linear_once, upload_weights
 
     tensor = gguf_tensors(converted("wide", quant).llm_path)[name]
     assert tensor.tensor_type.name == qtype
@@ -157,12 +157,7 @@ def test_mul_mat_on_a_k_quant_weight_equals_numpy(converted, quant, name, qtype,
     weights = upload_weights("cpu", 1, {"w": raw}, matmul={"w"} if repack else ())
     placed = weights.placement["w"]
     try:
-        b = GraphBuilder()
-        graph = CompiledGraph(weights.backend, b, b.linear(b.input("x", (n_in, 7)), weights["w"]))
-        try:
-            out = graph.run({"x": x})
-        finally:
-            graph.close()
+        out = linear_once(weights.backend, weights["w"], x)
     finally:
         weights.close()
         weights.backend.close()

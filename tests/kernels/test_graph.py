@@ -15,7 +15,7 @@ import pytest
 from edgevlm.errors import InvalidModelError, RuntimeFailure
 from edgevlm.kernels import ggml
 from edgevlm.kernels.backend import Backend, available_devices
-from edgevlm.kernels.graph import CompiledGraph, GraphBuilder, RawTensor, Weights
+from edgevlm.kernels.graph import CompiledGraph, GraphBuilder, RawTensor, Weights, linear_once
 
 RNG = np.random.default_rng(0)
 
@@ -253,12 +253,7 @@ def test_rows_of_one_block_stay_out_of_the_amx_buffer_type(cpu):
                       matmul={"w", "w2"}, extra=amx)
     try:
         assert weights.placement == {"w": "CPU", "w2": "AMX"}
-        b = GraphBuilder()
-        graph = CompiledGraph(cpu, b, b.linear(b.input("x", (32, 96)), weights["w"]))
-        try:
-            out = graph.run({"x": x})
-        finally:
-            graph.close()
+        out = linear_once(cpu, weights["w"], x)
     finally:
         weights.close()
     close(out, x @ quants.dequantize(q, GGMLQuantizationType.Q8_0).reshape(32, 32).T, 2e-2)
