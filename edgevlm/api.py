@@ -561,6 +561,33 @@ class VLM:
         prompt = self.engine.prompt(normalize_messages(messages), max_image_tokens=max_image_tokens)
         return self.engine.generate(prompt, options, cancel)
 
+    def prepare(self, messages: Messages, *, max_image_tokens: int | None = None,
+                cancel: CancelToken | None = None) -> PrefillStats:
+        """Encode the images and read the prompt of a turn whose question is not written yet.
+
+        Call it when the user attaches an image (``messages`` ends with the
+        user message holding it, text optional), e.g. from a worker thread
+        while they type: the images are encoded and everything up to where the
+        question goes is evaluated, so the :meth:`chat` / :meth:`stream` call
+        with the question only reads the question. Nothing is generated; a
+        request that arrives meanwhile waits for it, and reuses what it did.
+
+        Args:
+            messages: the conversation so far, ending with the user's images.
+            max_image_tokens: the image-token budget (as in :meth:`chat`).
+            cancel: as in :meth:`chat`; stops before the next chunk.
+
+        Returns:
+            What the prefill reused, encoded and evaluated
+            (:class:`~edgevlm.stats.PrefillStats`).
+
+        Raises:
+            InvalidRequestError, ImageError, ContextOverflowError: as :meth:`chat` would.
+        """
+        stop = cancel.is_set if cancel is not None else None
+        return self.engine.prepare(normalize_messages(messages), max_image_tokens=max_image_tokens,
+                                   cancelled=lambda: self.engine.closed or bool(stop and stop()))
+
     # ----------------------------------------------------------------- analysis
     def prompt_chunks(self, messages: Messages, *, add_generation_prompt: bool = True,
                       max_image_tokens: int | None = None) -> list[Chunk]:

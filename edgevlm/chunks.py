@@ -153,6 +153,36 @@ def unit_positions(chunks: list[Chunk]) -> tuple[list[Unit], list[int], list[Chu
     return units, starts, owners
 
 
+def settled_prefix(a: Sequence[Chunk], b: Sequence[Chunk]) -> list[Chunk]:
+    """The chunks two renderings of a request share, less the last shared text token.
+
+    ``a`` and ``b`` are the same conversation ending in two different
+    questions; what they share is what the real question cannot change, except
+    that tokenisation may still merge the last shared token with the
+    question's first characters, so that token is left out.
+    """
+    shared: list[Chunk] = []
+    for first, second in zip(a, b):
+        if isinstance(first, TextChunk) and isinstance(second, TextChunk):
+            if first.tokens == second.tokens:
+                shared.append(first)
+                continue
+            n = 0
+            while n < min(len(first.tokens), len(second.tokens)) and first.tokens[n] == second.tokens[n]:
+                n += 1
+            if n > 1:
+                shared.append(TextChunk(first.tokens[:n - 1]))
+            return shared
+        if isinstance(first, TextChunk) or isinstance(second, TextChunk) or first.units() != second.units():
+            break
+        shared.append(first)
+    if shared and isinstance(shared[-1], TextChunk):
+        tokens = shared.pop().tokens[:-1]
+        if tokens:
+            shared.append(TextChunk(tokens))
+    return shared
+
+
 #: Context kept free for the text and the answer when images are capped (tokens, at most
 #: a quarter of the context).
 ANSWER_RESERVE_TOKENS = 512

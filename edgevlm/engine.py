@@ -25,7 +25,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore
-from edgevlm.chunks import Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells, settled_prefix
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.engine_protocol import RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
@@ -34,7 +34,7 @@ from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextSt
 from edgevlm.image_plans import ImagePlans
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
-from edgevlm.prompt import ImagePart, Message
+from edgevlm.prompt import PROBE_QUESTIONS, ImagePart, Message, with_question
 from edgevlm.prompt_layout import ImageBudget, PromptLayout, check_image_tokens, enforce_image_budget
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
                              generate_answer, generation_answers, score_sequences)
@@ -244,6 +244,24 @@ class Engine:
             stats = self.kv.prefill(prompt.chunks, prompt.text_prefix, cancelled)
             self.last_prefill = stats
             return stats
+
+    def prepare(self, messages: list[Message], *, max_image_tokens: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> PrefillStats:
+        """Evaluate what ``messages`` fix of the next request, before its question is known.
+
+        The conversation is rendered with two different questions appended to
+        its last user message; the chunks both share (images included) are
+        prefilled, so the request that follows reuses them.
+
+        Raises:
+            InvalidRequestError, ImageError, ContextOverflowError: as a request would.
+        """
+        first, second = (self.prompt(with_question(messages, q), max_image_tokens=max_image_tokens)
+                         for q in PROBE_QUESTIONS)
+        chunks = settled_prefix(first.chunks, second.chunks)
+        if not chunks:
+            return PrefillStats()
+        return self.prefill(Prompt(chunks, first.text_prefix), cancelled)
 
     def logits(self) -> np.ndarray:
         return self.ctx.logits()

@@ -10,7 +10,7 @@ picks the engine, so generic code never names a family.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +115,8 @@ class VLMEngine(Protocol):
     def prompt_chunks(self, messages: list[Message], *, gen: bool = True,
                       max_image_tokens: int | None = None) -> list[Chunk]: ...
     def prompt_text(self, messages: list[Message], *, gen: bool = True) -> str: ...
+    def prepare(self, messages: list[Message], *, max_image_tokens: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> PrefillStats: ...
     def generate(self, prompt: Any, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream: ...
     def next_token_logits(self, prompt: Any) -> np.ndarray: ...
     def score_choices(self, messages: list[Message], choices: Sequence[str], *,

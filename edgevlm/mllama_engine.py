@@ -41,7 +41,7 @@ import numpy as np
 from edgevlm import constants as C
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
-from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
+from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit, settled_prefix
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
@@ -53,7 +53,7 @@ from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.planner import DEFAULT_CTX  # the training context, at most this, as every load
 from edgevlm.progress import LoadStage
-from edgevlm.prompt import Message, build_prompt
+from edgevlm.prompt import PROBE_QUESTIONS, Message, build_prompt, with_question
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, GrammarSampler, answer_lead, check_choices,
                              choice_grammar, choice_tokens, generation_answers, score_sequences, settled_answer)
 from edgevlm.stats import PrefillStats
@@ -224,6 +224,23 @@ class MllamaEngine:
             stats.decode_ms = (time.perf_counter() - started) * 1e3
             self.last_prefill, self.prompt_end = stats, len(prompt.tokens)
             return stats
+
+    def prepare(self, messages: list[Message], *, max_image_tokens: int | None = None,
+                cancelled: Callable[[], bool] | None = None) -> PrefillStats:
+        """Encode the images and read the tokens ``messages`` fix of the next request (see
+        :meth:`edgevlm.engine.Engine.prepare`); ``max_image_tokens`` is ignored, as in :meth:`prompt`.
+
+        Raises:
+            InvalidRequestError, ImageError, ContextOverflowError: as a request would.
+        """
+        first, second = (self.prompt(with_question(messages, q)) for q in PROBE_QUESTIONS)
+        shared = settled_prefix(first.chunks, second.chunks)
+        tokens = shared[0].tokens if isinstance(shared[0], TextChunk) else ()
+        n = len(tokens)
+        if first.tokens[n:n + 1] == second.tokens[n:n + 1] == (self.image_token,):
+            tokens += (self.image_token,)  # a special token: the question cannot merge with it
+        images = first.images[:tokens.count(self.image_token)]
+        return self.prefill(MllamaPrompt(tokens, images), cancelled)
 
     def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats) -> int:
         """Rewind the caches to what ``prompt`` can reuse (live or parked); set the images' K/V if they differ."""

@@ -89,6 +89,19 @@ def _parts(content: Any, i: int, loader: Callable[[Any], LoadedImage]) -> Iterab
                 f"messages[{i}].content[{j}]: unsupported part type {kind!r} (use 'text', 'image' or 'image_url')")
 
 
+#: Two questions that share no first character: a request rendered with each shows what the
+#: real question cannot change (see :func:`edgevlm.chunks.settled_prefix`).
+PROBE_QUESTIONS = ("A", "Z")
+
+
+def with_question(messages: list[Message], question: str) -> list[Message]:
+    """``messages`` with ``question`` appended to the last user message (or as a new user message)."""
+    if messages and messages[-1].role == "user":
+        last = messages[-1]
+        return [*messages[:-1], Message("user", (*last.parts, question))]
+    return [*messages, Message("user", (question,))]
+
+
 # --------------------------------------------------------------------------
 # built-in templates: (messages, marker, add_generation_prompt) -> prompt
 

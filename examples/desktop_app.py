@@ -12,7 +12,10 @@ asked as soon as the model and the image are ready.
 How it stays responsive: every edgevlm call (loading, decoding the preview,
 answering, closing) runs on one worker thread; the Tk thread only draws. The
 worker posts callables to a queue that the Tk thread drains every 20 ms with
-``after``. Stop sets the answer's cancel event: decoding stops before the next
+``after``. When a model and an image are both there, the worker prepares the
+image (``VLM.prepare``: encoded, prompt read up to the question) while the
+question is typed, so the answer starts after reading only the question. Stop
+sets the answer's cancel event: decoding stops before the next
 token and the engine keeps what it evaluated, so a follow-up question about
 the same image evaluates only the new turn (its time to first token is in the
 status bar). Standard library and edgevlm's public API only.
@@ -219,6 +222,7 @@ class App:
         self.model_ready = True
         self.progress.configure(value=1.0)
         self._set_status(text)
+        self._prepare()
         self._maybe_ask_pending()
 
     # ------------------------------------------------------------------ image
@@ -246,6 +250,7 @@ class App:
         self.image_path = path
         self.messages, self._conversation = [], self._conversation + 1
         self._write(f"— {Path(path).name} —\n", "note")
+        self._prepare()
         self._maybe_ask_pending()
 
     def new_chat(self) -> None:
@@ -253,6 +258,21 @@ class App:
         self._cancel.set()
         self.messages, self._conversation = [], self._conversation + 1
         self._write("— new chat —\n", "note")
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Encode the image while the question is typed (``VLM.prepare`` on the worker): the
+        question, queued behind it, then only reads itself. A new image or model cancels it."""
+        if not (self.model_ready and self.image_path and not self.messages):
+            return
+        self._cancel = cancel = threading.Event()
+        messages = [{"role": "user", "content": [{"type": "image", "image": self.image_path}]}]
+
+        def job() -> None:
+            if self._vlm is not None:
+                self._vlm.prepare(messages, cancel=cancel)
+
+        self.worker.submit(self._guarded(job, "could not read the image"))
 
     # ------------------------------------------------------------------ questions
     def _maybe_ask_pending(self) -> None:

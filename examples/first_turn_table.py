@@ -9,7 +9,10 @@ token each. "first" is each engine's first request in this process (edgevlm
 goes first, right after load, so its figure is a fresh process's first
 request; its second, different request is printed too); "warm" is the median
 of ``--rounds`` rounds interleaved edgevlm, llama-cpp-python, transformers
-f32, bf16, so that background load hits all alike. Prints one JSON object.
+f32, bf16, so that background load hits all alike. "edgevlm_prepared" is the
+first turn as ``edgevlm chat --image`` runs it: the image prepared when it is
+attached ("edgevlm_prepare", while the question is typed), then the question.
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from edgevlm.benchmarks.compare import load_peer, peer_turn
     from edgevlm.benchmarks.first_request import first_and_second_request
     from edgevlm.benchmarks.probe import image_question
-    from edgevlm.benchmarks.transformers_ref import _first_token_ms, _load, edgevlm_first_turn_ms, find_checkpoint
+    from edgevlm.benchmarks.transformers_ref import (_first_token_ms, _load, edgevlm_first_turn_ms,
+                                                    edgevlm_prepared_turn_ms, find_checkpoint)
 
     t0 = time.perf_counter()
     vlm = edgevlm.load(args.model, n_threads=args.threads, cache=False)
@@ -53,10 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     hf = {label: _load(checkpoint, dtype) for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))}
     for label, (model, processor) in hf.items():
         out[f"transformers_{label}_first_ms"] = round(_first_token_ms(model, processor, args.image, args.question))
-    runs: dict[str, list[float]] = {"edgevlm": [], "llama_cpp_python": [], "transformers_f32": [],
-                                    "transformers_bf16": []}
+    runs: dict[str, list[float]] = {"edgevlm": [], "edgevlm_prepare": [], "edgevlm_prepared": [],
+                                    "llama_cpp_python": [], "transformers_f32": [], "transformers_bf16": []}
     for _ in range(args.rounds):
         runs["edgevlm"].append(edgevlm_first_turn_ms(vlm, args.image, args.question))
+        prepare_ms, prepared_ms = edgevlm_prepared_turn_ms(vlm, args.image, args.question)
+        runs["edgevlm_prepare"].append(prepare_ms)
+        runs["edgevlm_prepared"].append(prepared_ms)
         runs["llama_cpp_python"].append(peer_turn(peer, messages, 1)["ttft_ms"])
         for label, (model, processor) in hf.items():
             runs[f"transformers_{label}"].append(_first_token_ms(model, processor, args.image, args.question))

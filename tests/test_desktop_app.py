@@ -135,7 +135,9 @@ def test_desktop_app_answers_follows_up_fast_and_stops(display, siglip_f32, pain
         assert app.progress.cget("value") == 1.0
         assert any(0 < f < 1 for f in fractions) and fractions[-1] == 1.0, fractions
         first = app.last_reply
-        assert first.prefill.images_encoded == 1 and first.text
+        # the app prepared the image (VLM.prepare) before the question, queued behind it, was read
+        assert first.prefill.images_encoded == 0 and first.prefill.images_reused == 1 and first.text
+        assert first.prefill.evaluated_positions <= len(app._vlm.tokenize(question)) + 12, first.prefill
         assert f"You: What is in this picture?\nAssistant: {first.text}" in _transcript(app)
         assert app.status.cget("text").startswith("TTFT ")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -23,27 +26,52 @@ HELP = "commands: /image PATH (attach to next question), /reset, /quit, /help"
 def chat(images: tuple[str, ...], prompt: str | None, system: str | None, **params: Any) -> None:
     """Chat about one or more images (streaming; multi-turn)."""
     vlm = load_from_options(params)
-    session = ChatSession(vlm, system=system, sampling=sampling_kwargs(params))
-    session.attach(images)
-    if prompt is not None:
-        session.ask(prompt)
-        return
-    _repl(session)
+    session = ChatSession(vlm, system=system, sampling=sampling_kwargs(params), prepare=prompt is None)
+    try:
+        session.attach(images)
+        if prompt is not None:
+            session.ask(prompt)
+            return
+        _repl(session)
+    finally:
+        session.close()
+
+
+@dataclass
+class Preparation:
+    """Images being encoded (and the prompt read up to the question) while the user types."""
+
+    thread: threading.Thread
+    cancel: threading.Event
+
+    def wait(self) -> None:
+        self.thread.join()
 
 
 class ChatSession:
-    """A conversation: messages so far, images waiting for the next question."""
+    """A conversation: messages so far, images waiting for the next question.
 
-    def __init__(self, vlm: Any, *, system: str | None, sampling: dict[str, Any]) -> None:
+    With ``prepare``, attaching images starts :meth:`edgevlm.VLM.prepare` in a
+    worker thread: the images are encoded and the prompt read up to where the
+    question goes while the user types it, so the answer starts after reading
+    only the question (a question sent sooner waits for the work it needs anyway).
+    """
+
+    def __init__(self, vlm: Any, *, system: str | None, sampling: dict[str, Any], prepare: bool = False) -> None:
         self.vlm = vlm
         self.system = system
         self.sampling = sampling
+        self.prepare = prepare
+        self.preparation: Preparation | None = None
         self.messages: list[dict[str, Any]] = []
         self.pending: list[str] = []
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.pending = []
+        if self.preparation is not None:
+            self.preparation.cancel.set()
 
     def attach(self, paths: tuple[str, ...] | list[str]) -> None:
         import edgevlm
@@ -51,6 +79,24 @@ class ChatSession:
         for path in paths:
             edgevlm.load_image(path)  # fail now, with a clear message, not mid-conversation
             self.pending.append(path)
+        if self.prepare and paths:
+            self._start_preparation()
+
+    def _start_preparation(self) -> None:
+        if self.preparation is not None:
+            self.preparation.cancel.set()
+        messages = [*self.messages, {"role": "user", "content": [{"type": "image", "image": p} for p in self.pending]}]
+        cancel = threading.Event()
+        thread = threading.Thread(target=_prepare_quietly, args=(self.vlm, messages, cancel),
+                                  name="edgevlm-prepare", daemon=True)
+        self.preparation = Preparation(thread, cancel)
+        thread.start()
+
+    def close(self) -> None:
+        """Stop a preparation still running (before the model goes away with the process)."""
+        if self.preparation is not None:
+            self.preparation.cancel.set()
+            self.preparation.wait()
 
     def ask(self, question: str, out: Any = None) -> str:
         out = out or sys.stdout
@@ -72,6 +118,14 @@ class ChatSession:
         reply = "".join(pieces).strip()
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+
+def _prepare_quietly(vlm: Any, messages: list[dict[str, Any]], cancel: threading.Event) -> None:
+    """Prepare the next turn; a failure is left for the question to report, where the user is looking."""
+    try:
+        vlm.prepare(messages, cancel=cancel)
+    except Exception:  # noqa: BLE001 - the question repeats the work and reports the error itself
+        logging.getLogger("edgevlm").debug("preparing the next turn failed", exc_info=True)
 
 
 def _repl(session: ChatSession) -> None:
@@ -108,7 +162,6 @@ def _command(session: ChatSession, line: str) -> bool:
         return False
     if cmd == "/reset":
         session.reset()
-        session.pending = []
         click.echo("(conversation cleared)", err=True)
     elif cmd == "/image":
         try:

@@ -115,7 +115,8 @@ def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, paint
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     for key in ("transformers_f32_ttft_ms", "transformers_bf16_ttft_ms", "transformers_f32_ttft_first_ms",
-                "edgevlm_ttft_ms", "first_request_ttft_ms", "time_to_first_token_ms"):
+                "edgevlm_ttft_ms", "first_request_ttft_ms", "time_to_first_token_ms", "edgevlm_prepare_ms",
+                "edgevlm_prepared_ttft_ms"):
         assert report[key] > 0, key
     for label in ("f32", "bf16"):
         assert report[f"edgevlm_vs_transformers_{label}"] == pytest.approx(

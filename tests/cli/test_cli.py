@@ -75,6 +75,38 @@ def test_chat_session_keeps_history(siglip_vlm, painting):
     assert [m["role"] for m in session.messages] == ["system"]
 
 
+def test_chat_session_prepares_attached_images_while_the_question_is_typed(siglip_vlm, painting, square_image):
+    import io
+
+    siglip_vlm.reset()
+    session = ChatSession(siglip_vlm, system=None, sampling={"max_tokens": 3, "temperature": 0}, prepare=True)
+    session.attach([str(painting)])
+    assert session.preparation is not None
+    session.preparation.wait()
+    reply = session.ask("What genre?", out=io.StringIO())
+    asked = siglip_vlm.last_prefill
+    assert asked.images_encoded == 0 and asked.images_reused == 1, asked
+    assert asked.evaluated_positions <= len(siglip_vlm.tokenize("What genre?")) + 12, asked
+    siglip_vlm.reset()
+    fresh = siglip_vlm.chat([{"role": "user", "content": [{"type": "image", "image": str(painting)},
+                                                          {"type": "text", "text": "What genre?"}]}],
+                            max_tokens=3, temperature=0)
+    assert reply == fresh.text.strip()
+    session.attach([str(square_image(40, seed=5))])  # a follow-up image: prepared after the history
+    session.preparation.wait()
+    session.ask("And this?", out=io.StringIO())
+    assert siglip_vlm.last_prefill.images_encoded == 0 and siglip_vlm.last_prefill.images_reused == 2
+    session.attach([str(painting)])
+    session.reset()  # the preparation is cancelled; nothing is left pending
+    session.close()
+    assert session.pending == [] and session.preparation.cancel.is_set() and not session.preparation.thread.is_alive()
+
+
+def test_chat_quits_at_once_while_preparing(siglip_f32, painting):
+    res = _run("chat", "--model", str(siglip_f32), "--image", str(painting), "--threads", "2", input="/quit\n")
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+
+
 def test_inspect_reports_both_files(siglip_f32):
     files = sorted(str(p) for p in siglip_f32.glob("*.gguf"))
     res = _run("inspect", "--json", *files)
