@@ -160,6 +160,10 @@ class Engine:
             gen: end with the reply's opening.
             max_image_tokens: this request's budget per image (None: the load default).
         """
+        with self.lock:  # reads the KV ledger, which a request in another thread may be changing
+            return self._prompt(messages, gen, max_image_tokens)
+
+    def _prompt(self, messages: list[Message], gen: bool, max_image_tokens: int | None) -> Prompt:
         self.check_open()
         images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
         budget = self.request_budget(max_image_tokens, images)
