@@ -24,7 +24,7 @@ from edgevlm.engine_protocol import EngineRequest, RuntimeSettings, VLMEngine
 from edgevlm.errors import InvalidRequestError, MemoryBudgetError
 from edgevlm.families.base import Family, FamilyOptions, ImageCost, family_for
 from edgevlm.generation import CancelToken, SamplingOptions, TextStream
-from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel
+from edgevlm.llm import ContextOptions, LlamaContext, LlamaModel, refuse_unflashed_quantised_kv
 from edgevlm.planner import (MemoryPlan, PlanRequest, context_for, image_ubatch, largest_image_chunk, parse_budget,
                              plan_memory, projector_non_causal)
 from edgevlm.progress import LoadReporter, LoadStage, ProgressCallback
@@ -136,6 +136,7 @@ def load(model: str | os.PathLike[str] | None = None, *, mmproj: str | os.PathLi
     family = family_for(described, FamilyOptions(tiles=tiles))
     engine_name = family.choose_engine(vision_engine) if described.projector is not None else None
     _check_gpu_layers(n_gpu_layers)
+    refuse_unflashed_quantised_kv(kv_type, flash_attn)  # before any weight is read
     if memory_budget is not None and family.prices_own_engine:  # refused before any weight is read
         total, vram = parse_budget(memory_budget)
         _refuse_over_budget(_plan(described, family, PlanRequest(

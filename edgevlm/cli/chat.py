@@ -6,12 +6,16 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
+from edgevlm.cli.loading import BackgroundLoad
 from edgevlm.cli.options import load_from_options, model_options, sampling_kwargs, sampling_options
 from edgevlm.errors import EdgeVLMError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgevlm import VLM
 
 HELP = "commands: /image PATH (attach to next question), /reset, /quit, /help"
 
@@ -25,13 +29,16 @@ HELP = "commands: /image PATH (attach to next question), /reset, /quit, /help"
 @click.option("--system", default=None, help="System prompt.")
 def chat(images: tuple[str, ...], prompt: str | None, system: str | None, **params: Any) -> None:
     """Chat about one or more images (streaming; multi-turn)."""
-    vlm = load_from_options(params)
-    session = ChatSession(vlm, system=system, sampling=sampling_kwargs(params), prepare=prompt is None)
+    if prompt is not None:
+        session = ChatSession(load_from_options(params), system=system, sampling=sampling_kwargs(params))
+        session.attach(images)
+        session.ask(prompt)
+        return
+    loading = BackgroundLoad(lambda progress: load_from_options(params, progress=progress))
+    loading.start()  # the weights load while the question is typed
+    session = ChatSession(loading, system=system, sampling=sampling_kwargs(params), prepare=True)
     try:
         session.attach(images)
-        if prompt is not None:
-            session.ask(prompt)
-            return
         _repl(session)
     finally:
         session.close()
@@ -55,10 +62,13 @@ class ChatSession:
     worker thread: the images are encoded and the prompt read up to where the
     question goes while the user types it, so the answer starts after reading
     only the question (a question sent sooner waits for the work it needs anyway).
+    ``model`` is a loaded model or one loading in the background (waited for
+    when first needed).
     """
 
-    def __init__(self, vlm: Any, *, system: str | None, sampling: dict[str, Any], prepare: bool = False) -> None:
-        self.vlm = vlm
+    def __init__(self, model: VLM | BackgroundLoad, *, system: str | None, sampling: dict[str, Any],
+                 prepare: bool = False) -> None:
+        self.model = model
         self.system = system
         self.sampling = sampling
         self.prepare = prepare
@@ -66,6 +76,15 @@ class ChatSession:
         self.messages: list[dict[str, Any]] = []
         self.pending: list[str] = []
         self.reset()
+
+    @property
+    def vlm(self) -> VLM:
+        """The model (waits for a background load to finish; raises its failure)."""
+        return self.model.wait() if isinstance(self.model, BackgroundLoad) else self.model
+
+    @property
+    def loading(self) -> BackgroundLoad | None:
+        return self.model if isinstance(self.model, BackgroundLoad) else None
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -87,15 +106,18 @@ class ChatSession:
             self.preparation.cancel.set()
         messages = [*self.messages, {"role": "user", "content": [{"type": "image", "image": p} for p in self.pending]}]
         cancel = threading.Event()
-        thread = threading.Thread(target=_prepare_quietly, args=(self.vlm, messages, cancel),
+        thread = threading.Thread(target=_prepare_quietly, args=(lambda: self.vlm, messages, cancel),
                                   name="edgevlm-prepare", daemon=True)
         self.preparation = Preparation(thread, cancel)
         thread.start()
 
     def close(self) -> None:
-        """Stop a preparation still running (before the model goes away with the process)."""
+        """Stop a load or a preparation still running (before the model goes away with the process)."""
         if self.preparation is not None:
             self.preparation.cancel.set()
+        if self.loading is not None:
+            self.loading.close()
+        if self.preparation is not None:
             self.preparation.wait()
 
     def ask(self, question: str, out: Any = None) -> str:
@@ -120,10 +142,11 @@ class ChatSession:
         return reply
 
 
-def _prepare_quietly(vlm: Any, messages: list[dict[str, Any]], cancel: threading.Event) -> None:
-    """Prepare the next turn; a failure is left for the question to report, where the user is looking."""
+def _prepare_quietly(model: Callable[[], VLM], messages: list[dict[str, Any]], cancel: threading.Event) -> None:
+    """Prepare the next turn (once the model is loaded); a failure is left for the question to report,
+    where the user is looking."""
     try:
-        vlm.prepare(messages, cancel=cancel)
+        model().prepare(messages, cancel=cancel)
     except Exception:  # noqa: BLE001 - the question repeats the work and reports the error itself
         logging.getLogger("edgevlm").debug("preparing the next turn failed", exc_info=True)
 
@@ -133,12 +156,8 @@ def _repl(session: ChatSession) -> None:
     if interactive:
         click.echo(HELP, err=True)
     while True:
-        try:
-            line = input("> " if interactive else "")
-        except EOFError:
-            return
-        except KeyboardInterrupt:
-            click.echo("", err=True)
+        line = _read_line(session, "> " if interactive else "")
+        if line is None:
             return
         line = line.strip()
         if not line:
@@ -150,9 +169,35 @@ def _repl(session: ChatSession) -> None:
         try:
             session.ask(line)
         except KeyboardInterrupt:
+            _raise_load_failure(session)
             click.echo("\n(interrupted)", err=True)
         except EdgeVLMError as exc:
+            _raise_load_failure(session)  # the model never loaded: the chat ends with that error
             click.echo(f"edgevlm: error: {exc}", err=True)
+
+
+def _read_line(session: ChatSession, prompt: str) -> str | None:
+    """The next line typed; None at end of input or Ctrl-C. A background load that fails
+    meanwhile interrupts the wait and is raised here."""
+    loading = session.loading
+    if loading is not None:
+        loading.at_prompt.set()
+    try:
+        return input(prompt)
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        _raise_load_failure(session)
+        click.echo("", err=True)
+        return None
+    finally:
+        if loading is not None:
+            loading.at_prompt.clear()
+
+
+def _raise_load_failure(session: ChatSession) -> None:
+    if session.loading is not None:
+        session.loading.raise_failure()
 
 
 def _command(session: ChatSession, line: str) -> bool:

@@ -12,6 +12,7 @@ from edgevlm.constants import DEFAULT_MODEL, ENV_MODEL, KV_TYPES, VISION_ENGINES
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import VLM
+    from edgevlm import LoadProgress
 
 
 def _model_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:
@@ -98,11 +99,11 @@ def load_kwargs(params: dict[str, Any]) -> dict[str, Any]:
             "memory_budget": params.get("memory_budget")}
 
 
-def load_from_options(params: dict[str, Any]) -> VLM:
-    """edgevlm.load() with the values of :func:`model_options`."""
+def load_from_options(params: dict[str, Any], progress: Callable[[LoadProgress], None] | None = None) -> VLM:
+    """edgevlm.load() with the values of :func:`model_options` (and ``progress``, its load callback)."""
     import edgevlm
 
-    return edgevlm.load(params["model"], **load_kwargs(params))
+    return edgevlm.load(params["model"], progress=progress, **load_kwargs(params))
 
 
 def sampling_kwargs(params: dict[str, Any]) -> dict[str, Any]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,38 +17,17 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")]
 
 
-class Terminal:
-    """A tmux session on its own server socket: type into it, read its screen."""
-
-    def __init__(self, name: str, command: str) -> None:
-        self.base = ["tmux", "-L", name]
-        subprocess.run([*self.base, "new-session", "-d", "-s", "t", "-x", "160", "-y", "50", command], check=True)
-
-    def screen(self) -> str:
-        out = subprocess.run([*self.base, "capture-pane", "-p", "-S", "-200", "-t", "t"], capture_output=True,
-                             text=True)
-        return out.stdout
-
-    def type(self, text: str) -> None:
-        subprocess.run([*self.base, "send-keys", "-t", "t", "-l", text], check=True)
-        subprocess.run([*self.base, "send-keys", "-t", "t", "Enter"], check=True)
-
-    def wait_for(self, predicate, what: str, timeout: float = 120) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if predicate(screen):
-                return screen
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; screen:\n{self.screen()}")
-
-    def close(self) -> None:
-        subprocess.run([*self.base, "kill-server"], capture_output=True)
+def _example():
+    """examples/chat_latency.py as a module (its Terminal drives tmux for both)."""
+    spec = importlib.util.spec_from_file_location("chat_latency", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _prompts(screen: str) -> int:
-    """Prompts shown so far (tmux drops the trailing space of an empty "> ")."""
-    return sum(1 for line in screen.splitlines() if line == ">" or line.startswith("> "))
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "chat_latency.py"
+latency = _example()
+Terminal, _prompts = latency.Terminal, latency.prompts
 
 
 def test_interactive_chat_in_a_terminal(siglip_f32, painting, tmp_path: Path, isolated_dirs: Path):
@@ -82,3 +62,14 @@ def test_interactive_chat_in_a_terminal(siglip_f32, painting, tmp_path: Path, is
         assert "Traceback" not in screen and "llama_" not in screen and "Warning" not in screen, screen
     finally:
         term.close()
+
+
+def test_chat_latency_example_measures_a_real_terminal(siglip_f32, painting):
+    proc = subprocess.run([sys.executable, str(EXAMPLE), str(siglip_f32), str(painting), "--typing", "1",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    for label in ("typed_later", "typed_at_once"):
+        (one,) = report[label]
+        assert one["prompt_ms"] > 0 and one["first_text_ms"] > 0, report
+    assert report["one_shot_ms"][0] > 0 and report["typing_s"] == 1
