@@ -463,7 +463,7 @@ class VLM:
 
     @property
     def last_prefill(self) -> PrefillStats:
-        """What the most recent request's prefill reused, encoded and evaluated."""
+        """What the most recent prefill (a request's, or a :meth:`prepare`) reused, encoded and evaluated."""
         return self.engine.last_prefill
 
     @property
@@ -552,8 +552,8 @@ class VLM:
             stream has ended or been closed.
 
         Raises:
-            InvalidRequestError, ImageError (at once); ContextOverflowError
-            (when iterated).
+            InvalidRequestError, ImageError (at once, once a call running in
+            another thread has ended); ContextOverflowError (when iterated).
         """
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
@@ -703,7 +703,9 @@ class VLM:
 
         For cold measurements: the RAM caches, the parked conversations and
         the KV cache start empty, and disk entries go to a temporary folder
-        removed afterwards.
+        removed afterwards. The block holds the model's lock: calls from other
+        threads wait until it ends, so do not wait in it for a thread that uses
+        the model.
         """
         with tempfile.TemporaryDirectory(prefix="edgevlm-isolated-") as tmp:
             with self.engine.isolated_caches(Path(tmp)):

@@ -51,6 +51,7 @@ class Prompt:
 
     chunks: list[Chunk]
     text_prefix: tuple[int, ...] = ()
+    prepared: bool = False  # the part of a request known before its question (see Engine.prepare)
 
 
 class Engine:
@@ -245,7 +246,7 @@ class Engine:
         """
         with self.lock:
             self.check_open()
-            stats = self.kv.prefill(prompt.chunks, prompt.text_prefix, cancelled)
+            stats = self.kv.prefill(prompt.chunks, prompt.text_prefix, cancelled, continued=prompt.prepared)
             self.last_prefill = stats
             return stats
 
@@ -255,17 +256,23 @@ class Engine:
 
         The conversation is rendered with two different questions appended to
         its last user message; the chunks both share (images included) are
-        prefilled, so the request that follows reuses them.
+        prefilled, so the request that follows reuses them. Nothing is done
+        when ``cancelled`` already says so, or when the live sequence already
+        starts with those chunks (a request got there first: it is kept).
 
         Raises:
             InvalidRequestError, ImageError, ContextOverflowError: as a request would.
         """
-        first, second = (self.prompt(with_question(messages, q), max_image_tokens=max_image_tokens)
-                         for q in PROBE_QUESTIONS)
-        chunks = settled_prefix(first.chunks, second.chunks)
-        if not chunks:
-            return PrefillStats()
-        return self.prefill(Prompt(chunks, first.text_prefix), cancelled)
+        with self.lock:
+            self.check_open()
+            if cancelled is not None and cancelled():
+                return PrefillStats()
+            first, second = (self._prompt(with_question(messages, q), True, max_image_tokens)
+                             for q in PROBE_QUESTIONS)
+            chunks = settled_prefix(first.chunks, second.chunks)
+            if not chunks or self.kv.holds(chunks):
+                return PrefillStats()
+            return self.prefill(Prompt(chunks, first.text_prefix, prepared=True), cancelled)
 
     def logits(self) -> np.ndarray:
         return self.ctx.logits()

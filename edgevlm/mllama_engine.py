@@ -233,14 +233,22 @@ class MllamaEngine:
         Raises:
             InvalidRequestError, ImageError, ContextOverflowError: as a request would.
         """
-        first, second = (self.prompt(with_question(messages, q)) for q in PROBE_QUESTIONS)
-        shared = settled_prefix(first.chunks, second.chunks)
-        tokens = shared[0].tokens if isinstance(shared[0], TextChunk) else ()
-        n = len(tokens)
-        if first.tokens[n:n + 1] == second.tokens[n:n + 1] == (self.image_token,):
-            tokens += (self.image_token,)  # a special token: the question cannot merge with it
-        images = first.images[:tokens.count(self.image_token)]
-        return self.prefill(MllamaPrompt(tokens, images), cancelled)
+        with self.lock:
+            self.check_open()
+            if cancelled is not None and cancelled():
+                return PrefillStats()
+            first, second = (self.prompt(with_question(messages, q)) for q in PROBE_QUESTIONS)
+            shared = settled_prefix(first.chunks, second.chunks)
+            tokens = shared[0].tokens if shared and isinstance(shared[0], TextChunk) else ()
+            n = len(tokens)
+            if first.tokens[n:n + 1] == second.tokens[n:n + 1] == (self.image_token,):
+                tokens += (self.image_token,)  # a special token: the question cannot merge with it
+            images = first.images[:tokens.count(self.image_token)]
+            held = (tuple(i.digest for i in images) == self.image_keys
+                    and tuple(self.history[:len(tokens)]) == tokens)
+            if not tokens or held:  # nothing settled, or a request got there first: keep it
+                return PrefillStats()
+            return self.prefill(MllamaPrompt(tokens, images), cancelled)
 
     def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats) -> int:
         """Rewind the caches to what ``prompt`` can reuse (live or parked); set the images' K/V if they differ."""

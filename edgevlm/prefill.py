@@ -73,6 +73,11 @@ class KVPrefix:
         live = {u.key for u in self.units if isinstance(u, ImageUnit)}
         return live | self.parked.image_keys()
 
+    def holds(self, chunks: list[Chunk]) -> bool:
+        """Whether the live sequence starts with ``chunks`` (it may go on after them)."""
+        units = unit_positions(chunks)[0]
+        return common_prefix(self.units, units) == len(units)
+
     def recent_tokens(self, n: int) -> list[int]:
         """Text tokens among the last ``n`` units (the sampler's penalty window)."""
         return [u for u in self.units[-n:] if isinstance(u, int)]
@@ -115,7 +120,7 @@ class KVPrefix:
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, chunks: list[Chunk], text_prefix: tuple[int, ...] = (),
-                cancelled: Callable[[], bool] | None = None) -> PrefillStats:
+                cancelled: Callable[[], bool] | None = None, *, continued: bool = False) -> PrefillStats:
         """Make the context hold ``chunks`` with logits for the last position.
 
         Args:
@@ -124,6 +129,7 @@ class KVPrefix:
                 message: a prefix worth a KV snapshot.
             cancelled: asked before each chunk is evaluated; True stops there
                 (the KV cache and the ledger keep the chunks evaluated so far).
+            continued: a request prepared before its question: snapshots may end where it ends.
 
         Returns:
             What was reused, restored, encoded and evaluated.
@@ -140,8 +146,8 @@ class KVPrefix:
             detail, alternative = overflow_detail(chunks, self.ctx.n_ctx)
             self.ctx.check_fits(max(total, cells), detail=detail, alternative=alternative)
         stats = PrefillStats(prompt_positions=total, kv_cells=cells)
-        boundaries = self._boundaries(units, text_prefix)
-        keep = self._reuse(units, starts, boundaries, stats)
+        boundaries = self._boundaries(units, text_prefix, continued)
+        keep = self._reuse(units, starts, boundaries, stats, continued)
         self._prompt_end = len(units)
         stats.reused_positions = starts[keep]
         t0 = time.perf_counter()
@@ -164,21 +170,22 @@ class KVPrefix:
         stats.saved_ms = (stats.reused_positions * self._position_ms
                           + (stats.images_reused + stats.images_from_cache) * self._image_ms)
 
-    def _boundaries(self, units: list[Unit], text_prefix: tuple[int, ...]) -> list[tuple[int, int]]:
+    def _boundaries(self, units: list[Unit], text_prefix: tuple[int, ...],
+                    continued: bool = False) -> list[tuple[int, int]]:
         """Snapshot candidates: (prefix length, least gain over what the KV cache holds)."""
         if self.snapshots is None:
             return []
         n_text = common_prefix(text_prefix, units) if text_prefix else 0
-        return snapshot_boundaries(units, n_text)
+        return snapshot_boundaries(units, n_text, continued=continued)
 
     def _reuse(self, units: list[Unit], starts: list[int], boundaries: list[tuple[int, int]],
-               stats: PrefillStats) -> int:
+               stats: PrefillStats, continued: bool = False) -> int:
         """Put the longest prefix of ``units`` at hand into the KV cache: live, parked or snapshot.
 
         Returns:
-            How many units the KV cache now holds (the last unit is always left out).
+            How many units the KV cache now holds (the last unit is left out, unless ``continued``).
         """
-        limit = len(units) - 1  # the last unit is always evaluated, for its logits
+        limit = len(units) - (0 if continued else 1)  # the last unit is evaluated for its logits
         live = common_prefix(self.units, units)
         keep = min(live, limit)
         parked_key, parked = self.parked.best(units, limit)

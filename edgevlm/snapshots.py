@@ -187,7 +187,8 @@ def read_snapshot(path: Path, identity: SnapshotIdentity) -> tuple[int, bytes]:
     return int(header["n_pos"]), state
 
 
-def snapshot_boundaries(units: Sequence[Unit], text_prefix: int = 0) -> list[tuple[int, int]]:
+def snapshot_boundaries(units: Sequence[Unit], text_prefix: int = 0, *,
+                        continued: bool = False) -> list[tuple[int, int]]:
     """Prefixes worth a snapshot, longest first, as (length in units, least gain).
 
     A snapshot is saved, or restored, only when its prefix is at least ``least
@@ -197,20 +198,22 @@ def snapshot_boundaries(units: Sequence[Unit], text_prefix: int = 0) -> list[tup
         units: the request's identity units.
         text_prefix: for a text-only prompt, the units before its last user
             message (0 = none).
+        continued: the units are a request prepared before its question
+            (:meth:`edgevlm.VLM.prepare`): its end is not the end of what is asked.
 
     Returns:
         The end of the last image chunk when something follows it
         (least gain 1); the start of the first image, or ``text_prefix``
         without images (least gain :data:`MIN_TEXT_SNAPSHOT_TOKENS`). A
         prompt that ends at a boundary has nothing after it to ask, so that
-        boundary is left out.
+        boundary is left out, unless the prompt is ``continued``.
     """
     media = [i for i, u in enumerate(units) if not isinstance(u, int)]
     images = [i for i in media if isinstance(units[i], ImageUnit)]
     out = []
-    if images and images[-1] + 1 < len(units):
+    if images and (images[-1] + 1 < len(units) or continued):
         out.append((images[-1] + 1, 1))
     text = media[0] if media else text_prefix
-    if 0 < text < len(units):
+    if 0 < text < len(units) + continued:
         out.append((text, MIN_TEXT_SNAPSHOT_TOKENS))
     return out

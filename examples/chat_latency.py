@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     command = f"{edgevlm} chat {common} --max-tokens 8 --temperature 0"
     out: dict[str, object] = {"typing_s": args.typing}
     for typing, label in ((args.typing, "typed_later"), (0.0, "typed_at_once")):
-        rounds = [chat_round(command, args.question, typing, f"edgevlm-latency-{label}") for _ in range(args.rounds)]
+        name = f"edgevlm-latency-{os.getpid()}-{label}"  # a tmux server of its own: runs may overlap
+        rounds = [chat_round(command, args.question, typing, name) for _ in range(args.rounds)]
         out[label] = rounds
     one_shot = []
     for _ in range(args.rounds):

@@ -91,7 +91,8 @@ class App:
         self.model_ready = False
         self.busy = False  # an answer is streaming
         self.last_reply: edgevlm.Reply | None = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # the answer being streamed
+        self._prepare_cancel = threading.Event()  # the image being prepared
         self._closing = threading.Event()  # set by shutdown(): a load in progress is aborted
         self._pending_question = options.question
         self._build()
@@ -194,7 +195,7 @@ class App:
 
     def load_model(self, model: str) -> None:
         self.model_ready = False
-        self._cancel.set()
+        self._stop_all()
         self._set_status(f"Loading {model}…")
         n_ctx = self.options.n_ctx
 
@@ -233,7 +234,7 @@ class App:
 
     def open_image(self, path: str) -> None:
         """Show ``path`` and start a new conversation about it (the current answer is stopped)."""
-        self._cancel.set()
+        self._stop_all()
 
         def job() -> None:
             small = edgevlm.load_image(path, max_side=PREVIEW_SIDE)  # validates it too
@@ -255,24 +256,33 @@ class App:
 
     def new_chat(self) -> None:
         """Forget the conversation; the next question starts again from the image."""
-        self._cancel.set()
+        self._stop_all()
         self.messages, self._conversation = [], self._conversation + 1
         self._write("— new chat —\n", "note")
         self._prepare()
 
+    def _stop_all(self) -> None:
+        """Cancel the answer and the preparation (a new image, chat or model, or closing)."""
+        self._cancel.set()
+        self._prepare_cancel.set()
+
     def _prepare(self) -> None:
         """Encode the image while the question is typed (``VLM.prepare`` on the worker): the
-        question, queued behind it, then only reads itself. A new image or model cancels it."""
+        question, queued behind it, then only reads itself. A new image, chat or model cancels it;
+        its errors are left to the question, which reports them where the user looks."""
         if not (self.model_ready and self.image_path and not self.messages):
             return
-        self._cancel = cancel = threading.Event()
+        self._prepare_cancel = cancel = threading.Event()
         messages = [{"role": "user", "content": [{"type": "image", "image": self.image_path}]}]
 
         def job() -> None:
-            if self._vlm is not None:
-                self._vlm.prepare(messages, cancel=cancel)
+            try:
+                if self._vlm is not None:
+                    self._vlm.prepare(messages, cancel=cancel)
+            except edgevlm.EdgeVLMError:
+                pass  # the question repeats the work and shows the error
 
-        self.worker.submit(self._guarded(job, "could not read the image"))
+        self.worker.submit(job)
 
     # ------------------------------------------------------------------ questions
     def _maybe_ask_pending(self) -> None:
@@ -302,7 +312,8 @@ class App:
         self._set_status("Thinking…")
         messages, cancel, max_tokens, conversation = list(self.messages), self._cancel, self._max_tokens(), \
             self._conversation
-        self.worker.submit(lambda: self._answer(messages, cancel, max_tokens, conversation))
+        asked = time.perf_counter()  # what the user waits counts from here, a preparation included
+        self.worker.submit(lambda: self._answer(messages, cancel, max_tokens, conversation, asked))
 
     def _max_tokens(self) -> int:
         try:
@@ -310,35 +321,34 @@ class App:
         except (tk.TclError, ValueError):
             return self.options.max_tokens
 
-    def _answer(self, messages: list[dict], cancel: threading.Event, max_tokens: int, conversation: int) -> None:
-        """On the worker: stream the reply into the window."""
+    def _answer(self, messages: list[dict], cancel: threading.Event, max_tokens: int, conversation: int,
+                asked: float) -> None:
+        """On the worker: stream the reply into the window (``asked``: when Ask was pressed)."""
+        ttft = 0.0
         try:
             if self._vlm is None:
                 raise edgevlm.EdgeVLMError("no model is loaded")
-            started = time.perf_counter()
             stream = self._vlm.stream(messages, max_tokens=max_tokens, cancel=cancel)
-            first = True
             for piece in stream:
-                if first:
-                    ttft = time.perf_counter() - started
+                if not ttft:
+                    ttft = time.perf_counter() - asked
                     self._post(lambda: self._set_status(f"Answering… (first token after {ttft:.2f} s)"))
-                    first = False
                 self._post(lambda piece=piece: self._write(piece))
             reply = stream.reply()
         except Exception as exc:  # noqa: BLE001 - shown in the window; the question is taken back
             message = " ".join(str(exc).split()) or type(exc).__name__
             self._post(lambda: self._on_unanswered(conversation, message))
             return
-        self._post(lambda: self._on_answered(reply, conversation))
+        self._post(lambda: self._on_answered(reply, conversation, ttft))
 
-    def _on_answered(self, reply: edgevlm.Reply, conversation: int) -> None:
+    def _on_answered(self, reply: edgevlm.Reply, conversation: int, waited_s: float) -> None:
         self.busy = False
         self.last_reply = reply
         if conversation == self._conversation:
             self.messages.append({"role": "assistant", "content": reply.text})
         self._write("\n")
         self._buttons()
-        self._set_status(describe(reply))
+        self._set_status(describe(reply, waited_s))
 
     def _on_unanswered(self, conversation: int, message: str) -> None:
         if conversation == self._conversation and self.messages:
@@ -359,7 +369,7 @@ class App:
     # ------------------------------------------------------------------ closing
     def shutdown(self) -> None:
         """Stop the answer (or the load), free the model on the worker, end the worker, close the window."""
-        self._cancel.set()
+        self._stop_all()
         self._closing.set()
 
         def close() -> None:
@@ -372,8 +382,9 @@ class App:
         self.root.destroy()
 
 
-def describe(reply: edgevlm.Reply) -> str:
-    """The status line after an answer: time to first token, speed, what was reused."""
+def describe(reply: edgevlm.Reply, waited_s: float) -> str:
+    """The status line after an answer: time to first token (from Ask, a preparation the question
+    waited for included), speed, what was reused."""
     pre = reply.prefill
     total_s = reply.timings["total_ms"] / 1e3
     ttft_s = reply.timings["ttft_ms"] / 1e3
@@ -382,7 +393,7 @@ def describe(reply: edgevlm.Reply) -> str:
               "image from the cache" if pre.images_from_cache else
               f"{pre.images_encoded} image(s) encoded" if pre.images_encoded else "no image")
     end = "stopped" if reply.finish_reason == "cancelled" else reply.finish_reason
-    return (f"TTFT {ttft_s:.2f} s · {reply.completion_tokens} tokens at {speed:.1f}/s ({end}) · {images} · "
+    return (f"TTFT {max(waited_s, ttft_s):.2f} s · {reply.completion_tokens} tokens at {speed:.1f}/s ({end}) · {images} · "
             f"{pre.evaluated_positions} of {pre.prompt_positions} positions evaluated")
 
 

@@ -35,13 +35,17 @@ def chat(images: tuple[str, ...], prompt: str | None, system: str | None, **para
         session.ask(prompt)
         return
     loading = BackgroundLoad(lambda progress: load_from_options(params, progress=progress))
-    loading.start()  # the weights load while the question is typed
     session = ChatSession(loading, system=system, sampling=sampling_kwargs(params), prepare=True)
     try:
-        session.attach(images)
-        _repl(session)
-    finally:
-        session.close()
+        try:
+            loading.start()  # the weights load while the question is typed
+            session.attach(images)
+            _repl(session)
+        finally:
+            session.close()
+    except KeyboardInterrupt:  # also the wake-up of a failed load arriving after input() returned
+        loading.raise_failure()
+        raise
 
 
 @dataclass
@@ -72,7 +76,7 @@ class ChatSession:
         self.system = system
         self.sampling = sampling
         self.prepare = prepare
-        self.preparation: Preparation | None = None
+        self.preparations: list[Preparation] = []
         self.messages: list[dict[str, Any]] = []
         self.pending: list[str] = []
         self.reset()
@@ -83,14 +87,24 @@ class ChatSession:
         return self.model.wait() if isinstance(self.model, BackgroundLoad) else self.model
 
     @property
+    def preparation(self) -> Preparation | None:
+        """The latest preparation, if any."""
+        return self.preparations[-1] if self.preparations else None
+
+    @property
     def loading(self) -> BackgroundLoad | None:
         return self.model if isinstance(self.model, BackgroundLoad) else None
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.pending = []
-        if self.preparation is not None:
-            self.preparation.cancel.set()
+        self._cancel_preparations()
+
+    def _cancel_preparations(self) -> None:
+        """Stop the preparations before their next chunk (what they evaluated stays in the KV cache)."""
+        for preparation in self.preparations:
+            preparation.cancel.set()
+        self.preparations = [p for p in self.preparations if p.thread.is_alive()]
 
     def attach(self, paths: tuple[str, ...] | list[str]) -> None:
         import edgevlm
@@ -102,29 +116,30 @@ class ChatSession:
             self._start_preparation()
 
     def _start_preparation(self) -> None:
-        if self.preparation is not None:
-            self.preparation.cancel.set()
+        self._cancel_preparations()
         messages = [*self.messages, {"role": "user", "content": [{"type": "image", "image": p} for p in self.pending]}]
         cancel = threading.Event()
         thread = threading.Thread(target=_prepare_quietly, args=(lambda: self.vlm, messages, cancel),
                                   name="edgevlm-prepare", daemon=True)
-        self.preparation = Preparation(thread, cancel)
+        self.preparations.append(Preparation(thread, cancel))
         thread.start()
 
     def close(self) -> None:
         """Stop a load or a preparation still running (before the model goes away with the process)."""
-        if self.preparation is not None:
-            self.preparation.cancel.set()
+        self._cancel_preparations()
         if self.loading is not None:
             self.loading.close()
-        if self.preparation is not None:
-            self.preparation.wait()
+        for preparation in self.preparations:
+            preparation.wait()
 
     def ask(self, question: str, out: Any = None) -> str:
         out = out or sys.stdout
         content: list[dict[str, Any]] = [{"type": "image", "image": p} for p in self.pending]
         content.append({"type": "text", "text": question})
         self.messages.append({"role": "user", "content": content})
+        # a preparation still running stops before its next chunk; the question goes on from there
+        # (and one that has not started yet would only cut back what this turn evaluates)
+        self._cancel_preparations()
         pieces = []
         try:
             for piece in self.vlm.stream(self.messages, **self.sampling):
@@ -183,6 +198,7 @@ def _read_line(session: ChatSession, prompt: str) -> str | None:
     if loading is not None:
         loading.at_prompt.set()
     try:
+        _raise_load_failure(session)  # one that failed before the prompt was set is not signalled
         return input(prompt)
     except EOFError:
         return None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
 import signal
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from edgevlm.errors import EdgeVLMError
 from edgevlm import LoadProgress, LoadStage
+from edgevlm.errors import EdgeVLMError, RuntimeFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgevlm import VLM
@@ -72,9 +73,7 @@ class BackgroundLoad:
             self._done.set()
             self._reading.set()
         if self.error is not None and reported_later and self.at_prompt.is_set() and not self._abort.is_set():
-            # wake the prompt (a real SIGINT: it also ends the read input() is blocked in);
-            # the REPL then ends the chat with this error
-            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            _wake_main_thread()  # the REPL then ends the chat with this error
 
     @property
     def loaded(self) -> bool:
@@ -84,21 +83,40 @@ class BackgroundLoad:
         """The loaded model (waits for it).
 
         Raises:
-            EdgeVLMError: the load failed.
+            EdgeVLMError: the load failed or was stopped.
         """
         self._done.wait()
-        if self.error is not None:
-            raise self.error
-        assert self._vlm is not None
+        self.raise_failure()
+        if self._vlm is None:
+            raise RuntimeFailure("the model load was stopped")
         return self._vlm
+
+    def failure(self) -> EdgeVLMError | None:
+        """The load's failure as an edgevlm error; None while loading, once loaded, or when stopped here."""
+        error = self.error
+        if not self._done.is_set() or error is None or isinstance(error, LoadAborted):
+            return None
+        if isinstance(error, EdgeVLMError):
+            return error
+        return RuntimeFailure(f"the model could not be loaded: {error or type(error).__name__}")
 
     def raise_failure(self) -> None:
         """Raise the load's failure, if it failed (after an interrupt, to tell it from Ctrl-C)."""
-        if self._done.is_set() and isinstance(self.error, EdgeVLMError):
-            raise self.error
+        failure = self.failure()
+        if failure is not None:
+            raise failure from (self.error if failure is not self.error else None)
 
     def close(self) -> None:
         """Stop a load in progress (at its next progress event) and wait for the thread."""
         self._abort.set()
         if self._thread.is_alive():
             self._thread.join()
+
+
+def _wake_main_thread() -> None:
+    """Interrupt the main thread's ``input()``: a real SIGINT ends the read it is blocked in
+    (``interrupt_main`` alone would wait for that read to return), where the platform has one."""
+    if hasattr(signal, "pthread_kill"):
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+    else:  # pragma: no cover - Windows: honoured once input() returns; the REPL also checks at each prompt
+        _thread.interrupt_main()

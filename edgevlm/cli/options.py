@@ -11,8 +11,7 @@ from edgevlm import native
 from edgevlm.constants import DEFAULT_MODEL, ENV_MODEL, KV_TYPES, VISION_ENGINES
 
 if TYPE_CHECKING:  # pragma: no cover
-    from edgevlm import VLM
-    from edgevlm import LoadProgress
+    from edgevlm import VLM, LoadProgress
 
 
 def _model_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str:

@@ -97,9 +97,10 @@ def test_chat_session_prepares_attached_images_while_the_question_is_typed(sigli
     session.ask("And this?", out=io.StringIO())
     assert siglip_vlm.last_prefill.images_encoded == 0 and siglip_vlm.last_prefill.images_reused == 2
     session.attach([str(painting)])
+    last = session.preparation
     session.reset()  # the preparation is cancelled; nothing is left pending
     session.close()
-    assert session.pending == [] and session.preparation.cancel.is_set() and not session.preparation.thread.is_alive()
+    assert session.pending == [] and last.cancel.is_set() and not last.thread.is_alive()
 
 
 def test_chat_quits_at_once_while_preparing(siglip_f32, painting):

@@ -115,6 +115,39 @@ def test_a_request_waits_for_a_preparation_in_another_thread(siglip_vlm, paintin
     assert siglip_vlm.chat([_images(painting, text=QUESTION)], max_tokens=4, temperature=0).text == reply.text
 
 
+def test_a_preparation_arriving_after_its_request_keeps_the_conversation(siglip_vlm, painting):
+    """The question was answered before the preparation got the model: the preparation does
+    nothing, and a follow-up reuses the whole first turn from the live KV cache."""
+    first = [_images(painting, text=QUESTION)]
+    with siglip_vlm.isolated_caches():
+        reply = siglip_vlm.chat(first, max_tokens=4, temperature=0)
+        late = siglip_vlm.prepare([_images(painting)])
+        assert late.evaluated_positions == 0 and late.images_encoded == 0
+        follow = [*first, {"role": "assistant", "content": reply.text}, {"role": "user", "content": "Why?"}]
+        siglip_vlm.next_token_logits(follow)
+        again = siglip_vlm.last_prefill
+    assert not again.parked_restored and again.images_reused == 1
+    assert again.reused_positions >= reply.prefill.prompt_positions, again
+
+
+@pytest.mark.parametrize("name", ["siglip_f32", "qwen2vl"])
+def test_a_prepared_image_is_snapshotted_for_the_next_process(request, name, painting):
+    """The prefix a preparation evaluates is saved as a KV snapshot even where it ends at the
+    image (Qwen2-VL's prompt continues with a token the question may merge with), so a new
+    process asking about the same image restores it instead of encoding."""
+    import edgevlm
+
+    path = (request.getfixturevalue(name) if name == "siglip_f32"
+            else request.getfixturevalue("qwen2vl_f32_result").llm_path.parent)
+    with edgevlm.load(path, n_ctx=1024, n_threads=2, cache=True) as vlm:
+        prepared = vlm.prepare([_images(painting)])
+    assert prepared.snapshots_saved >= 1, prepared
+    with edgevlm.load(path, n_ctx=1024, n_threads=2, cache=True) as fresh:
+        fresh.next_token_logits([_images(painting, text=QUESTION)])
+        asked = fresh.last_prefill
+    assert asked.snapshot_restored and asked.images_encoded == 0, asked
+
+
 def test_prepare_refuses_what_a_request_would(siglip_f32, painting):
     vlm = _load(siglip_f32)
     with pytest.raises(InvalidRequestError, match="role"):
