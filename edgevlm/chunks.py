@@ -19,7 +19,7 @@ cells, so capacity checks count cells.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -153,33 +153,32 @@ def unit_positions(chunks: list[Chunk]) -> tuple[list[Unit], list[int], list[Chu
     return units, starts, owners
 
 
-def settled_prefix(a: Sequence[Chunk], b: Sequence[Chunk]) -> list[Chunk]:
+def settled_prefix(a: Sequence[Chunk], b: Sequence[Chunk], unmergeable: Container[int] = ()) -> list[Chunk]:
     """The chunks two renderings of a request share, less the last shared text token.
 
     ``a`` and ``b`` are the same conversation ending in two different
     questions; what they share is what the real question cannot change, except
     that tokenisation may still merge the last shared token with the
-    question's first characters, so that token is left out.
+    question's first characters, so that token is left out, unless it is
+    one of ``unmergeable`` (special tokens, which never merge).
     """
     shared: list[Chunk] = []
     for first, second in zip(a, b):
         if isinstance(first, TextChunk) and isinstance(second, TextChunk):
-            if first.tokens == second.tokens:
-                shared.append(first)
-                continue
             n = 0
             while n < min(len(first.tokens), len(second.tokens)) and first.tokens[n] == second.tokens[n]:
                 n += 1
-            if n > 1:
-                shared.append(TextChunk(first.tokens[:n - 1]))
-            return shared
-        if isinstance(first, TextChunk) or isinstance(second, TextChunk) or first.units() != second.units():
+            if n:
+                shared.append(TextChunk(first.tokens[:n]))
+            if first.tokens != second.tokens:
+                break
+        elif isinstance(first, TextChunk) or isinstance(second, TextChunk) or first.units() != second.units():
             break
-        shared.append(first)
-    if shared and isinstance(shared[-1], TextChunk):
-        tokens = shared.pop().tokens[:-1]
-        if tokens:
-            shared.append(TextChunk(tokens))
+        else:
+            shared.append(first)
+    last = shared[-1] if shared else None
+    if isinstance(last, TextChunk) and last.tokens[-1] not in unmergeable:
+        shared[-1:] = [TextChunk(last.tokens[:-1])] if len(last.tokens) > 1 else []
     return shared
 
 

@@ -34,7 +34,7 @@ from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextSt
 from edgevlm.image_plans import ImagePlans
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
-from edgevlm.prompt import PROBE_QUESTIONS, ImagePart, Message, with_question
+from edgevlm.prompt import ImagePart, Message, probe_renderings
 from edgevlm.prompt_layout import ImageBudget, PromptLayout, check_image_tokens, enforce_image_budget
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
                              generate_answer, generation_answers, score_sequences)
@@ -162,27 +162,24 @@ class Engine:
             max_image_tokens: this request's budget per image (None: the load default).
         """
         with self.lock:  # reads the KV ledger, which a request in another thread may be changing
-            return self._prompt(messages, gen, max_image_tokens)
-
-    def _prompt(self, messages: list[Message], gen: bool, max_image_tokens: int | None) -> Prompt:
-        self.check_open()
-        images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
-        budget = self.request_budget(max_image_tokens, images)
-        try:
-            chunks = self.layout.chunks(messages, gen=gen, budget=budget)
-            fits = not budget.kept or kv_cells(chunks) <= self.ctx.n_ctx
-        except ContextOverflowError:
-            if not budget.kept:
-                raise
-            fits = False
-        if not fits:  # the new images do not fit beside the kept ones: share the context evenly
-            budget = self.image_budget(max_image_tokens, len(images))
-            chunks = self.layout.chunks(messages, gen=gen, budget=budget)
-        if images:
-            self.plans.record(images, [budget.for_image(i).tokens for i in images], self._chosen(max_image_tokens),
-                              chunks)
-        prefix = self.layout.text_prefix(messages) if self.kv.snapshots is not None else ()
-        return Prompt(chunks, prefix)
+            self.check_open()
+            images = [p.image for m in messages for p in m.parts if isinstance(p, ImagePart)]
+            budget = self.request_budget(max_image_tokens, images)
+            try:
+                chunks = self.layout.chunks(messages, gen=gen, budget=budget)
+                fits = not budget.kept or kv_cells(chunks) <= self.ctx.n_ctx
+            except ContextOverflowError:
+                if not budget.kept:
+                    raise
+                fits = False
+            if not fits:  # the new images do not fit beside the kept ones: share the context evenly
+                budget = self.image_budget(max_image_tokens, len(images))
+                chunks = self.layout.chunks(messages, gen=gen, budget=budget)
+            if images:
+                self.plans.record(images, [budget.for_image(i).tokens for i in images],
+                                  self._chosen(max_image_tokens), chunks)
+            prefix = self.layout.text_prefix(messages) if self.kv.snapshots is not None else ()
+            return Prompt(chunks, prefix)
 
     def _chosen(self, requested: int | None) -> int | None:
         """The budget asked for: the request's, else the load default.
@@ -267,8 +264,7 @@ class Engine:
             self.check_open()
             if cancelled is not None and cancelled():
                 return PrefillStats()
-            first, second = (self._prompt(with_question(messages, q), True, max_image_tokens)
-                             for q in PROBE_QUESTIONS)
+            first, second = probe_renderings(lambda m: self.prompt(m, max_image_tokens=max_image_tokens), messages)
             chunks = settled_prefix(first.chunks, second.chunks)
             if not chunks or self.kv.holds(chunks):
                 return PrefillStats()

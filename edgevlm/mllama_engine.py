@@ -47,13 +47,13 @@ from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFai
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
 from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
-from edgevlm.llm import Sampler, default_threads, refuse_unflashed_quantised_kv
+from edgevlm.llm import Sampler, default_threads
 from edgevlm.mllama_images import MllamaImages, n_tiles_for
 from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.planner import DEFAULT_CTX  # the training context, at most this, as every load
 from edgevlm.progress import LoadStage
-from edgevlm.prompt import PROBE_QUESTIONS, Message, build_prompt, with_question
+from edgevlm.prompt import Message, build_prompt, probe_renderings
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, GrammarSampler, answer_lead, check_choices,
                              choice_grammar, choice_tokens, generation_answers, score_sequences, settled_answer)
 from edgevlm.stats import PrefillStats
@@ -87,7 +87,6 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     """
     files = request.described.files
     assert files.mmproj is not None  # the family refuses an LLM file without its projector
-    refuse_unflashed_quantised_kv(request.kv_type, request.flash_attn)
     trained = int(request.described.llm_metadata.get(f"{C.LLM_ARCH_MLLAMA}.context_length", DEFAULT_CTX))
     n_ctx = request.n_ctx or min(trained, DEFAULT_CTX)
     if n_ctx > trained:
@@ -237,12 +236,9 @@ class MllamaEngine:
             self.check_open()
             if cancelled is not None and cancelled():
                 return PrefillStats()
-            first, second = (self.prompt(with_question(messages, q)) for q in PROBE_QUESTIONS)
-            shared = settled_prefix(first.chunks, second.chunks)
+            first, second = probe_renderings(self.prompt, messages)
+            shared = settled_prefix(first.chunks, second.chunks, unmergeable={self.image_token})
             tokens = shared[0].tokens if shared and isinstance(shared[0], TextChunk) else ()
-            n = len(tokens)
-            if first.tokens[n:n + 1] == second.tokens[n:n + 1] == (self.image_token,):
-                tokens += (self.image_token,)  # a special token: the question cannot merge with it
             images = first.images[:tokens.count(self.image_token)]
             held = (tuple(i.digest for i in images) == self.image_keys
                     and tuple(self.history[:len(tokens)]) == tokens)

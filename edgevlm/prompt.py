@@ -16,12 +16,13 @@ from __future__ import annotations
 import datetime
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from edgevlm.errors import InvalidRequestError
 from edgevlm.vision.images import LoadedImage, load_image
 
 ROLES = ("system", "user", "assistant")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ def _parts(content: Any, i: int, loader: Callable[[Any], LoadedImage]) -> Iterab
 #: Two questions that share no first character: a request rendered with each shows what the
 #: real question cannot change (see :func:`edgevlm.chunks.settled_prefix`).
 PROBE_QUESTIONS = ("A", "Z")
+
+
+def probe_renderings(render: Callable[[list[Message]], T], messages: list[Message]) -> tuple[T, T]:
+    """``render`` of ``messages`` ended by each of :data:`PROBE_QUESTIONS`."""
+    first, second = (render(with_question(messages, question)) for question in PROBE_QUESTIONS)
+    return first, second
 
 
 def with_question(messages: list[Message], question: str) -> list[Message]:
