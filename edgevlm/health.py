@@ -354,9 +354,7 @@ def check_build() -> Build:
         lib = native.llama()
         info = native.system_info()
         gpu_offload = bool(lib.llama_supports_gpu_offload())
-        from edgevlm.kernels import ggml
-
-        folder = ggml.library_dir()
+        folder = native.library_dir()
     except EdgeVLMError as exc:
         return Build(problems=(f"llama.cpp could not be loaded: {_one_line(exc)}",))
     features = parse_system_info(info)

@@ -178,7 +178,6 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
 GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
 _LIBRARY_FILES = native.GGML_LIBRARY_FILES
-library_dir = native.library_dir  # where they are (edgevlm doctor)
 
 
 class GgmlLibrary:

@@ -51,7 +51,6 @@ ARCH = C.LLM_ARCH_MLLAMA
 KV_TYPES: dict[str, Any] = {"f32": np.float32, "f16": np.float16, "q8_0": ggml.GGML_TYPE_Q8_0,
                             "q4_0": ggml.GGML_TYPE_Q4_0}
 #: The block types among :data:`KV_TYPES`; with them, the images' cross-attention K/V stay f16.
-QUANTISED_KV = ("q8_0", "q4_0")
 EMBD = "token_embd.weight"
 ROPE_BETA_FAST, ROPE_BETA_SLOW = 32.0, 1.0  # ggml defaults; unused without YaRN (ext_factor 0)
 #: Tokens per graph (llama.cpp's micro-batch): a longer forward runs in graphs of this many, so the
@@ -231,7 +230,7 @@ class MllamaTextModel:
         if n_ctx < 1 or n_ubatch < 1:
             raise InvalidRequestError(f"n_ctx ({n_ctx}) and n_ubatch ({n_ubatch}) must be at least 1")
         self.path, self.n_ctx, self.kv_type, self.n_ubatch = Path(path), n_ctx, kv_type, n_ubatch
-        self.flash = kv_type in QUANTISED_KV
+        self.flash = kv_type in C.QUANTISED_KV_TYPES
         self._decode_alloc: int | None = None  # one-token graphs' allocator, kept across tokens
         self.meta, tensors = read_gguf_tensors(self.path, header)
         self.config = cfg = read_text_config(self.meta, tensors)
@@ -309,8 +308,9 @@ class MllamaTextModel:
         """A copy of the conversation: the KV prefix copied to the host, the images' K/V shared."""
         g = self.backend.g
         kv = {}
+        shape, dtype = self._host_shape(self.n_past), (np.uint8 if self.flash else KV_TYPES[self.kv_type])
         for name in self._cache_names():
-            host = np.empty(self._host_shape(self.n_past), np.uint8 if self.flash else KV_TYPES[self.kv_type])
+            host = np.empty(shape, dtype)
             if host.nbytes:
                 g.ggml_backend_tensor_get(self.weights[name], host.ctypes.data, 0, host.nbytes)
             kv[name] = host
@@ -596,7 +596,7 @@ class MllamaTextModel:
 
 def _empty_cache(kv_type: str, shape: tuple[int, int, int]) -> RawTensor:
     """A zeroed cache tensor of numpy ``shape`` (positions, kv heads, head dim) in ``kv_type``."""
-    if kv_type not in QUANTISED_KV:
+    if kv_type not in C.QUANTISED_KV_TYPES:
         return RawTensor.from_numpy(np.zeros(shape, KV_TYPES[kv_type]))
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])]
     return RawTensor(KV_TYPES[kv_type], tuple(reversed(shape)), np.zeros(math.prod(shape) // block * size, np.uint8))

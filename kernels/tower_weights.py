@@ -117,8 +117,8 @@ def auto_weight_type(file_types: set[int], *, amx: bool, avx512_bf16: bool) -> W
         amx: ggml's AMX buffer type is offered for the weights (and usable: the AMX guard is off).
         avx512_bf16: ggml's CPU backend has AVX512-BF16 dot products.
     """
-    names = _type_names(file_types)
-    if file_types != {ggml.GGML_TYPE_F16}:
+    if file_types != {ggml.GGML_TYPE_F16}:  # (naming the types loads ggml: only where they are shown)
+        names = _type_names(file_types)
         return WeightChoice("as-file", f"the file's matrices are {names} (auto converts f16 only)")
     if amx:
         return WeightChoice("q8_0", "f16 matrices and ggml's AMX int8 tile kernels (quantised to Q8_0 at load)")
@@ -176,7 +176,7 @@ def lazy_q8_0(raw: RawTensor) -> RawTensor:
 
 
 def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
-    """f32 or f16 rows of ``row_length`` values as ggml Q8_0 blocks (ggml_quantize_chunk), row chunk by chunk."""
+    """f32 or f16 rows of ``row_length`` values as Q8_0 blocks (ggml-cpu's SIMD quantize_row_q8_0), on all cores."""
     g = ggml.lib()
     src = np.ascontiguousarray(np.asarray(data).reshape(-1))
     if src.size % row_length or row_length % QK8_0:

@@ -28,7 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 KV_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CROSS_KV_ELEMENT = {"f32": 4, "f16": 2, "q8_0": 2, "q4_0": 2}
 #: The quantised cache types: the engine reads them with ggml's flash attention.
-QUANTISED_KV = ("q8_0", "q4_0")
 F32 = 4
 #: What loading the engine adds to the process figure besides its buffers: edgevlm's ggml bindings
 #: and graph modules, the two graphs' CPU backends, the vocabulary-only llama.cpp model and the
@@ -170,7 +169,7 @@ class MllamaFamily(Family):
             raise InvalidRequestError(f"kv_type={request.kv_type!r}: the mllama engine keeps its KV cache in "
                                       f"one of {', '.join(KV_ELEMENT)}; pass one of these")
         head_dim = shape.n_embd // shape.n_head
-        if request.kv_type in QUANTISED_KV and head_dim % 32:
+        if request.kv_type in C.QUANTISED_KV_TYPES and head_dim % 32:
             raise InvalidRequestError(f"kv_type={request.kv_type!r} quantises rows of one head ({head_dim} values), "
                                       "which must be whole blocks of 32; use kv_type='f16'")
         n_ctx = request.n_ctx or min(shape.n_ctx_train, DEFAULT_CTX)
@@ -179,7 +178,7 @@ class MllamaFamily(Family):
                                       "was trained for")
         parts = _memory_parts(self.model, shape, request, n_ctx, process_bytes)
         settings = PlanSettings(n_ctx=n_ctx, n_batch=_prefill_batch(n_ctx), n_ubatch=_micro_batch(n_ctx),
-                                kv_type=request.kv_type, flash_attn=request.kv_type in QUANTISED_KV,
+                                kv_type=request.kv_type, flash_attn=request.kv_type in C.QUANTISED_KV_TYPES,
                                 n_gpu_layers=-1 if _device(request) != "CPU" else 0,
                                 image_tokens=shape.image_states, image_views=shape.tiles,
                                 vision_device=C.VISION_ENGINE_KERNELS, cache=request.cache)
