@@ -437,7 +437,7 @@ def _flash_attn_type(lib: object, options: ContextOptions) -> int:
 
     On the CPU backend flash attention rounds Q and the softmax through f16,
     so a follow-up evaluated on a reused prefix differs from a from-scratch
-    evaluation by ~1e-3; without it the two are bitwise equal. A quantised V
+    evaluation by 1e-3 to 1e-1 (logits); without it the two are bitwise equal. A quantised V
     cache only works with flash attention, so it is turned on for one. On
     GPUs llama.cpp decides.
 
