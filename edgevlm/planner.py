@@ -484,15 +484,23 @@ def _image_plan(model: ModelDescriptor, family: Family, request: PlanRequest, n_
     return best[0], best[1], engine
 
 
-def projector_weight_bytes(model: ModelDescriptor, engine: str, *, on_cpu: bool) -> int:
-    """The projector's weights as loaded (see :func:`loaded_tower_bytes`; libmtmd loads the file's types)."""
+def projector_weight_bytes(model: ModelDescriptor, engine: str, *, on_cpu: bool,
+                           is_matrix: Callable[[str, tuple[int, ...]], bool] | None = None) -> int:
+    """The projector's weights as loaded (see :func:`loaded_tower_bytes`; libmtmd loads the file's types).
+
+    ``is_matrix`` names the kernels engine's converted ``mul_mat`` weights (default: the CLIP/SigLIP
+    towers', :data:`edgevlm.kernels.tower_weights.MATMUL_WEIGHT`; mllama passes its encoder's rule).
+    """
     assert model.projector is not None
     tensors = model.projector.header.tensors
     if engine != C.VISION_ENGINE_KERNELS or not on_cpu:
         return sum(tensor_bytes(t) for t in tensors)
-    from edgevlm.kernels.tower_weights import MATMUL_WEIGHT
+    if is_matrix is None:
+        from edgevlm.kernels.tower_weights import MATMUL_WEIGHT
 
-    return loaded_tower_bytes(tensors, lambda name, shape: bool(MATMUL_WEIGHT.match(name)) and len(shape) == 2)
+        def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
+            return bool(MATMUL_WEIGHT.match(name)) and len(shape) == 2
+    return loaded_tower_bytes(tensors, is_matrix)
 
 
 def loaded_tower_choice(tensors: Sequence[TensorInfo], is_matrix: Callable[[str, tuple[int, ...]], bool]) -> WeightChoice:

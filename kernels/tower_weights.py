@@ -35,7 +35,7 @@ from edgevlm.errors import InvalidRequestError
 
 from . import ggml
 from .backend import Backend, BufferType
-from .graph import RawTensor
+from .graph import RawTensor, Weights
 
 LOG = logging.getLogger("edgevlm.kernels")
 
@@ -199,6 +199,29 @@ def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
 
 
 _LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
+
+
+def upload_weights(backend: Backend, tensors: Mapping[str, RawTensor], requested: str,
+                   extra: Sequence[BufferType], matrices: set[str] | None = None) -> tuple[Weights, WeightChoice]:
+    """A tower's device tensors on ``backend``, their matrices in the type :func:`choose_weight_type` picks.
+
+    Args:
+        backend: where the tower runs (the caller closes it if this raises).
+        tensors: the device tensors as in the file.
+        requested: the ``weight_type`` asked for ("auto", "as-file", "bf16", "q8_0").
+        extra: the extra buffer types the matrices may use (``Backend.extra_buffer_types``).
+        matrices: the ``mul_mat`` weights (default: :func:`matmul_weights`).
+
+    Returns:
+        The uploaded weights and the choice, with its reason.
+
+    Raises:
+        InvalidRequestError: an unknown ``requested`` value.
+    """
+    choice = choose_weight_type(requested, tensors, backend, extra, matrices)
+    converted = apply_weight_type(tensors, choice, matrices)
+    names = matmul_weights(converted) if matrices is None else matrices
+    return Weights(backend, converted, matmul=names, extra=extra), choice
 
 
 def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice,

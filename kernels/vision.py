@@ -36,7 +36,7 @@ from edgevlm.gguf_info import GGUFHeader, read_header
 
 from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, shape
-from .tower_weights import LOG, apply_weight_type, choose_weight_type, matmul_weights
+from .tower_weights import LOG, upload_weights
 
 # HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
 HF_ACTIVATIONS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu",
@@ -267,9 +267,7 @@ class VisionTower:
         self.backend = Backend(device, n_threads=n_threads)
         try:
             extra = self.backend.extra_buffer_types(extra_buffers)
-            self.weight_choice = choose_weight_type(weight_type, device_tensors, self.backend, extra)
-            device_tensors = apply_weight_type(device_tensors, self.weight_choice)
-            self.weights = Weights(self.backend, device_tensors, matmul=matmul_weights(device_tensors), extra=extra)
+            self.weights, self.weight_choice = upload_weights(self.backend, device_tensors, weight_type, extra)
         except Exception:
             self.backend.close()
             raise

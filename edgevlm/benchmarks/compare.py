@@ -28,8 +28,6 @@ import base64
 import mimetypes
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -126,37 +124,11 @@ def load_peer(vlm: VLM) -> tuple[Any, str]:
     else:  # pragma: no cover - older llama-cpp-python
         handler_cls = llama_chat_format.Llava15ChatHandler
         handler = handler_cls(clip_model_path=str(vlm.mmproj_path), verbose=False)
-    with _amx_guard():
-        llm = Llama(model_path=str(vlm.model_path), chat_handler=handler, n_ctx=run.n_ctx,
-                    n_batch=run.n_batch, n_ubatch=run.n_batch, n_threads=run.n_threads,
-                    n_threads_batch=run.n_threads_batch, n_gpu_layers=run.n_gpu_layers,
-                    flash_attn=run.flash_attn == 1, seed=0, verbose=False)
+    llm = Llama(model_path=str(vlm.model_path), chat_handler=handler, n_ctx=run.n_ctx,
+                n_batch=run.n_batch, n_ubatch=run.n_batch, n_threads=run.n_threads,
+                n_threads_batch=run.n_threads_batch, n_gpu_layers=run.n_gpu_layers,
+                flash_attn=run.flash_attn == 1, seed=0, verbose=False)
     return llm, handler_cls.__name__
-
-
-@contextmanager
-def _amx_guard() -> Iterator[None]:
-    """Load the peer's weights as edgevlm loads its own where the AMX guard is on: without ggml's extra buffer types
-    (quantised weights in the AMX buffer type crash the process; README "Builds")."""
-    import llama_cpp.llama_cpp as low
-
-    from edgevlm.amx_guard import amx_guard_active
-
-    if not amx_guard_active():
-        yield
-        return
-    default = low.llama_model_default_params
-
-    def guarded() -> Any:
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = guarded
-    try:
-        yield
-    finally:
-        low.llama_model_default_params = default
 
 
 def peer_turn(llm: Any, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:

@@ -215,22 +215,10 @@ def _vocab_size(model: ModelDescriptor) -> int:
     return int(embd.shape[1]) if embd is not None and len(embd.shape) > 1 else 0
 
 
-def _vision_weight_bytes(model: ModelDescriptor, dev: str) -> int:
-    """The encoder's weights as loaded (on the CPU, f16 matrices converted as a tower's: planner.loaded_tower_bytes)."""
-    from edgevlm.kernels.mllama_vision import is_encoder_matrix
-    from edgevlm.planner import loaded_tower_bytes, tensor_bytes
-
-    assert model.projector is not None
-    tensors = model.projector.header.tensors
-    if dev != "CPU":
-        return sum(tensor_bytes(t) for t in tensors)
-    return loaded_tower_bytes(tensors, is_encoder_matrix)
-
-
 def _projector_types(model: ModelDescriptor, dev: str) -> tuple[bool, bool]:
     """Whether the encoder keeps its intermediate states in f16 (a projector matrix other than f32) and
     feeds them to the projector as they are (one that is f16 as loaded: on the CPU, unless ``auto``
-    converts the encoder's f16 matrices, see :func:`_vision_weight_bytes`)."""
+    converts the encoder's f16 matrices, see :func:`edgevlm.planner.loaded_tower_bytes`)."""
     from edgevlm.kernels.mllama_vision import PROJECTOR, is_encoder_matrix
     from edgevlm.planner import loaded_tower_choice
 
@@ -262,7 +250,8 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
     while an image is encoded ("encode" phase: freed after it); the image's cross-attention K/V and the
     decoder's buffer after it ("decode" phase)."""
     from edgevlm.kernels.mllama_text import ATTN_CHUNK, CROSS_KV_CHUNK
-    from edgevlm.planner import RUNTIME_SLACK, MemoryPart, tensor_bytes
+    from edgevlm.kernels.mllama_vision import is_encoder_matrix
+    from edgevlm.planner import RUNTIME_SLACK, MemoryPart, projector_weight_bytes, tensor_bytes
 
     assert model.projector is not None
     dev, kv, cross = _device(request), KV_ELEMENT[request.kv_type], CROSS_KV_ELEMENT[request.kv_type]
@@ -283,7 +272,8 @@ def _memory_parts(model: ModelDescriptor, shape: MllamaShape, request: PlanReque
         *_mapped_embeddings(model, dev, n_ctx),
         MemoryPart("kv cache", dev, int(n_self * n_ctx * shape.kv_width * 2 * kv),
                    f"{n_self} self-attention layers x {n_ctx} cells, {request.kv_type}"),
-        MemoryPart("projector weights", dev, _vision_weight_bytes(model, dev),
+        MemoryPart("projector weights", dev, projector_weight_bytes(model, C.VISION_ENGINE_KERNELS, on_cpu=dev == "CPU",
+                                                                    is_matrix=is_encoder_matrix),
                    "vision encoder + projector, as loaded"),
         MemoryPart("image embeddings", "CPU", states,
                    f"f32 vision states (one copy: the RAM tier); +{states >> 20} MiB per further image, up to 4"),

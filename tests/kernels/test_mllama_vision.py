@@ -160,13 +160,13 @@ def test_quantised_projectors_stay_close(hf_model, mllama_checkpoint, tmp_path, 
     """f16 / q8_0 encoders (f16 kept states); ``as_file``: the f16 matrices kept as they are (a CPU where
     ``auto`` does not convert them), so the f16 projector takes the f16 states directly."""
     import edgevlm.kernels.mllama_vision as mv
+    import edgevlm.kernels.tower_weights as tw
     from edgevlm.convert import convert
     from edgevlm.kernels import ggml
-    from edgevlm.kernels.tower_weights import WeightChoice
     from tests.fixtures.mllama import image_processor
 
     if as_file:
-        monkeypatch.setattr(mv, "choose_weight_type", lambda *args, **kwargs: WeightChoice("as-file", "test"))
+        monkeypatch.setattr(tw, "choose_weight_type", lambda *args, **kwargs: tw.WeightChoice("as-file", "test"))
     result = convert(mllama_checkpoint, tmp_path, quant="f16", vision_type=vision_type)
     batch = image_processor()(images=[[gradient_image(100, 100)]], return_tensors="np")
     ref = _reference(hf_model, batch)
