@@ -12,6 +12,8 @@ of ``--rounds`` rounds interleaved edgevlm, llama-cpp-python, transformers
 f32, bf16, so that background load hits all alike. "edgevlm_prepared" is the
 first turn as ``edgevlm chat --image`` runs it: the image prepared when it is
 attached ("edgevlm_prepare", while the question is typed), then the question.
+"..._image_warm_ms" is the part of a warm turn spent on the vision tower and
+projector (the rest is mostly the LLM reading the prompt).
 Prints one JSON object.
 """
 
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgevlm.benchmarks.compare import load_peer, peer_turn
     from edgevlm.benchmarks.first_request import first_and_second_request
     from edgevlm.benchmarks.probe import image_question
-    from edgevlm.benchmarks.transformers_ref import (_first_token_ms, _load, edgevlm_first_turn_ms,
+    from edgevlm.benchmarks.transformers_ref import (_first_turn, _load, edgevlm_first_turn,
                                                     edgevlm_prepared_turn_ms, find_checkpoint)
 
     t0 = time.perf_counter()
@@ -56,20 +58,27 @@ def main(argv: list[str] | None = None) -> int:
     assert checkpoint is not None, "no hf/ folder next to the model (make_bench_model.py --keep-checkpoint)"
     hf = {label: _load(checkpoint, dtype) for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))}
     for label, (model, processor) in hf.items():
-        out[f"transformers_{label}_first_ms"] = round(_first_token_ms(model, processor, args.image, args.question))
+        out[f"transformers_{label}_first_ms"] = round(_first_turn(model, processor, args.image, args.question).ttft_ms)
+    images: dict[str, list[float]] = {"edgevlm": [], "transformers_f32": [], "transformers_bf16": []}
     runs: dict[str, list[float]] = {"edgevlm": [], "edgevlm_prepare": [], "edgevlm_prepared": [],
                                     "llama_cpp_python": [], "transformers_f32": [], "transformers_bf16": []}
     for _ in range(args.rounds):
-        runs["edgevlm"].append(edgevlm_first_turn_ms(vlm, args.image, args.question))
+        turn = edgevlm_first_turn(vlm, args.image, args.question)
+        runs["edgevlm"].append(turn.ttft_ms)
+        images["edgevlm"].append(turn.image_ms)
         prepare_ms, prepared_ms = edgevlm_prepared_turn_ms(vlm, args.image, args.question)
         runs["edgevlm_prepare"].append(prepare_ms)
         runs["edgevlm_prepared"].append(prepared_ms)
         runs["llama_cpp_python"].append(peer_turn(peer, messages, 1)["ttft_ms"])
         for label, (model, processor) in hf.items():
-            runs[f"transformers_{label}"].append(_first_token_ms(model, processor, args.image, args.question))
+            turn = _first_turn(model, processor, args.image, args.question)
+            runs[f"transformers_{label}"].append(turn.ttft_ms)
+            images[f"transformers_{label}"].append(turn.image_ms)
     for name, times in runs.items():
         out[f"{name}_warm_ms"] = round(statistics.median(times))
         out[f"{name}_warm_all_ms"] = [round(t) for t in times]
+    for name, times in images.items():  # the vision tower + projector's share of the warm turns
+        out[f"{name}_image_warm_ms"] = round(statistics.median(times))
     print(json.dumps(out, indent=1))
     return 0
 

@@ -40,3 +40,27 @@ def test_eval_demo_runs_end_to_end(siglip_f32, tmp_path):
     assert len((demo / "run" / "predictions.jsonl").read_text().splitlines()) == 18
     for name in ("metrics.json", "confusion.png", "f1.png", "manifest.json"):
         assert (demo / "run" / name).stat().st_size > 0
+
+
+FIRST_TURN_TABLE = Path(__file__).resolve().parents[1] / "examples" / "first_turn_table.py"
+
+
+def test_first_turn_table_reports_every_engine(siglip_f32, llava_siglip_checkpoint, painting, tmp_path):
+    """examples/first_turn_table.py on the tiny model with its checkpoint kept as hf/ beside it: one JSON
+    object with each engine's first and warm turn and the image's part of the warm turns."""
+    import json
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for gguf in siglip_f32.glob("*.gguf"):
+        (model / gguf.name).symlink_to(gguf)
+    (model / "hf").symlink_to(llava_siglip_checkpoint, target_is_directory=True)
+    proc = subprocess.run([sys.executable, str(FIRST_TURN_TABLE), str(model), str(painting), "--rounds", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    for engine in ("edgevlm", "llama_cpp_python", "transformers_f32", "transformers_bf16"):
+        assert report[f"{engine}_warm_ms"] > 0 and len(report[f"{engine}_warm_all_ms"]) == 1, engine
+    for engine in ("edgevlm", "transformers_f32", "transformers_bf16"):
+        assert 0 < report[f"{engine}_image_warm_ms"] <= report[f"{engine}_warm_ms"], engine
+    assert report["first_to_second_ttft_ratio"] > 0 and report["edgevlm_prepared_warm_ms"] > 0

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,13 @@ def _load(checkpoint: Path, dtype: Any) -> tuple[Any, Any]:
     model_cls = getattr(transformers, arch, None)
     if model_cls is None:
         raise UnsupportedModelError(f"transformers has no {arch!r} to run {checkpoint} as the reference")
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(checkpoint)
+    except ImportError as exc:  # e.g. Qwen2-VL's processor builds a video processor that needs torchvision
+        first_sentence = " ".join(str(exc).split()).split(". ")[0].rstrip(".") or type(exc).__name__
+        raise UnsupportedModelError(f"--reference transformers cannot load {checkpoint.name}'s processor: "
+                                    f"{first_sentence}; install what it names (e.g. pip install torchvision)"
+                                    ) from exc
     return model_cls.from_pretrained(checkpoint, dtype=dtype).eval(), processor
 
 
@@ -57,20 +66,71 @@ def _checkpoint_folder(checkpoint: str | Path) -> Path:
     return folder
 
 
-def _first_token_ms(model: Any, processor: Any, image: str, question: str) -> float:
+#: The submodules that turn pixels into the LLM's image embeddings, by attribute name under the
+#: model's ``model`` (source: transformers' modeling files: LLaVA / LLaVA-NeXT / InternVL
+#: ``vision_tower`` + ``multi_modal_projector``, Qwen2-VL ``visual`` (its merger inside),
+#: mllama ``vision_model`` + ``multi_modal_projector``).
+IMAGE_MODULES = ("vision_tower", "vision_model", "visual", "multi_modal_projector")
+
+
+@dataclass(frozen=True)
+class FirstTurn:
+    """One first turn: time to first token and the part of it spent turning the image into embeddings.
+
+    Attributes:
+        ttft_ms: from the call (image file, template, processor) to the first sampled token.
+        image_ms: the vision tower and projector (edgevlm: the prefill's ``encode_ms``).
+    """
+
+    ttft_ms: float
+    image_ms: float
+
+    @property
+    def prompt_ms(self) -> float:
+        """The rest: mostly the LLM reading the prompt (template, tokeniser, preprocessing: a few ms)."""
+        return self.ttft_ms - self.image_ms
+
+
+@contextmanager
+def _timed_image_modules(model: Any) -> Iterator[list[float]]:
+    """Seconds spent in the model's :data:`IMAGE_MODULES` while the block runs (one entry per call)."""
+    inner = getattr(model, "model", model)
+    modules = [getattr(inner, name) for name in IMAGE_MODULES if getattr(inner, name, None) is not None]
+    spent: list[float] = []
+    started: dict[int, float] = {}
+
+    def before(module: Any, _args: Any) -> None:
+        started[id(module)] = time.perf_counter()
+
+    def after(module: Any, _args: Any, _output: Any) -> None:
+        spent.append(time.perf_counter() - started.pop(id(module)))
+
+    handles = [hook for m in modules for hook in (m.register_forward_pre_hook(before),
+                                                  m.register_forward_hook(after))]
+    try:
+        yield spent
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _first_turn(model: Any, processor: Any, image: str, question: str) -> FirstTurn:
+    """transformers' first turn: one greedy token with ``generate``, as edgevlm's is timed."""
     import torch
     from PIL import Image
 
-    t0 = time.perf_counter()
-    with Image.open(image) as img:
-        picture = img.convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(text=text, images=[picture], return_tensors="pt")
-    inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
-    with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
-    return (time.perf_counter() - t0) * 1e3
+    with _timed_image_modules(model) as spent:
+        t0 = time.perf_counter()
+        with Image.open(image) as img:
+            picture = img.convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(text=text, images=[picture], return_tensors="pt")
+        inputs = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        total = time.perf_counter() - t0
+    return FirstTurn(ttft_ms=total * 1e3, image_ms=sum(spent) * 1e3)
 
 
 def find_checkpoint(model: str | Path | None, hf: str | Path | None) -> Path | None:
@@ -86,12 +146,13 @@ def find_checkpoint(model: str | Path | None, hf: str | Path | None) -> Path | N
     return kept if (kept / "config.json").is_file() else None
 
 
-def edgevlm_first_turn_ms(vlm: VLM, image: str, question: str) -> float:
-    """edgevlm's first-turn TTFT (ms) with empty caches (nothing reused), one greedy token as transformers."""
+def edgevlm_first_turn(vlm: VLM, image: str, question: str) -> FirstTurn:
+    """edgevlm's first turn with empty caches (nothing reused), one greedy token as transformers."""
     from edgevlm.benchmarks.probe import image_question, timed_turn
 
     with vlm.isolated_caches():
-        return float(timed_turn(vlm, image_question(image, question), 1)["ttft_ms"])
+        turn = timed_turn(vlm, image_question(image, question), 1)
+    return FirstTurn(ttft_ms=float(turn["ttft_ms"]), image_ms=float(turn["encode_ms"]))
 
 
 def edgevlm_prepared_turn_ms(vlm: VLM, image: str, question: str) -> tuple[float, float]:
@@ -119,9 +180,11 @@ def transformers_first_turn(checkpoint: str | Path, image: str, question: str, t
     model in the process), then each round runs edgevlm (cold caches), f32 and bf16 in turn, so that
     background load hits all alike; ``..._ttft_ms`` are the medians of ``repeats`` rounds, and
     ``edgevlm_vs_transformers_{f32,bf16}`` edgevlm's median over theirs (below 1: edgevlm is faster).
-    ``edgevlm_prepare_ms`` / ``edgevlm_prepared_ttft_ms`` split edgevlm's first turn as ``chat --image``
-    runs it (see :func:`edgevlm_prepared_turn_ms`): the work done while the question is typed, and the
-    wait after it is sent.
+    ``..._image_ms`` / ``..._prompt_ms`` split the turns (medians, see :class:`FirstTurn`): the
+    image into embeddings, and the rest (mostly the LLM reading the prompt), so that the report says
+    which half a difference comes from. ``edgevlm_prepare_ms`` / ``edgevlm_prepared_ttft_ms`` split
+    edgevlm's first turn as ``chat --image`` runs it (see :func:`edgevlm_prepared_turn_ms`): the work
+    done while the question is typed, and the wait after it is sent.
 
     Raises:
         InvalidRequestError: no checkpoint folder.
@@ -134,26 +197,34 @@ def transformers_first_turn(checkpoint: str | Path, image: str, question: str, t
     models = {label: _load(folder, dtype) for label, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16))}
     out: dict[str, float] = {}
     for label, (model, processor) in models.items():
-        out[f"transformers_{label}_ttft_first_ms"] = round(_first_token_ms(model, processor, image, question), 1)
-    times: dict[str, list[float]] = {label: [] for label in ("edgevlm", "prepare", "prepared", *models)}
+        out[f"transformers_{label}_ttft_first_ms"] = round(_first_turn(model, processor, image, question).ttft_ms, 1)
+    turns: dict[str, list[FirstTurn]] = {label: [] for label in ("edgevlm", *models)}
+    prepared: dict[str, list[float]] = {"prepare": [], "prepared": []}
     for _ in range(max(1, repeats)):
         if vlm is not None:
-            times["edgevlm"].append(edgevlm_first_turn_ms(vlm, image, question))
+            turns["edgevlm"].append(edgevlm_first_turn(vlm, image, question))
             prepare_ms, prepared_ms = edgevlm_prepared_turn_ms(vlm, image, question)
-            times["prepare"].append(prepare_ms)
-            times["prepared"].append(prepared_ms)
+            prepared["prepare"].append(prepare_ms)
+            prepared["prepared"].append(prepared_ms)
         for label, (model, processor) in models.items():
-            times[label].append(_first_token_ms(model, processor, image, question))
+            turns[label].append(_first_turn(model, processor, image, question))
     for label in models:
-        out[f"transformers_{label}_ttft_ms"] = round(statistics.median(times[label]), 1)
-    if times["edgevlm"]:
-        mine = statistics.median(times["edgevlm"])
-        out["edgevlm_ttft_ms"] = round(mine, 1)
+        out.update(_median_turn(f"transformers_{label}", turns[label]))
+    if turns["edgevlm"]:
+        out.update(_median_turn("edgevlm", turns["edgevlm"]))
         for label in models:
-            out[f"edgevlm_vs_transformers_{label}"] = round(mine / out[f"transformers_{label}_ttft_ms"], 2)
-        out["edgevlm_prepare_ms"] = round(statistics.median(times["prepare"]), 1)
-        out["edgevlm_prepared_ttft_ms"] = round(statistics.median(times["prepared"]), 1)
+            out[f"edgevlm_vs_transformers_{label}"] = round(
+                out["edgevlm_ttft_ms"] / out[f"transformers_{label}_ttft_ms"], 2)
+        out["edgevlm_prepare_ms"] = round(statistics.median(prepared["prepare"]), 1)
+        out["edgevlm_prepared_ttft_ms"] = round(statistics.median(prepared["prepared"]), 1)
     return out
+
+
+def _median_turn(name: str, turns: list[FirstTurn]) -> dict[str, float]:
+    """``{name}_ttft_ms``, ``{name}_image_ms`` and ``{name}_prompt_ms``: each the median over ``turns``."""
+    parts = {"ttft": [t.ttft_ms for t in turns], "image": [t.image_ms for t in turns],
+             "prompt": [t.prompt_ms for t in turns]}
+    return {f"{name}_{part}_ms": round(statistics.median(values), 1) for part, values in parts.items()}
 
 
 def _hf_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

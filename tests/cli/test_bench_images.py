@@ -121,6 +121,10 @@ def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, paint
     for label in ("f32", "bf16"):
         assert report[f"edgevlm_vs_transformers_{label}"] == pytest.approx(
             report["edgevlm_ttft_ms"] / report[f"transformers_{label}_ttft_ms"], abs=0.01)
+    for who in ("edgevlm", "transformers_f32", "transformers_bf16"):  # one round: the parts add up
+        assert 0 < report[f"{who}_image_ms"] < report[f"{who}_ttft_ms"], who
+        assert report[f"{who}_image_ms"] + report[f"{who}_prompt_ms"] == pytest.approx(
+            report[f"{who}_ttft_ms"], abs=0.2), who
     missing = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting),
                                        "--reference", "transformers"])
     assert missing.exit_code == 2 and "--hf" in missing.output
