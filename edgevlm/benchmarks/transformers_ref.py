@@ -30,6 +30,18 @@ from edgevlm.errors import InvalidRequestError, UnsupportedModelError
 
 
 def _load(checkpoint: Path, dtype: Any) -> tuple[Any, Any]:
+    """The checkpoint's model in ``dtype`` (eval mode) and its processor."""
+    model_cls, processor = _model_class_and_processor(checkpoint)
+    return model_cls.from_pretrained(checkpoint, dtype=dtype).eval(), processor
+
+
+def _model_class_and_processor(checkpoint: Path) -> tuple[Any, Any]:
+    """transformers' class for the checkpoint's architecture and its processor (loads no weights).
+
+    Raises:
+        UnsupportedModelError: transformers missing, an architecture it lacks, or a processor that
+            needs a package not installed (Qwen2-VL's needs torchvision for its video processor).
+    """
     try:
         import transformers
     except ImportError as exc:
@@ -45,13 +57,23 @@ def _load(checkpoint: Path, dtype: Any) -> tuple[Any, Any]:
     if model_cls is None:
         raise UnsupportedModelError(f"transformers has no {arch!r} to run {checkpoint} as the reference")
     try:
-        processor = transformers.AutoProcessor.from_pretrained(checkpoint)
-    except ImportError as exc:  # e.g. Qwen2-VL's processor builds a video processor that needs torchvision
+        return model_cls, transformers.AutoProcessor.from_pretrained(checkpoint)
+    except ImportError as exc:
         first_sentence = " ".join(str(exc).split()).split(". ")[0].rstrip(".") or type(exc).__name__
-        raise UnsupportedModelError(f"--reference transformers cannot load {checkpoint.name}'s processor: "
+        raise UnsupportedModelError(f"--reference transformers cannot load the processor of {checkpoint}: "
                                     f"{first_sentence}; install what it names (e.g. pip install torchvision)"
                                     ) from exc
-    return model_cls.from_pretrained(checkpoint, dtype=dtype).eval(), processor
+
+
+def check_reference(checkpoint: str | Path) -> None:
+    """Check, before anything is measured, that transformers can run ``checkpoint`` as the reference:
+    the folder, transformers itself, the architecture and the processor (no weights are read).
+
+    Raises:
+        InvalidRequestError: not a Hugging Face checkpoint folder.
+        UnsupportedModelError: as :func:`_model_class_and_processor`.
+    """
+    _model_class_and_processor(_checkpoint_folder(checkpoint))
 
 
 def _checkpoint_folder(checkpoint: str | Path) -> Path:

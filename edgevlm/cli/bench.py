@@ -71,12 +71,13 @@ def bench(image: str | None, prompt: str, follow_up: str, max_tokens: int, compa
     if (budgets or encode_only or reference) and image is None:
         raise click.UsageError("--budgets, --encode-only and --reference measure an image: give one with --image")
     if reference in ("transformers", "transformers-speed"):
-        from edgevlm.benchmarks.transformers_ref import find_checkpoint
+        from edgevlm.benchmarks.transformers_ref import check_reference, find_checkpoint
 
         checkpoint = find_checkpoint(params["model"], hf_checkpoint)
         if checkpoint is None:
             raise click.UsageError("--reference transformers needs the checkpoint folder: --hf PATH "
                                    "(or an hf/ folder next to the model)")
+        check_reference(checkpoint)  # its errors before the model loads and the bench runs
     vlm = load_from_options(params)
     spec = probe_spec(params["model"], load_kwargs(params))
     stages = StageBar(["conversation", *(["budgets"] if budgets else []), *(["reference"] if reference else []),

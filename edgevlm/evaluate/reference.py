@@ -47,11 +47,12 @@ class Reference:
 
 
 def check_reference(reference: Reference) -> None:
-    """Refuse a reference that cannot run (cheap: call it before loading a model).
+    """Refuse a reference that cannot run (no weights read: call it before loading a model).
 
     Raises:
         InvalidRequestError: no checkpoint folder, or a limit below 1.
-        UnsupportedModelError: torch or transformers is not installed.
+        UnsupportedModelError: torch or transformers is not installed, transformers lacks the
+            architecture, or its processor needs a package that is missing (Qwen2-VL: torchvision).
     """
     if not (Path(reference.checkpoint) / "config.json").is_file():
         raise InvalidRequestError(f"--hf {reference.checkpoint}: not a Hugging Face checkpoint folder "
@@ -60,6 +61,9 @@ def check_reference(reference: Reference) -> None:
         raise InvalidRequestError(f"--reference-limit must be at least 1, got {reference.limit}")
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise UnsupportedModelError("--reference transformers needs torch and transformers (pip install -e '.[test]')")
+    from edgevlm.benchmarks.transformers_ref import check_reference as check_transformers
+
+    check_transformers(reference.checkpoint)  # the architecture and the processor (no weights read)
 
 
 def run_reference(reference: Reference, items: list[Item], layout: prompts.PromptLayout, config: EvalConfig,

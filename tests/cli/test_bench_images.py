@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -128,6 +129,24 @@ def test_bench_reference_transformers(siglip_f32, llava_siglip_checkpoint, paint
     missing = CliRunner().invoke(cli, ["bench", "--model", str(siglip_f32), "--image", str(painting),
                                        "--reference", "transformers"])
     assert missing.exit_code == 2 and "--hf" in missing.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_bench_reference_that_cannot_run_stops_before_loading(qwen2vl_f32_result, qwen2vl_checkpoint, painting,
+                                                              monkeypatch):
+    """transformers' Qwen2-VL processor needs torchvision: without it `bench --reference transformers` says so
+    in one line, exit 2, before the model is loaded or anything measured."""
+    import edgevlm.api
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded although the reference cannot run")
+
+    monkeypatch.setattr(edgevlm.api, "LlamaModel", forbidden)
+    res = CliRunner().invoke(cli, ["bench", "--model", str(qwen2vl_f32_result.llm_path.parent), "--image",
+                                   str(painting), "--hf", str(qwen2vl_checkpoint), "--reference", "transformers"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and "torchvision" in lines[0] and str(qwen2vl_checkpoint) in lines[0], res.output
 
 
 def test_bench_memory_budget_refuses_before_loading(siglip_f32, painting, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -329,6 +330,8 @@ def test_a_failing_reference_keeps_the_metrics(siglip_f32, demo, tmp_path, monke
 
     monkeypatch.setattr(reference_module, "run_reference", fail)
     monkeypatch.setattr("edgevlm.evaluate.runner.run_reference", fail)
+    # past the early check (architecture, processor), so that the reference fails after the items ran
+    monkeypatch.setattr("edgevlm.benchmarks.transformers_ref.check_reference", lambda checkpoint: None)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     out = tmp_path / "run"
@@ -336,3 +339,13 @@ def test_a_failing_reference_keeps_the_metrics(siglip_f32, demo, tmp_path, monke
                            "--hf", str(tmp_path / "hf")))
     _one_line_error(res, "transformers has no 'X'")
     assert json.loads((out / "metrics.json").read_text())["items"] == 2 and len(_records(out)) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")
+def test_a_reference_that_cannot_run_stops_before_the_items(siglip_f32, demo, qwen2vl_checkpoint, tmp_path):
+    """transformers' Qwen2-VL processor needs torchvision: one line before any item runs, no run folder."""
+    out = tmp_path / "run"
+    res = _run(*_eval_args(siglip_f32, demo, out, "--limit", "2", "--reference", "transformers",
+                           "--hf", str(qwen2vl_checkpoint)))
+    _one_line_error(res, "torchvision")
+    assert not (out / "metrics.json").exists()
