@@ -25,7 +25,7 @@ import numpy as np
 
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore
-from edgevlm.chunks import Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells, settled_prefix
+from edgevlm.chunks import Chunk, ImageChunk, TextChunk, answer_reserve, kv_cells
 from edgevlm.embeddings import ImageEmbeddings
 from edgevlm.engine_protocol import RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, UnsupportedModelError
@@ -34,7 +34,7 @@ from edgevlm.generation import CancelToken, SamplingOptions, StreamHooks, TextSt
 from edgevlm.image_plans import ImagePlans
 from edgevlm.llm import LlamaContext, LlamaModel
 from edgevlm.prefill import KVPrefix
-from edgevlm.prompt import ImagePart, Message, probe_renderings
+from edgevlm.prompt import ImagePart, Message, settled_rendering
 from edgevlm.prompt_layout import ImageBudget, PromptLayout, check_image_tokens, enforce_image_budget
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, answer_lead, check_choices, choice_tokens,
                              generate_answer, generation_answers, score_sequences)
@@ -264,8 +264,7 @@ class Engine:
             self.check_open()
             if cancelled is not None and cancelled():
                 return PrefillStats()
-            first, second = probe_renderings(lambda m: self.prompt(m, max_image_tokens=max_image_tokens), messages)
-            chunks = settled_prefix(first.chunks, second.chunks)
+            first, chunks = settled_rendering(lambda m: self.prompt(m, max_image_tokens=max_image_tokens), messages)
             if not chunks or self.kv.holds(chunks):
                 return PrefillStats()
             return self.prefill(Prompt(chunks, first.text_prefix, prepared=True), cancelled)

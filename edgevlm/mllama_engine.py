@@ -41,7 +41,7 @@ import numpy as np
 from edgevlm import constants as C
 from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
-from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit, settled_prefix
+from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
 from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
@@ -53,7 +53,7 @@ from edgevlm.mllama_runtime import MllamaPipeline
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.planner import DEFAULT_CTX  # the training context, at most this, as every load
 from edgevlm.progress import LoadStage
-from edgevlm.prompt import Message, build_prompt, probe_renderings
+from edgevlm.prompt import Message, build_prompt, settled_rendering
 from edgevlm.scoring import (ChoiceGeneration, ChoiceScores, GrammarSampler, answer_lead, check_choices,
                              choice_grammar, choice_tokens, generation_answers, score_sequences, settled_answer)
 from edgevlm.stats import PrefillStats
@@ -236,8 +236,7 @@ class MllamaEngine:
             self.check_open()
             if cancelled is not None and cancelled():
                 return PrefillStats()
-            first, second = probe_renderings(self.prompt, messages)
-            shared = settled_prefix(first.chunks, second.chunks, unmergeable={self.image_token})
+            first, shared = settled_rendering(self.prompt, messages, unmergeable={self.image_token})
             tokens = shared[0].tokens if shared and isinstance(shared[0], TextChunk) else ()
             images = first.images[:tokens.count(self.image_token)]
             held = (tuple(i.digest for i in images) == self.image_keys

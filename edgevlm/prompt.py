@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import datetime
 import functools
+from collections.abc import Container
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
+from edgevlm.chunks import Chunk, settled_prefix
 from edgevlm.errors import InvalidRequestError
 from edgevlm.vision.images import LoadedImage, load_image
 
 ROLES = ("system", "user", "assistant")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,27 @@ def _parts(content: Any, i: int, loader: Callable[[Any], LoadedImage]) -> Iterab
 PROBE_QUESTIONS = ("A", "Z")
 
 
-def probe_renderings(render: Callable[[list[Message]], T], messages: list[Message]) -> tuple[T, T]:
-    """``render`` of ``messages`` ended by each of :data:`PROBE_QUESTIONS`."""
+class Rendering(Protocol):
+    """A rendered request: its prompt as chunks (an engine's prompt type)."""
+
+    @property
+    def chunks(self) -> Sequence[Chunk]: ...
+
+
+R = TypeVar("R", bound=Rendering)
+
+
+def settled_rendering(render: Callable[[list[Message]], R], messages: list[Message],
+                      unmergeable: Container[int] = ()) -> tuple[R, list[Chunk]]:
+    """What ``messages`` fix of the next request, whatever its question: ``render`` of ``messages``
+    ended by each of :data:`PROBE_QUESTIONS`, and the chunks both share
+    (:func:`edgevlm.chunks.settled_prefix`).
+
+    Returns:
+        The first rendering (its images and text prefix) and the settled chunks.
+    """
     first, second = (render(with_question(messages, question)) for question in PROBE_QUESTIONS)
-    return first, second
+    return first, settled_prefix(first.chunks, second.chunks, unmergeable)
 
 
 def with_question(messages: list[Message], question: str) -> list[Message]:

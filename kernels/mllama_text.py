@@ -224,9 +224,7 @@ class MllamaTextModel:
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4, n_ctx: int = 512,
                  kv_type: str = "f32", n_ubatch: int = UBATCH, header: GGUFHeader | None = None) -> None:
-        if kv_type not in KV_TYPES:
-            raise InvalidRequestError(f"kv_type={kv_type!r}: the mllama decoder keeps its KV cache in one of "
-                                      f"{', '.join(KV_TYPES)}; pass one of these")
+        check_kv_type(kv_type)
         if n_ctx < 1 or n_ubatch < 1:
             raise InvalidRequestError(f"n_ctx ({n_ctx}) and n_ubatch ({n_ubatch}) must be at least 1")
         self.path, self.n_ctx, self.kv_type, self.n_ubatch = Path(path), n_ctx, kv_type, n_ubatch
@@ -234,9 +232,7 @@ class MllamaTextModel:
         self._decode_alloc: int | None = None  # one-token graphs' allocator, kept across tokens
         self.meta, tensors = read_gguf_tensors(self.path, header)
         self.config = cfg = read_text_config(self.meta, tensors)
-        if self.flash and cfg.head_dim % GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])][0]:
-            raise InvalidRequestError(f"kv_type={kv_type!r} quantises rows of one head ({cfg.head_dim} values), "
-                                      "which must be whole blocks of 32; use kv_type='f16'")
+        check_kv_type(kv_type, cfg.head_dim)
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates and n != EMBD}
         factors = self.meta.get(C.KEY_ROPE_FREQ_FACTORS)
@@ -592,6 +588,23 @@ class MllamaTextModel:
         if getattr(self, "backend", None) is not None:
             self.backend.close()
             self.backend = None
+
+
+def check_kv_type(kv_type: str, head_dim: int | None = None) -> None:
+    """Refuse a KV cache type the decoder does not keep, or (given ``head_dim``) a quantised one whose
+    rows of one head are not whole quantisation blocks.
+
+    Raises:
+        InvalidRequestError: either, with what to pass instead.
+    """
+    if kv_type not in KV_TYPES:
+        raise InvalidRequestError(f"kv_type={kv_type!r}: the mllama decoder keeps its KV cache in one of "
+                                  f"{', '.join(KV_TYPES)}; pass one of these")
+    if head_dim is not None and kv_type in C.QUANTISED_KV_TYPES:
+        block = GGML_QUANT_SIZES[GGMLQuantizationType(KV_TYPES[kv_type])][0]
+        if head_dim % block:
+            raise InvalidRequestError(f"kv_type={kv_type!r} quantises rows of one head ({head_dim} values), "
+                                      f"which must be whole blocks of {block}; use kv_type='f16'")
 
 
 def _empty_cache(kv_type: str, shape: tuple[int, int, int]) -> RawTensor:

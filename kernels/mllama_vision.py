@@ -44,7 +44,7 @@ from edgevlm.gguf_info import GGUFHeader
 from . import ggml
 from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights
-from .tower_weights import LOG, upload_weights
+from .tower_weights import LOG, upload_tower
 from .vision import HF_ACTIVATIONS, _positive, patchify, read_gguf_tensors
 
 PROJECTOR = "mm.0.weight"  # the projector matrix (an f16 one takes the encoder's states in f16)
@@ -169,7 +169,7 @@ def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: 
     backend = Backend(device, n_threads=n_threads)
     try:
         extra = backend.extra_buffer_types()
-        weights, choice = upload_weights(backend, tensors, "auto", extra, matmul)
+        weights, choice = upload_tower(backend, tensors, "auto", extra, matmul)
         LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
         return weights
     except Exception:

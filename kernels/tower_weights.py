@@ -201,8 +201,8 @@ def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
 _LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
 
 
-def upload_weights(backend: Backend, tensors: Mapping[str, RawTensor], requested: str,
-                   extra: Sequence[BufferType], matrices: set[str] | None = None) -> tuple[Weights, WeightChoice]:
+def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: str,
+                 extra: Sequence[BufferType], matrices: set[str] | None = None) -> tuple[Weights, WeightChoice]:
     """A tower's device tensors on ``backend``, their matrices in the type :func:`choose_weight_type` picks.
 
     Args:

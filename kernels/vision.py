@@ -36,7 +36,7 @@ from edgevlm.gguf_info import GGUFHeader, read_header
 
 from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, shape
-from .tower_weights import LOG, upload_weights
+from .tower_weights import LOG, upload_tower
 
 # HF hidden_act -> ggml activation (source: transformers ACT2FN; ggml.h).
 HF_ACTIVATIONS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu",
@@ -267,7 +267,7 @@ class VisionTower:
         self.backend = Backend(device, n_threads=n_threads)
         try:
             extra = self.backend.extra_buffer_types(extra_buffers)
-            self.weights, self.weight_choice = upload_weights(self.backend, device_tensors, weight_type, extra)
+            self.weights, self.weight_choice = upload_tower(self.backend, device_tensors, weight_type, extra)
         except Exception:
             self.backend.close()
             raise

@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: block of 32 values, q4_0: 18), and of the images' cross-attention K/V (f16 beside a quantised cache).
 KV_ELEMENT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CROSS_KV_ELEMENT = {"f32": 4, "f16": 2, "q8_0": 2, "q4_0": 2}
-#: The quantised cache types: the engine reads them with ggml's flash attention.
 F32 = 4
 #: What loading the engine adds to the process figure besides its buffers: edgevlm's ggml bindings
 #: and graph modules, the two graphs' CPU backends, the vocabulary-only llama.cpp model and the
@@ -39,7 +38,6 @@ ENGINE_BYTES = 11 << 20
 #: as the RSS a vocabulary-only load adds (synthetic GGUFs of those sizes).
 VOCAB_BYTES_PER_TOKEN = 470
 EMBD = "token_embd.weight"
-F32_TYPE, F16_TYPE = 0, 1  # ggml types of the projector matrix
 PAGE = 4096
 
 
@@ -162,16 +160,11 @@ class MllamaFamily(Family):
         Raises:
             InvalidRequestError: a KV type or context the engine does not run.
         """
+        from edgevlm.kernels.mllama_text import check_kv_type
         from edgevlm.planner import DEFAULT_CTX, PlanSettings
 
         shape = MllamaShape.of(self.model)
-        if request.kv_type not in KV_ELEMENT:
-            raise InvalidRequestError(f"kv_type={request.kv_type!r}: the mllama engine keeps its KV cache in "
-                                      f"one of {', '.join(KV_ELEMENT)}; pass one of these")
-        head_dim = shape.n_embd // shape.n_head
-        if request.kv_type in C.QUANTISED_KV_TYPES and head_dim % 32:
-            raise InvalidRequestError(f"kv_type={request.kv_type!r} quantises rows of one head ({head_dim} values), "
-                                      "which must be whole blocks of 32; use kv_type='f16'")
+        check_kv_type(request.kv_type, shape.n_embd // shape.n_head)
         n_ctx = request.n_ctx or min(shape.n_ctx_train, DEFAULT_CTX)
         if n_ctx > shape.n_ctx_train:
             raise InvalidRequestError(f"n_ctx={n_ctx} is more than the {shape.n_ctx_train} tokens the model "
@@ -219,14 +212,16 @@ def _projector_types(model: ModelDescriptor, dev: str) -> tuple[bool, bool]:
     """Whether the encoder keeps its intermediate states in f16 (a projector matrix other than f32) and
     feeds them to the projector as they are (one that is f16 as loaded: on the CPU, unless ``auto``
     converts the encoder's f16 matrices, see :func:`edgevlm.planner.loaded_tower_bytes`)."""
+    from gguf import GGMLQuantizationType
+
     from edgevlm.kernels.mllama_vision import PROJECTOR, is_encoder_matrix
     from edgevlm.planner import loaded_tower_choice
 
     assert model.projector is not None
     tensors = model.projector.header.tensors
-    file_type = next((t.ggml_type for t in tensors if t.name == PROJECTOR), F32_TYPE)
-    if file_type != F16_TYPE:
-        return file_type != F32_TYPE, False
+    file_type = next((t.ggml_type for t in tensors if t.name == PROJECTOR), GGMLQuantizationType.F32)
+    if file_type != GGMLQuantizationType.F16:
+        return file_type != GGMLQuantizationType.F32, False
     return True, dev != "CPU" or loaded_tower_choice(tensors, is_encoder_matrix).weight_type == "as-file"
 
 
