@@ -35,7 +35,7 @@ from edgevlm.snapshots import SnapshotIdentity
 from edgevlm.stats import PrefillStats, Reply
 from edgevlm.user_config import resolve_model_name
 from edgevlm.vision.encoder import VisionEncoder
-from edgevlm.vision.images import load_image
+from edgevlm.vision.images import ImageInput, load_image
 
 LOG = logging.getLogger("edgevlm")
 Messages = Sequence[dict[str, Any]]
@@ -559,8 +559,8 @@ class VLM:
         options = SamplingOptions(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, seed=seed,
                                   stop=stops, grammar=grammar, logprobs=logprobs)
-        prompt = self.engine.prompt(normalize_messages(messages), max_image_tokens=max_image_tokens)
-        return self.engine.generate(prompt, options, cancel)
+        return self.engine.generate(normalize_messages(messages), options, max_image_tokens=max_image_tokens,
+                                    cancel=cancel)
 
     def prepare(self, messages: Messages, *, max_image_tokens: int | None = None,
                 cancel: CancelToken | None = None) -> PrefillStats:
@@ -603,9 +603,8 @@ class VLM:
     def next_token_logits(self, messages: Messages, *, add_generation_prompt: bool = True,
                           max_image_tokens: int | None = None) -> np.ndarray:
         """Logits (n_vocab,) of the token after the prompt (generation prompt added)."""
-        prompt = self.engine.prompt(normalize_messages(messages), gen=add_generation_prompt,
-                                    max_image_tokens=max_image_tokens)
-        return self.engine.next_token_logits(prompt)
+        return self.engine.next_token_logits(normalize_messages(messages), gen=add_generation_prompt,
+                                             max_image_tokens=max_image_tokens)
 
     def score_choices(self, messages: Messages, choices: Sequence[str], *,
                       max_image_tokens: int | None = None) -> ChoiceScores:
@@ -654,7 +653,7 @@ class VLM:
             parts.append(file_identity(self.files.mmproj))
         return "/".join(parts)
 
-    def embed_image(self, image: Any, *, cache: bool = True, max_image_tokens: int | None = None) -> np.ndarray:
+    def embed_image(self, image: ImageInput, *, cache: bool = True, max_image_tokens: int | None = None) -> np.ndarray:
         """The projected image embeddings the LLM receives: (n_image_tokens, n_embd).
 
         Args:
@@ -681,7 +680,7 @@ class VLM:
         """
         return self.engine.image_cost(width, height, max_image_tokens)
 
-    def tower_pixels(self, image: Any) -> np.ndarray:
+    def tower_pixels(self, image: ImageInput) -> np.ndarray:
         """``image`` preprocessed as the projector file declares, as one vision-tower view: (3, S, S) float32.
 
         What a reference implementation of the tower is fed (``edgevlm bench

@@ -127,7 +127,9 @@ class Engine:
         self.check_open()
         return self.layout.text(messages, gen=gen)
 
-    def next_token_logits(self, prompt: Prompt) -> np.ndarray:
+    def next_token_logits(self, messages: list[Message], *, gen: bool = True,
+                          max_image_tokens: int | None = None) -> np.ndarray:
+        prompt = self.prompt(messages, gen=gen, max_image_tokens=max_image_tokens)
         with self.lock:
             self.prefill(prompt)
             return self.logits()
@@ -272,13 +274,15 @@ class Engine:
     def logits(self) -> np.ndarray:
         return self.ctx.logits()
 
-    def generate(self, prompt: Prompt, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream:
-        """Prefill ``prompt`` and stream the reply (the lock is held while it streams).
+    def generate(self, messages: list[Message], options: SamplingOptions, *,
+                 max_image_tokens: int | None = None, cancel: CancelToken | None = None) -> TextStream:
+        """Build the request for ``messages`` now, then prefill it and stream the reply (the lock is held while it streams).
 
         ``cancel`` (or closing the stream) stops the prefill between chunks and
         the reply before its next token; so does closing the engine from the
         thread iterating (the lock is re-entrant), before anything freed is used.
         """
+        prompt = self.prompt(messages, max_image_tokens=max_image_tokens)
         return TextStream(lambda hooks: self._generate(prompt, options, hooks), cancel)
 
     def _generate(self, prompt: Prompt, options: SamplingOptions, hooks: StreamHooks) -> Iterator[str]:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -89,8 +89,9 @@ class EngineRequest:
 class VLMEngine(Protocol):
     """The engine interface :class:`edgevlm.VLM` runs on (every call takes the whole conversation).
 
-    ``prompt`` builds a request once; the object it returns is opaque to ``VLM`` apart from
-    being handed back to ``generate`` / ``next_token_logits``. Engines serialise calls with
+    Each engine renders ``messages`` into its own request form (chunks for llama.cpp,
+    tokens and images for mllama); ``generate`` does so before returning, so a bad request
+    raises at the call, not when the stream is read. Engines serialise calls with
     ``lock`` and raise :class:`~edgevlm.errors.InvalidRequestError` once closed.
     """
 
@@ -111,14 +112,15 @@ class VLMEngine(Protocol):
     def caching(self) -> bool: ...
     def settings(self) -> RuntimeSettings: ...
     def tokenize(self, text: str) -> list[int]: ...
-    def prompt(self, messages: list[Message], *, gen: bool = True, max_image_tokens: int | None = None) -> Any: ...
     def prompt_chunks(self, messages: list[Message], *, gen: bool = True,
                       max_image_tokens: int | None = None) -> list[Chunk]: ...
     def prompt_text(self, messages: list[Message], *, gen: bool = True) -> str: ...
     def prepare(self, messages: list[Message], *, max_image_tokens: int | None = None,
                 cancelled: Callable[[], bool] | None = None) -> PrefillStats: ...
-    def generate(self, prompt: Any, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream: ...
-    def next_token_logits(self, prompt: Any) -> np.ndarray: ...
+    def generate(self, messages: list[Message], options: SamplingOptions, *,
+                 max_image_tokens: int | None = None, cancel: CancelToken | None = None) -> TextStream: ...
+    def next_token_logits(self, messages: list[Message], *, gen: bool = True,
+                          max_image_tokens: int | None = None) -> np.ndarray: ...
     def score_choices(self, messages: list[Message], choices: Sequence[str], *,
                       max_image_tokens: int | None = None) -> ChoiceScores: ...
     def generate_choice(self, messages: list[Message], choices: Sequence[str], *,

@@ -315,14 +315,24 @@ class MllamaEngine:
             raise InvalidRequestError("no logits: the last prefill was cancelled")
         return self.next_logits
 
-    def next_token_logits(self, prompt: MllamaPrompt) -> np.ndarray:
+    def next_token_logits(self, messages: list[Message], *, gen: bool = True,
+                          max_image_tokens: int | None = None) -> np.ndarray:
+        return self.prompt_logits(self.prompt(messages, gen=gen))
+
+    def prompt_logits(self, prompt: MllamaPrompt) -> np.ndarray:
+        """Logits of the token after ``prompt`` (any token prefix of a rendered prompt)."""
         with self.lock:
             self.prefill(prompt)
             return self.logits().copy()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: MllamaPrompt, options: SamplingOptions, cancel: CancelToken | None = None) -> TextStream:
-        """Prefill ``prompt`` and stream the reply (the lock is held while it streams)."""
+    def generate(self, messages: list[Message], options: SamplingOptions, *,
+                 max_image_tokens: int | None = None, cancel: CancelToken | None = None) -> TextStream:
+        """Build the request now, then prefill it and stream the reply (the lock is held while it streams).
+
+        ``max_image_tokens`` is ignored: an image's tiles are fixed.
+        """
+        prompt = self.prompt(messages)
         return TextStream(lambda hooks: self._generate(prompt, options, hooks), cancel)
 
     def _generate(self, prompt: MllamaPrompt, options: SamplingOptions, hooks: StreamHooks) -> Iterator[str]:

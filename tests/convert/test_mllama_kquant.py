@@ -187,7 +187,7 @@ def _conversation_logits(folder: Path) -> np.ndarray:
                         {"role": "assistant", "content": answer}]
             prompt = engine.prompt(normalize_messages(messages), gen=False)
             for end in range(prompt.tokens.index(engine.image_token) + 1, len(prompt.tokens) + 1):
-                out.append(engine.next_token_logits(MllamaPrompt(prompt.tokens[:end], prompt.images)))
+                out.append(engine.prompt_logits(MllamaPrompt(prompt.tokens[:end], prompt.images)))
     return np.asarray(out)
 
 
