@@ -96,7 +96,10 @@ def open_mllama_engine(family: Family, request: EngineRequest) -> MllamaEngine:
     described = request.described
     headers = (described.llm, described.projector.header) if described.projector is not None else None
     pipe = MllamaPipeline(files.llm, files.mmproj, device=request.device, n_threads=threads, n_ctx=n_ctx,
-                          kv_type=request.kv_type, headers=headers)
+                          kv_type=request.kv_type, headers=headers,
+                          text_progress=request.report.stage_callback(LoadStage.LOADING_LLM, files.llm.name),
+                          vision_progress=request.report.stage_callback(LoadStage.LOADING_PROJECTOR,
+                                                                        files.mmproj.name))
     try:  # a progress callback that raises aborts the load: the graphs are freed again
         request.report.report(LoadStage.CREATING_CONTEXT, 0.0, files.llm.name)
         template = request.chat_template if request.chat_template is not None else pipe.vocab.chat_template()

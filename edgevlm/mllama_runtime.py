@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,9 @@ class MllamaPipeline:
         kv_type: the KV cache's type ("f32", "f16", "q8_0", "q4_0": see MllamaTextModel).
         headers: the two files' headers when already read (the model descriptor's), so that
             neither file is parsed again.
+        text_progress, vision_progress: called with the fraction of the text decoder's
+            (loaded first) and the vision encoder's weights uploaded; raising stops the load
+            and frees what was loaded.
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
@@ -89,15 +92,22 @@ class MllamaPipeline:
 
     def __init__(self, llm_path: str | Path, mmproj_path: str | Path, *, device: str = "auto",
                  n_threads: int | None = None, n_ctx: int = 2048, kv_type: str = "f16",
-                 headers: tuple[GGUFHeader, GGUFHeader] | None = None) -> None:
+                 headers: tuple[GGUFHeader, GGUFHeader] | None = None,
+                 text_progress: Callable[[float], None] | None = None,
+                 vision_progress: Callable[[float], None] | None = None) -> None:
         threads = n_threads or default_threads()
         llm_header, mmproj_header = headers if headers is not None else (None, None)
         self._tmp = tempfile.TemporaryDirectory(prefix="edgevlm-mllama-")
-        self.vocab = LlamaModel(write_vocab_gguf(llm_path, Path(self._tmp.name) / "vocab.gguf", llm_header),
-                                vocab_only=True)
-        self.vision = MllamaVisionEncoder(mmproj_path, device=device, n_threads=threads, header=mmproj_header)
-        self.text = MllamaTextModel(llm_path, device=device, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type,
-                                    header=llm_header)
+        try:
+            self.vocab = LlamaModel(write_vocab_gguf(llm_path, Path(self._tmp.name) / "vocab.gguf", llm_header),
+                                    vocab_only=True)
+            self.text = MllamaTextModel(llm_path, device=device, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type,
+                                        header=llm_header, progress=text_progress)
+            self.vision = MllamaVisionEncoder(mmproj_path, device=device, n_threads=threads, header=mmproj_header,
+                                              progress=vision_progress)
+        except BaseException:
+            self.close()
+            raise
 
     def tokenize(self, prompt: str) -> list[int]:
         """Token ids of ``prompt`` (BOS as the vocabulary says; special tokens parsed)."""

@@ -149,6 +149,8 @@ class Weights:
         extra: buffer types to try, best first (``Backend.extra_buffer_types()``).
         upload: copy the tensors' data in; False: only allocate (fill them with :meth:`set`;
             :meth:`RawTensor.empty` describes a tensor without data).
+        progress: called with the fraction of bytes copied in after each tensor; whatever it
+            raises stops the upload (the buffers are freed again) and propagates.
 
     Raises:
         InvalidModelError: a tensor's byte size disagrees with its type and shape.
@@ -156,7 +158,8 @@ class Weights:
     """
 
     def __init__(self, backend: Backend, tensors: Mapping[str, RawTensor], *,
-                 matmul: Collection[str] = (), extra: Sequence[BufferType] = (), upload: bool = True) -> None:
+                 matmul: Collection[str] = (), extra: Sequence[BufferType] = (), upload: bool = True,
+                 progress: Callable[[float], None] | None = None) -> None:
         g = self.g = backend.g
         self.backend = backend
         self._tensors: dict[str, object] = {}
@@ -173,14 +176,23 @@ class Weights:
                 if not buffer:
                     raise KernelsUnavailableError(f"could not allocate the {key} weight buffer on {backend.name}")
                 self.buffers[key] = buffer
-        except Exception:
+            if upload:
+                self._upload(tensors, progress)
+        except BaseException:
             self.close()
             raise
-        for name, raw in tensors.items() if upload else ():
+
+    def _upload(self, tensors: Mapping[str, RawTensor], progress: Callable[[float], None] | None) -> None:
+        """Copy each tensor's data into its buffer, reporting the bytes done to ``progress``."""
+        total, done = sum(raw.nbytes for raw in tensors.values()) or 1, 0
+        for name, raw in tensors.items():
             data = raw.payload()
-            g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
+            self.g.ggml_backend_tensor_set(self._tensors[name], data.ctypes.data, 0, data.nbytes)
             del data
             release_mapped_pages(raw.data)
+            done += raw.nbytes
+            if progress is not None:
+                progress(done / total)
 
     def _add(self, name: str, raw: RawTensor, buft: BufferType, capacity: int) -> None:
         g = self.g
@@ -298,16 +310,19 @@ def linear_once(backend: Backend, w: object, x: np.ndarray) -> np.ndarray:
 
 
 def upload_weights(device: str, n_threads: int, tensors: Mapping[str, RawTensor], *,
-                   matmul: Collection[str] = (), allow_extra: bool | None = None) -> Weights:
+                   matmul: Collection[str] = (), allow_extra: bool | None = None,
+                   progress: Callable[[float], None] | None = None) -> Weights:
     """A new :class:`Backend` on ``device`` holding ``tensors`` (``weights.backend``; closed again on failure).
 
     ``matmul`` names go to the CPU's repacking buffer types where ggml takes them
-    (``allow_extra``: as :meth:`Backend.extra_buffer_types`; None: unless the AMX guard is on).
+    (``allow_extra``: as :meth:`Backend.extra_buffer_types`; None: unless the AMX guard is on);
+    ``progress`` as in :class:`Weights`.
     """
     backend = Backend(device, n_threads=n_threads)
     try:
-        return Weights(backend, tensors, matmul=matmul, extra=backend.extra_buffer_types(allow_extra))
-    except Exception:
+        return Weights(backend, tensors, matmul=matmul, extra=backend.extra_buffer_types(allow_extra),
+                       progress=progress)
+    except BaseException:
         backend.close()
         raise
 

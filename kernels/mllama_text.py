@@ -27,7 +27,7 @@ row (what ``generate`` does).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,13 +217,15 @@ class MllamaTextModel:
             quantised, read by ggml's flash attention, and the images' K/V stay f16).
         n_ubatch: tokens per graph (:data:`UBATCH`).
         header: the file's header when already read (the model descriptor's); read otherwise.
+        progress: called with the fraction of the weights uploaded; raising stops the load.
 
     Raises:
         InvalidModelError, KernelsUnavailableError, InvalidRequestError (bad kv_type / n_ctx).
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4, n_ctx: int = 512,
-                 kv_type: str = "f32", n_ubatch: int = UBATCH, header: GGUFHeader | None = None) -> None:
+                 kv_type: str = "f32", n_ubatch: int = UBATCH, header: GGUFHeader | None = None,
+                 progress: Callable[[float], None] | None = None) -> None:
         check_kv_type(kv_type)
         if n_ctx < 1 or n_ubatch < 1:
             raise InvalidRequestError(f"n_ctx ({n_ctx}) and n_ubatch ({n_ubatch}) must be at least 1")
@@ -242,7 +244,7 @@ class MllamaTextModel:
             device_tensors[name] = _empty_cache(kv_type, (n_ctx, cfg.n_head_kv, cfg.head_dim))
         matmul = {n for n, t in device_tensors.items()
                   if len(t.ne) == 2 and n.endswith(".weight") and n != "token_embd.weight"}
-        self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul)
+        self.weights = upload_weights(device, n_threads, device_tensors, matmul=matmul, progress=progress)
         self.backend = self.weights.backend
         self._embd = self._place_embeddings(tensors[EMBD])
         self.images: ImageKV | None = None

@@ -30,7 +30,7 @@ graph as scale factors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,16 +163,17 @@ def is_encoder_matrix(name: str, ne: tuple[int, ...]) -> bool:
             and "ln" not in name)
 
 
-def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: set[str]) -> Weights:
+def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: set[str],
+            progress: Callable[[float], None] | None) -> Weights:
     """The encoder's weights on a new backend; on the CPU, f16 matrices as ``auto`` converts a tower's
     (Q8_0 for ggml's AMX tile kernels where they are usable: :func:`tower_weights.choose_weight_type`)."""
     backend = Backend(device, n_threads=n_threads)
     try:
         extra = backend.extra_buffer_types()
-        weights, choice = upload_tower(backend, tensors, "auto", extra, matmul)
+        weights, choice = upload_tower(backend, tensors, "auto", extra, matmul, progress)
         LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
         return weights
-    except Exception:
+    except BaseException:
         backend.close()
         raise
 
@@ -191,13 +192,15 @@ class MllamaVisionEncoder:
             False (the default) frees them after each :meth:`encode`, so the buffer is never
             held beside the text decoder's (a graph build costs milliseconds; an encode, seconds).
         header: the file's header when already read (the model descriptor's); read otherwise.
+        progress: called with the fraction of the weights uploaded; raising stops the load.
 
     Raises:
         InvalidModelError, UnsupportedModelError, KernelsUnavailableError.
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", n_threads: int = 4,
-                 flash_attn: bool = True, keep_graph: bool = False, header: GGUFHeader | None = None) -> None:
+                 flash_attn: bool = True, keep_graph: bool = False, header: GGUFHeader | None = None,
+                 progress: Callable[[float], None] | None = None) -> None:
         self.path = Path(path)
         self.flash_attn, self.keep_graph = flash_attn, keep_graph
         self.meta, tensors = read_gguf_tensors(self.path, header)
@@ -205,7 +208,7 @@ class MllamaVisionEncoder:
         self.gates = gate_values(tensors)
         device_tensors = {n: t for n, t in tensors.items() if n not in self.gates}
         matmul = {n for n, t in device_tensors.items() if is_encoder_matrix(n, t.ne)}
-        self.weights = _upload(device, n_threads, device_tensors, matmul)
+        self.weights = _upload(device, n_threads, device_tensors, matmul, progress)
         self.backend = self.weights.backend
         self._graph: CompiledGraph | None = None
         self._scratch: Backend | None = None  # the backend the graph runs on

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -202,7 +202,8 @@ _LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
 
 
 def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: str,
-                 extra: Sequence[BufferType], matrices: set[str] | None = None) -> tuple[Weights, WeightChoice]:
+                 extra: Sequence[BufferType], matrices: set[str] | None = None,
+                 progress: Callable[[float], None] | None = None) -> tuple[Weights, WeightChoice]:
     """A tower's device tensors on ``backend``, their matrices in the type :func:`choose_weight_type` picks.
 
     Args:
@@ -211,6 +212,7 @@ def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: 
         requested: the ``weight_type`` asked for ("auto", "as-file", "bf16", "q8_0").
         extra: the extra buffer types the matrices may use (``Backend.extra_buffer_types``).
         matrices: the ``mul_mat`` weights (default: :func:`matmul_weights`).
+        progress: as in :class:`~edgevlm.kernels.graph.Weights` (raising stops the upload).
 
     Returns:
         The uploaded weights and the choice, with its reason.
@@ -221,7 +223,7 @@ def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: 
     choice = choose_weight_type(requested, tensors, backend, extra, matrices)
     converted = apply_weight_type(tensors, choice, matrices)
     names = matmul_weights(converted) if matrices is None else matrices
-    return Weights(backend, converted, matmul=names, extra=extra), choice
+    return Weights(backend, converted, matmul=names, extra=extra, progress=progress), choice
 
 
 def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice,

@@ -201,6 +201,61 @@ def test_close_then_use_raises(mllama_f32_result):
         vlm.chat([_ask("hi")])
 
 
+def _load_events(mllama_f32_result, progress):
+    import edgevlm
+
+    return edgevlm.load(mllama_f32_result.llm_path.parent, n_ctx=64, kv_type="f32", n_threads=1,
+                        n_gpu_layers=0, cache=False, progress=progress)
+
+
+def test_load_reports_the_weights_as_they_are_uploaded(mllama_f32_result):
+    from edgevlm.progress import LoadStage
+
+    events = []
+    _load_events(mllama_f32_result, events.append).close()
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions) and events[-1].fraction == 1.0
+    for stage in (LoadStage.LOADING_LLM, LoadStage.LOADING_PROJECTOR):
+        parts = [e.stage_fraction for e in events if e.stage is stage]
+        assert len(parts) > 3 and parts == sorted(parts) and parts[-1] == 1.0, (stage, parts)
+    stages = list(dict.fromkeys(e.stage for e in events))
+    assert stages.index(LoadStage.LOADING_LLM) < stages.index(LoadStage.LOADING_PROJECTOR)
+
+
+class _Abort(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage_name", ["LOADING_LLM", "LOADING_PROJECTOR"])
+def test_a_callback_raising_mid_upload_stops_the_load_and_frees_the_backends(mllama_f32_result, stage_name,
+                                                                             monkeypatch):
+    """What the chat REPL's /quit during a load relies on: it stops inside the weights, not after them."""
+    from edgevlm.kernels.backend import Backend
+    from edgevlm.progress import LoadStage
+
+    stage = LoadStage[stage_name]
+    opened, original_init = [], Backend.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(Backend, "__init__", init)
+    seen = []
+
+    def progress(event):
+        if event.stage is stage and 0 < event.stage_fraction < 1:
+            seen.append(event.stage_fraction)
+            raise _Abort(stage.value)
+
+    with pytest.raises(_Abort):
+        _load_events(mllama_f32_result, progress)
+    assert seen, f"no {stage.value} event between 0 and 1"
+    assert opened and all(not b.ptr for b in opened), "a backend opened before the abort was not freed"
+    monkeypatch.undo()
+    _load_events(mllama_f32_result, None).close()  # nothing left half-loaded
+
+
 def test_cli_one_shot(mllama_f32_result, tmp_path):
     from click.testing import CliRunner
 
