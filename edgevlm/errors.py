@@ -57,6 +57,14 @@ class RuntimeFailure(EdgeVLMError, RuntimeError):
     """llama.cpp or libmtmd reported a failure while running a model."""
 
 
+class ComputeCancelled(EdgeVLMError, RuntimeError):
+    """A graph computation was stopped by its cancel check before it finished.
+
+    The engines catch it (a cancelled request or preparation ends there, nothing half-done
+    kept); it reaches a caller only from :mod:`edgevlm.kernels` functions given ``cancelled``.
+    """
+
+
 class HubError(EdgeVLMError, OSError):
     """Downloading from the Hugging Face hub failed."""
 

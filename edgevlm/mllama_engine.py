@@ -43,7 +43,7 @@ from edgevlm import native
 from edgevlm.cache import EmbeddingStore, file_identity
 from edgevlm.chunks import Chunk, ImageUnit, TextChunk, Unit
 from edgevlm.engine_protocol import EngineRequest, RuntimeSettings
-from edgevlm.errors import ContextOverflowError, InvalidRequestError, RuntimeFailure
+from edgevlm.errors import ComputeCancelled, ContextOverflowError, InvalidRequestError, RuntimeFailure
 from edgevlm.generation import (CancelToken, ReplyStart, SamplingOptions, StreamHooks, TextStream,
                                 run_reply)
 from edgevlm.kernels.mllama_text import TextState, cross_attention_mask
@@ -212,13 +212,21 @@ class MllamaEngine:
     def prefill(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None = None) -> PrefillStats:
         """Make the caches hold ``prompt`` with the logits of its last position (prefix reused).
 
+        ``cancelled`` is asked between the token batches and, on the CPU, inside an image's
+        encode; True stops there (an image stopped mid-encode is not kept, and the live
+        conversation is then empty; there are no logits).
+
         Raises:
             InvalidRequestError: the model was closed.
         """
         with self.lock:
             self.check_open()
             stats = PrefillStats(prompt_positions=len(prompt.tokens), kv_cells=len(prompt.tokens))
-            reuse = self._keep_prefix(prompt, stats)
+            try:
+                reuse = self._keep_prefix(prompt, stats, cancelled)
+            except ComputeCancelled:
+                self.last_prefill, self.prompt_end = stats, 0
+                return stats
             started = time.perf_counter()
             self._read(prompt, cancelled)
             stats.reused_positions = reuse
@@ -248,7 +256,7 @@ class MllamaEngine:
                 return PrefillStats()
             return self.prefill(MllamaPrompt(tokens, images), cancelled)
 
-    def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats) -> int:
+    def _keep_prefix(self, prompt: MllamaPrompt, stats: PrefillStats, cancelled: Callable[[], bool] | None) -> int:
         """Rewind the caches to what ``prompt`` can reuse (live or parked); set the images' K/V if they differ."""
         text = self.pipe.text
         keys = tuple(image.digest for image in prompt.images)
@@ -272,7 +280,7 @@ class MllamaEngine:
             return reuse
         text.reset()
         self.history, self.image_keys, self.next_logits = [], (), None
-        found = [self.images.get(image, stats) for image in prompt.images]
+        found = [self.images.get(image, stats, cancelled=cancelled) for image in prompt.images]
         if found:
             text.set_images([v.states for v in found], [v.n_tiles for v in found])
         self.image_keys = keys

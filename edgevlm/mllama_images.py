@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,8 +58,13 @@ class MllamaImages:
         self.ram: OrderedDict[str, VisionStates] = OrderedDict()
         self.n_encode_calls = 0
 
-    def get(self, image: LoadedImage, stats: PrefillStats | None = None, *, cache: bool = True) -> VisionStates:
-        """``image``'s vision states (``cache=False``: encoded again, nothing looked up or kept)."""
+    def get(self, image: LoadedImage, stats: PrefillStats | None = None, *, cache: bool = True,
+            cancelled: Callable[[], bool] | None = None) -> VisionStates:
+        """``image``'s vision states (``cache=False``: encoded again, nothing looked up or kept).
+
+        Raises:
+            ComputeCancelled: ``cancelled`` stopped the encoder mid-graph (nothing was kept).
+        """
         stats = stats if stats is not None else PrefillStats()
         hit = self.ram.get(image.digest) if cache else None
         if hit is not None:
@@ -70,11 +75,11 @@ class MllamaImages:
         shape = (cfg.max_num_tiles * cfg.n_positions, cfg.output_width)
         if cache and self.store is not None:
             flat, computed = self.store.get_or_compute(f"mllama/{self.projector}/{image.digest}",
-                                                       lambda: self._encode(image, stats).reshape(shape), shape)
+                                                       lambda: self._encode(image, stats, cancelled).reshape(shape), shape)
             if not computed:
                 stats.images_from_cache += 1
         else:
-            flat = self._encode(image, stats).reshape(shape)
+            flat = self._encode(image, stats, cancelled).reshape(shape)
         found = VisionStates(np.asarray(flat, np.float32).reshape(cfg.max_num_tiles, cfg.n_positions, -1),
                              n_tiles_for(cfg, image.width, image.height))
         if cache:
@@ -83,9 +88,9 @@ class MllamaImages:
                 self.ram.popitem(last=False)
         return found
 
-    def _encode(self, image: LoadedImage, stats: PrefillStats) -> np.ndarray:
+    def _encode(self, image: LoadedImage, stats: PrefillStats, cancelled: Callable[[], bool] | None) -> np.ndarray:
         started = time.perf_counter()
-        encoded = self.pipe.encode_image(to_pil(image))
+        encoded = self.pipe.encode_image(to_pil(image), cancelled)
         self.n_encode_calls += 1
         stats.images_encoded += 1
         stats.encode_ms += (time.perf_counter() - started) * 1e3

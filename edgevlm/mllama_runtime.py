@@ -120,10 +120,12 @@ class MllamaPipeline:
                             max_num_tiles=cfg.max_num_tiles, aspect_ratios=cfg.aspect_ratios,
                             mean=cfg.image_mean, std=cfg.image_std, resample=cfg.resample)
 
-    def encode_image(self, image: Image.Image) -> EncodedImage:
-        """Tile ``image`` as MllamaImageProcessor does and run the vision encoder on it."""
+    def encode_image(self, image: Image.Image, cancelled: Callable[[], bool] | None = None) -> EncodedImage:
+        """Tile ``image`` as MllamaImageProcessor does and run the vision encoder on it
+        (``cancelled``: as in :meth:`MllamaVisionEncoder.encode`)."""
         tiles = self.tiles(image)
-        return EncodedImage(tiles, self.vision.encode(tiles.pixels, tiles.aspect_ratio_id, tiles.n_tiles))
+        return EncodedImage(tiles, self.vision.encode(tiles.pixels, tiles.aspect_ratio_id, tiles.n_tiles,
+                                                      cancelled=cancelled))
 
     def start(self, prompt: str, images: Sequence[Image.Image | EncodedImage] = ()) -> np.ndarray:
         """Begin a conversation: encode the images, read the prompt; return the next-token logits.

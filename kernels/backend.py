@@ -8,6 +8,8 @@ registers and falls back to the CPU. A device can also be named (``"cpu"``,
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from edgevlm import amx_guard
@@ -143,6 +145,38 @@ class Backend:
     def close_scratch(self, scratch: Backend) -> None:
         if scratch is not self:
             scratch.close()
+
+    @contextmanager
+    def abort_when(self, cancelled: Callable[[], bool] | None) -> Iterator[bool]:
+        """Inside, a graph compute on this backend stops between nodes once ``cancelled()`` is true
+        (``ggml_backend_graph_compute`` then returns ``GGML_STATUS_ABORTED``).
+
+        Backends without ggml's abort hook (CUDA) run each graph to its end; so does
+        everything when ``cancelled`` is None. Yields whether the hook is installed.
+        """
+        setter = self._abort_setter() if cancelled is not None else None
+        if setter is None or cancelled is None:
+            yield False
+            return
+
+        def asked(_data: object) -> bool:
+            try:
+                return bool(cancelled())
+            except Exception:  # a broken check must not print from inside ggml: stop instead
+                return True
+
+        callback = ggml.ABORT_CALLBACK(asked)  # kept alive until the hook is removed below
+        setter(self.ptr, ctypes.cast(callback, ctypes.c_void_p), None)
+        try:
+            yield True
+        finally:
+            setter(self.ptr, None, None)
+
+    def _abort_setter(self) -> Callable[..., None] | None:
+        """The device's ``ggml_backend_set_abort_callback`` (CPU, Metal), or None."""
+        reg = self.g.ggml_backend_dev_backend_reg(self.dev)
+        address = self.g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_abort_callback") if reg else None
+        return ggml.SET_ABORT_CALLBACK(address) if address else None
 
     def extra_buffer_types(self, allow: bool | None = None) -> list[BufferType]:
         """The CPU device's extra buffer types (weight repacking), in ggml's order of preference.

@@ -43,6 +43,7 @@ DEV_TYPE_CPU, DEV_TYPE_GPU, DEV_TYPE_IGPU, DEV_TYPE_ACCEL = 0, 1, 2, 3
 GGML_ROPE_TYPE_NEOX = 2  # rotate-half pairs (i, i + d/2), as HF's rotate_half
 
 GGML_STATUS_SUCCESS = 0
+GGML_STATUS_ABORTED = 1  # enum ggml_status (ggml.h)
 GGML_PREC_F32 = 10  # enum ggml_prec
 
 
@@ -176,6 +177,11 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
 
 #: ``ggml_backend_dev_get_extra_bufts_t`` (ggml-backend.h): device -> NULL-terminated buffer types.
 GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
+
+#: ``ggml_abort_callback`` (ggml.h): asked by the CPU backend after each graph node; true stops the compute.
+ABORT_CALLBACK = ctypes.CFUNCTYPE(c_bool, c_void_p)
+#: ``ggml_backend_set_abort_callback_t`` (ggml-backend.h): (backend, callback or NULL, data), looked up by name.
+SET_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_void_p)
 
 _LIBRARY_FILES = native.GGML_LIBRARY_FILES
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from edgevlm.errors import InvalidModelError, KernelsUnavailableError, RuntimeFailure
+from edgevlm.errors import ComputeCancelled, InvalidModelError, KernelsUnavailableError, RuntimeFailure
 
 from . import ggml
 from .backend import Backend, BufferType
@@ -632,13 +632,21 @@ class CompiledGraph:
         g.ggml_backend_tensor_get(self.output, out.ctypes.data_as(ctypes.c_void_p), 0, out.nbytes)
         return out
 
-    def compute(self) -> None:
+    def compute(self, cancelled: Callable[[], bool] | None = None) -> None:
         """Compute the graph on the inputs already set (by :meth:`run`), leaving the output on the backend.
 
+        Args:
+            cancelled: asked between the graph's nodes where the backend allows it
+                (:meth:`Backend.abort_when`); True stops the compute.
+
         Raises:
+            ComputeCancelled: ``cancelled`` stopped it (the output is not complete).
             RuntimeFailure: the backend reported a failure.
         """
-        status = self.g.ggml_backend_graph_compute(self.backend.ptr, self.graph)
+        with self.backend.abort_when(cancelled):
+            status = self.g.ggml_backend_graph_compute(self.backend.ptr, self.graph)
+        if status == ggml.GGML_STATUS_ABORTED:
+            raise ComputeCancelled(f"the graph computation on {self.backend.name} was cancelled")
         if status != ggml.GGML_STATUS_SUCCESS:
             raise RuntimeFailure(f"ggml graph compute failed on {self.backend.name} (status {status})")
 

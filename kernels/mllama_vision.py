@@ -222,19 +222,23 @@ class MllamaVisionEncoder:
         """Bytes of the compute buffer held now (0 between images unless ``keep_graph``)."""
         return self._graph.compute_bytes if self._graph is not None else 0
 
-    def encode(self, pixels: np.ndarray, aspect_ratio_id: int, n_tiles: int) -> np.ndarray:
+    def encode(self, pixels: np.ndarray, aspect_ratio_id: int, n_tiles: int, *,
+               cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Run the encoder and projector on one image's tiles.
 
         Args:
             pixels: ``(max_num_tiles, 3, S, S)`` normalised tiles (zeros past ``n_tiles``).
             aspect_ratio_id: ``1 +`` the tile arrangement's index in the supported list.
             n_tiles: The image's real tiles.
+            cancelled: asked between the graph's nodes on the CPU (seconds to minutes of
+                work for the 11B's four tiles); True stops the encode.
 
         Returns:
             float32 ``(max_num_tiles, n_positions, output_width)``.
 
         Raises:
             InvalidModelError: wrong pixel shape, id or tile count.
+            ComputeCancelled: ``cancelled`` stopped it.
         """
         cfg = self.config
         want = (cfg.max_num_tiles, 3, cfg.image_size, cfg.image_size)
@@ -249,7 +253,7 @@ class MllamaVisionEncoder:
             graph.set_inputs({"patches": np.stack([patchify(t.astype(np.float32), cfg.patch_size) for t in pixels]),
                               "aspect_ratio_id": np.array([aspect_ratio_id], np.int32),
                               "mask": attention_mask(cfg, n_tiles, np.float16)})  # host copies dropped here
-            graph.compute()
+            graph.compute(cancelled)
             out = graph.output_array()
         finally:
             if not self.keep_graph:

@@ -273,3 +273,42 @@ def test_an_f16_input_through_the_extra_buffer_types(cpu):
         weights.close()
     ref = x.astype(np.float16).astype(np.float32) @ w.astype(np.float32).T
     close(out, ref, 1e-3)
+
+
+# ---------------------------------------------------------------------------- cancelling a compute
+def _chain(cpu, depth):
+    """A graph of ``depth`` linear layers (one node each at least) on a 16-wide input."""
+    w = rand(16, 16, scale=0.1)
+    weights = Weights(cpu, {"w": RawTensor.from_numpy(w)})
+    b = GraphBuilder()
+    x = b.input("x", (16, 4))
+    out = x
+    for _ in range(depth):
+        out = b.linear(out, weights["w"])
+    return CompiledGraph(cpu, b, out), weights, w
+
+
+def test_a_cancel_check_stops_a_compute_between_nodes_and_is_removed_after(cpu, capfd):
+    from edgevlm.errors import ComputeCancelled
+
+    graph, weights, w = _chain(cpu, 40)
+    x = rand(4, 16)
+    try:
+        asked = []
+        graph.set_inputs({"x": x})
+        with pytest.raises(ComputeCancelled, match="cancelled"):
+            graph.compute(cancelled=lambda: asked.append(1) or len(asked) >= 5)
+        assert len(asked) == 5, "ggml did not stop at the first true answer"
+        graph.compute(cancelled=lambda: False)   # asked at every node, never stops
+        expected = x
+        for _ in range(40):
+            expected = expected @ w.T
+        close(graph.output_array(), expected)
+        graph.run({"x": x})                      # no check left installed from before
+        close(graph.output_array(), expected)
+        with pytest.raises(ComputeCancelled):    # a check that raises stops the compute (and prints nothing)
+            graph.compute(cancelled=lambda: 1 / 0)
+        assert capfd.readouterr().err == ""
+    finally:
+        graph.close()
+        weights.close()

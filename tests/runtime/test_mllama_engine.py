@@ -201,6 +201,41 @@ def test_close_then_use_raises(mllama_f32_result):
         vlm.chat([_ask("hi")])
 
 
+class _AfterChecks:
+    """A cancel token that turns true after ``n`` questions (and counts them)."""
+
+    def __init__(self, n):
+        self.n, self.asked = n, 0
+
+    def is_set(self):
+        self.asked += 1
+        return self.asked > self.n
+
+
+def test_a_preparation_cancelled_inside_the_image_encode_stops_there(vlm):
+    """The encode is one graph (a minute for the 11B's four tiles on 2 cores): the check runs between its nodes."""
+    image = gradient_image(150, 90, seed=11)
+    messages = [_ask("what colours are in the cancelled one?", [image])]
+    calls = vlm.engine.encoder_calls
+    cancel = _AfterChecks(3)
+    stats = vlm.prepare([_ask("", [image])], cancel=cancel)
+    assert stats.images_encoded == 0 and vlm.engine.encoder_calls == calls, "the encode ran to its end"
+    assert cancel.asked == 4
+    after_cancel = vlm.next_token_logits(messages).copy()
+    assert vlm.engine.encoder_calls == calls + 1, "a half-encoded image was kept"
+    vlm.engine.reset()
+    vlm.engine.images.clear()
+    np.testing.assert_array_equal(vlm.next_token_logits(messages), after_cancel)  # as from scratch
+
+
+def test_a_stream_cancelled_inside_the_image_encode_ends_cancelled(vlm):
+    calls = vlm.engine.encoder_calls
+    stream = vlm.stream([_ask("and this one?", [gradient_image(150, 90, seed=12)])], max_tokens=5,
+                        temperature=0, cancel=_AfterChecks(3))
+    assert list(stream) == [] and stream.stats.finish_reason == "cancelled"
+    assert vlm.engine.encoder_calls == calls and stream.stats.prefill.images_encoded == 0
+
+
 def _load_events(mllama_f32_result, progress):
     import edgevlm
 
