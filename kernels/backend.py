@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from edgevlm import amx_guard
 from edgevlm.errors import KernelsUnavailableError
 
-from . import ggml
+from . import abort, ggml
 
 #: More extra buffer types than any ggml CPU build registers: a longer list is a broken table.
 _MAX_EXTRA_BUFTS = 16
@@ -148,29 +148,25 @@ class Backend:
 
     @contextmanager
     def abort_when(self, cancelled: Callable[[], bool] | None) -> Iterator[bool]:
-        """Inside, a graph compute on this backend stops between nodes once ``cancelled()`` is true
-        (``ggml_backend_graph_compute`` then returns ``GGML_STATUS_ABORTED``).
+        """Inside, a graph compute on this backend stops between nodes soon after ``cancelled()``
+        turns true (``ggml_backend_graph_compute`` then returns ``GGML_STATUS_ABORTED``).
 
-        Backends without ggml's abort hook (CUDA) run each graph to its end; so does
-        everything when ``cancelled`` is None. Yields whether the hook is installed.
+        ``cancelled`` is asked from a watcher thread, never from ggml's compute threads
+        (:mod:`edgevlm.kernels.abort`). Backends without ggml's abort hook (CUDA) run each
+        graph to its end; so does everything when ``cancelled`` is None. Yields whether the
+        hook is installed.
         """
         setter = self._abort_setter() if cancelled is not None else None
-        if setter is None or cancelled is None:
+        hook = abort.byte_flag_hook()
+        if setter is None or hook is None or cancelled is None:
             yield False
             return
-
-        def asked(_data: object) -> bool:
+        with abort.watched_flag(cancelled) as flag:
+            setter(self.ptr, hook, flag)
             try:
-                return bool(cancelled())
-            except Exception:  # a broken check must not print from inside ggml: stop instead
-                return True
-
-        callback = ggml.ABORT_CALLBACK(asked)  # kept alive until the hook is removed below
-        setter(self.ptr, ctypes.cast(callback, ctypes.c_void_p), None)
-        try:
-            yield True
-        finally:
-            setter(self.ptr, None, None)
+                yield True
+            finally:
+                setter(self.ptr, None, None)
 
     def _abort_setter(self) -> Callable[..., None] | None:
         """The device's ``ggml_backend_set_abort_callback`` (CPU, Metal), or None."""

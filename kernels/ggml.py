@@ -178,9 +178,8 @@ _SIGNATURES: dict[str, tuple[str, object, list[object]]] = {
 #: ``ggml_backend_dev_get_extra_bufts_t`` (ggml-backend.h): device -> NULL-terminated buffer types.
 GET_EXTRA_BUFTS = ctypes.CFUNCTYPE(POINTER(c_void_p), c_void_p)
 
-#: ``ggml_abort_callback`` (ggml.h): asked by the CPU backend after each graph node; true stops the compute.
-ABORT_CALLBACK = ctypes.CFUNCTYPE(c_bool, c_void_p)
-#: ``ggml_backend_set_abort_callback_t`` (ggml-backend.h): (backend, callback or NULL, data), looked up by name.
+#: ``ggml_backend_set_abort_callback_t`` (ggml-backend.h): (backend, ``bool (*)(void *)`` or NULL, data),
+#: looked up by name; the callback is asked after each graph node (see :mod:`edgevlm.kernels.abort`).
 SET_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_void_p)
 
 _LIBRARY_FILES = native.GGML_LIBRARY_FILES
