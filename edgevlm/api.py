@@ -514,8 +514,10 @@ class VLM:
                 (overrides the one given to :func:`load`).
             cancel: a :class:`threading.Event` (anything with ``is_set()``);
                 setting it, from any thread, stops the prefill before its next
-                chunk and the reply before its next token (finish reason
-                "cancelled"; the engine keeps what was evaluated for reuse).
+                chunk or, on the CPU and Metal, within about 20 ms inside the
+                chunk being read (the LLM's graph; mllama's encoder too), and
+                the reply before its next token (finish reason "cancelled";
+                the engine keeps the chunks evaluated before for reuse).
             grammar: GBNF text (start rule ``root``) the reply must follow,
                 e.g. :func:`edgevlm.json_grammar` of a JSON schema.
             logprobs: None, or how many alternatives to report per token
@@ -576,7 +578,7 @@ class VLM:
         Args:
             messages: the conversation so far, ending with the user's images.
             max_image_tokens: the image-token budget (as in :meth:`chat`).
-            cancel: as in :meth:`chat`; stops before the next chunk.
+            cancel: as in :meth:`chat`; stops before the next chunk, or inside one.
 
         Returns:
             What the prefill reused, encoded and evaluated

@@ -237,8 +237,8 @@ class Engine:
 
         Args:
             prompt: the request's prompt.
-            cancelled: asked between chunks; True stops the prefill there (the
-                KV cache keeps what was evaluated, and there are no logits).
+            cancelled: asked between chunks and while one is decoded; True stops the
+                prefill there (the KV cache keeps the chunks before, and there are no logits).
 
         Raises:
             InvalidRequestError: the model was closed.
@@ -278,7 +278,7 @@ class Engine:
                  max_image_tokens: int | None = None, cancel: CancelToken | None = None) -> TextStream:
         """Build the request for ``messages`` now, then prefill it and stream the reply (the lock is held while it streams).
 
-        ``cancel`` (or closing the stream) stops the prefill between chunks and
+        ``cancel`` (or closing the stream) stops the prefill between or inside chunks and
         the reply before its next token; so does closing the engine from the
         thread iterating (the lock is re-entrant), before anything freed is used.
         """

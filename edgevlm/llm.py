@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,15 @@ import numpy as np
 from edgevlm import native
 from edgevlm import amx_guard
 from edgevlm.constants import KV_TYPES, QUANTISED_KV_TYPES
-from edgevlm.errors import ContextOverflowError, InvalidModelError, InvalidRequestError, RuntimeFailure
+from edgevlm.errors import (ComputeCancelled, ContextOverflowError, InvalidModelError, InvalidRequestError,
+                            RuntimeFailure)
+from edgevlm.kernels.abort import byte_flag_hook, watched_flag
 
 #: llama.h ``LLAMA_LOAD_MODE_NONE``: read tensor data into the buffers (no memory map).
 LOAD_MODE_READ = 0
+
+#: What ``llama_decode`` returns when its abort callback stopped it (llama-context.cpp, ``GGML_STATUS_ABORTED``).
+DECODE_ABORTED = 2
 
 LOG = logging.getLogger("edgevlm")
 
@@ -263,6 +269,24 @@ class LlamaContext:
             pass
 
     # --- KV cache --------------------------------------------------------
+    @contextmanager
+    def stoppable(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:
+        """Inside, a decode stops mid-graph soon after ``cancelled()`` turns true (where the backend
+        has ggml's abort hook: CPU, Metal) and raises :class:`~edgevlm.errors.ComputeCancelled`;
+        llama.cpp drops the positions of the batch it stopped in, earlier batches stay. The hook
+        reads a flag a watcher thread sets (:mod:`edgevlm.kernels.abort`): no Python per node. The
+        error lines llama.cpp logs for a stop it was asked for go to the debug level."""
+        hook = byte_flag_hook()
+        if cancelled is None or hook is None:
+            yield
+            return
+        with watched_flag(cancelled) as flag, native.demoted_while(lambda: ctypes.string_at(flag, 1) != b"\0"):
+            self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(hook), flag)
+            try:
+                yield
+            finally:
+                self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(), None)
+
     def truncate(self, n_pos: int) -> None:
         """Drop every cached position >= n_pos."""
         self._lib.llama_memory_seq_rm(self.memory, self.SEQ, n_pos, -1)
@@ -375,6 +399,9 @@ class LlamaContext:
 
     def _run(self, batch: object) -> None:
         rc = self._lib.llama_decode(self.ptr, batch)
+        if rc == DECODE_ABORTED:
+            self._has_logits = False
+            raise ComputeCancelled("the decode was cancelled")
         if rc != 0:
             raise RuntimeFailure(f"llama_decode failed with code {rc} (1 = no KV slot: raise --ctx)")
 

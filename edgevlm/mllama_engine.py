@@ -295,7 +295,8 @@ class MllamaEngine:
             state.close()
 
     def _read(self, prompt: MllamaPrompt, cancelled: Callable[[], bool] | None) -> None:
-        """Read the prompt's tokens after ``history`` in batches (stopping between them when cancelled)."""
+        """Read the prompt's tokens after ``history`` in batches (stopping between them, or inside one's
+        graphs, when cancelled)."""
         tokens, text = prompt.tokens, self.pipe.text
         mask = (cross_attention_mask(tokens, self.image_token, text.image_tiles, text.tiles_per_image)
                 if prompt.images else None)
@@ -306,7 +307,12 @@ class MllamaEngine:
             if cancelled is not None and cancelled():
                 return
             end = min(len(tokens), done + PREFILL_BATCH)
-            logits = text.forward(tokens[done:end], mask[done:end] if mask is not None else None)[-1]
+            try:
+                logits = text.forward(tokens[done:end], mask[done:end] if mask is not None else None,
+                                      cancelled=cancelled)[-1]
+            except ComputeCancelled:  # stopped inside a graph: drop the batch's micro-batches read so far
+                text.rewind(len(self.history))
+                return
             self.history.extend(tokens[done:end])
             done = end
             self.next_logits = logits

@@ -38,6 +38,26 @@ _state_lock = threading.Lock()
 _pending = {"level": logging.DEBUG, "text": ""}
 _callbacks: list[object] = []  # keeps the ctypes callbacks alive
 _listeners: list[Callable[[str], None]] = []
+_demoted = threading.local()  # .checks: this thread's "lines are expected now" predicates
+
+
+@contextmanager
+def demoted_while(expected: Callable[[], bool]) -> Iterator[None]:
+    """Log llama.cpp's lines from this thread at debug level whenever ``expected()`` is true.
+
+    For the lines a deliberate stop makes llama.cpp write as errors (an aborted
+    ``llama_decode``: "failed to compute graph", "removing memory module entries", ...).
+    """
+    checks = _demoted.__dict__.setdefault("checks", [])
+    checks.append(expected)
+    try:
+        yield
+    finally:
+        checks.remove(expected)
+
+
+def _expected_here() -> bool:
+    return any(check() for check in getattr(_demoted, "checks", ()))
 
 
 @contextmanager
@@ -68,7 +88,7 @@ def _forward(level: int, text: bytes | None, _user_data: object) -> None:
         buffered = _pending["text"] + chunk
         *lines, rest = buffered.split("\n")
         _pending["text"] = rest
-        lvl = _pending["level"]
+        lvl = logging.DEBUG if _expected_here() else _pending["level"]
         listeners = list(_listeners)
     for line in lines:
         if line.strip():

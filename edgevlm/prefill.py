@@ -25,7 +25,7 @@ import numpy as np
 from edgevlm.chunks import (Chunk, ImageChunk, ImageUnit, TextChunk, Unit, kv_cells, overflow_detail,
                              unit_positions)
 from edgevlm.embeddings import ImageEmbeddings
-from edgevlm.errors import EdgeVLMError, InvalidRequestError
+from edgevlm.errors import ComputeCancelled, EdgeVLMError, InvalidRequestError
 from edgevlm.llm import LlamaContext
 from edgevlm.parking import ParkedState, ParkedStates, common_prefix
 from edgevlm.snapshots import SnapshotStore, snapshot_boundaries
@@ -257,28 +257,43 @@ class KVPrefix:
         """Decode ``units[first:]``: text runs in batches, images and embeddings one by one.
 
         A snapshot is saved when the KV cache reaches a length in ``save_at``;
-        ``cancelled`` returning True stops before the next chunk.
+        ``cancelled`` returning True stops before the next chunk, or inside the
+        LLM's graph (:meth:`LlamaContext.stoppable`): the chunk stopped in is
+        dropped from the KV cache, the chunks before it stay.
         """
         i = first
         while i < len(units) and not (cancelled is not None and cancelled()):
-            owner = owners[i]
-            j = i + 1
-            if isinstance(owner, TextChunk):
-                while j < len(units) and isinstance(owners[j], TextChunk) and j not in save_at:
-                    j += 1
-                tokens = [u for u in units[i:j] if isinstance(u, int)]
-                self.ctx.decode_tokens(tokens, starts[i], logits_last=j == len(units))
-            elif isinstance(owner, ImageChunk):
-                if self.encoder is None or self.embeddings is None:
-                    raise InvalidRequestError("an image chunk reached a model without a vision encoder")
-                self.encoder.decode(self.ctx, owner, self.embeddings.get(owner, stats), starts[i])
-            else:
-                self.ctx.decode_embeddings(owner.embeddings, starts[i], causal=owner.causal,
-                                           logits_last=j == len(units))
+            j = self._next_stop(units, owners, i, save_at)
+            try:
+                with self.ctx.stoppable(cancelled):
+                    self._decode_chunk(owners[i], units[i:j], starts[i], j == len(units), stats)
+            except ComputeCancelled:
+                self.ctx.truncate(starts[i])
+                return
             self.commit(units[i:j], starts[i:j + 1])
             i = j
             if i in save_at:
                 self._save_snapshot(stats)
+
+    @staticmethod
+    def _next_stop(units: list[Unit], owners: list[Chunk], i: int, save_at: set[int]) -> int:
+        """Where the piece decoded from ``i`` ends: a text run up to a snapshot length, else one unit."""
+        j = i + 1
+        if isinstance(owners[i], TextChunk):
+            while j < len(units) and isinstance(owners[j], TextChunk) and j not in save_at:
+                j += 1
+        return j
+
+    def _decode_chunk(self, owner: Chunk, units: list[Unit], start: int, last: bool, stats: PrefillStats) -> None:
+        """Decode one piece: text tokens, an image (encoded or from the caches), or raw embeddings."""
+        if isinstance(owner, TextChunk):
+            self.ctx.decode_tokens([u for u in units if isinstance(u, int)], start, logits_last=last)
+        elif isinstance(owner, ImageChunk):
+            if self.encoder is None or self.embeddings is None:
+                raise InvalidRequestError("an image chunk reached a model without a vision encoder")
+            self.encoder.decode(self.ctx, owner, self.embeddings.get(owner, stats), start)
+        else:
+            self.ctx.decode_embeddings(owner.embeddings, start, causal=owner.causal, logits_last=last)
 
 
 def _log_prefill(stats: PrefillStats) -> None:

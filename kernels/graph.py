@@ -605,10 +605,11 @@ class CompiledGraph:
         if buffer:
             self.g.ggml_backend_buffer_clear(buffer, 0)
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Set the inputs, compute, return the output as float32 numpy (C order, reversed ne)."""
+    def run(self, inputs: Mapping[str, np.ndarray], cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """Set the inputs, compute (``cancelled``: as in :meth:`compute`), return the output as float32
+        numpy (C order, reversed ne)."""
         self.set_inputs(inputs)
-        self.compute()
+        self.compute(cancelled)
         return self.output_array()
 
     def set_inputs(self, inputs: Mapping[str, np.ndarray]) -> None:

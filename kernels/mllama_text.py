@@ -405,7 +405,7 @@ class MllamaTextModel:
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: Sequence[int], cross_mask: np.ndarray | None = None, *,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Run ``tokens`` after the conversation so far; return their logits.
 
         Args:
@@ -413,6 +413,7 @@ class MllamaTextModel:
             cross_mask: ``(len(tokens), n_images, max_tiles)`` 0/1 (see :func:`cross_attention_mask`);
                 ``None`` repeats the last row seen (or no row: every token is masked out).
             all_logits: Logits of every token (else of the last only).
+            cancelled: asked while each micro-batch's graph runs (CPU, Metal); True stops it.
 
         Returns:
             float32 ``(len(tokens) or 1, n_vocab)``.
@@ -420,6 +421,8 @@ class MllamaTextModel:
         Raises:
             InvalidRequestError: empty input, a bad token or mask.
             ContextOverflowError: the KV cache is full.
+            ComputeCancelled: ``cancelled`` stopped a micro-batch (``n_past`` counts the
+                micro-batches before it; :meth:`rewind` to drop those too).
         """
         n = len(tokens)
         ids = np.asarray(tokens, dtype=np.int32)
@@ -437,13 +440,13 @@ class MllamaTextModel:
                 end = min(n, start + self.n_ubatch)
                 mask = cross_mask[start:end] if cross_mask is not None else None
                 out.append(self._forward_batch(backend, ids[start:end], mask, "all" if all_logits else
-                                               "last" if end == n else "none"))
+                                               "last" if end == n else "none", cancelled))
         finally:
             self.backend.close_scratch(backend)
         return out[0] if len(out) == 1 else np.concatenate(out) if all_logits else out[-1]
 
     def _forward_batch(self, backend: Backend, ids: np.ndarray, cross_mask: np.ndarray | None,
-                       logits: str) -> np.ndarray:
+                       logits: str, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """One graph over ``ids`` on ``backend`` with the ``logits`` of "all" tokens, the "last" one or
         "none" (an earlier micro-batch: its last hidden row is returned); one-token graphs share an
         allocator kept across tokens."""
@@ -464,7 +467,7 @@ class MllamaTextModel:
             b.close()
             raise
         try:
-            result = graph.run(inputs)
+            result = graph.run(inputs, cancelled)
         finally:
             graph.close()
         self.n_past += n

@@ -101,7 +101,8 @@ class ChatSession:
         self._cancel_preparations()
 
     def _cancel_preparations(self) -> None:
-        """Stop the preparations before their next chunk (what they evaluated stays in the KV cache)."""
+        """Stop the preparations now: between chunks, or inside a graph on the CPU (what they
+        evaluated before the chunk in progress stays in the KV cache)."""
         for preparation in self.preparations:
             preparation.cancel.set()
         self.preparations = [p for p in self.preparations if p.thread.is_alive()]
@@ -137,9 +138,10 @@ class ChatSession:
         content: list[dict[str, Any]] = [{"type": "image", "image": p} for p in self.pending]
         content.append({"type": "text", "text": question})
         self.messages.append({"role": "user", "content": content})
-        # a preparation still running stops before its next chunk; the question goes on from there
-        # (and one that has not started yet would only cut back what this turn evaluates)
-        self._cancel_preparations()
+        # a preparation still running is left to finish: it evaluates a prefix of this turn, which
+        # then reads on from where it ended (stopping it could drop a half-read chunk: the engines
+        # stop inside a graph). One that has not started yet finds the turn done and does nothing.
+        self.preparations = [p for p in self.preparations if p.thread.is_alive()]
         pieces = []
         try:
             for piece in self.vlm.stream(self.messages, **self.sampling):

@@ -29,13 +29,14 @@ from edgevlm import native
 from edgevlm.cache import file_identity
 from edgevlm.chunks import Chunk, ImageChunk, TextChunk
 from edgevlm.errors import (
+    ComputeCancelled,
     ImageError,
     IncompatibleModelError,
     InvalidModelError,
     RuntimeFailure,
     UnsupportedModelError,
 )
-from edgevlm.llm import LlamaContext, LlamaModel
+from edgevlm.llm import DECODE_ABORTED, LlamaContext, LlamaModel
 from edgevlm.vision.images import LoadedImage, has_pixels
 
 
@@ -276,6 +277,8 @@ class MtmdEncoder:
         rc = self._lib.mtmd_helper_decode_image_chunk(
             self.ptr, ctx.ptr, _native(chunk).ptr, buf, pos, ctx.SEQ, ctx.n_batch,
             ctypes.byref(new_pos), self._lib.mtmd_helper_post_decode_callback(), None)
+        if rc == DECODE_ABORTED:
+            raise ComputeCancelled("the image's decode was cancelled")
         if rc != 0:
             raise RuntimeFailure(f"decoding image embeddings failed (code {rc}); raise --ctx?")
         return int(new_pos.value)

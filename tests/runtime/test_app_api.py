@@ -58,23 +58,24 @@ def test_a_cancel_set_before_the_stream_starts_does_no_work(siglip_vlm, painting
     assert vlm.chat(_ask(painting), max_tokens=4, temperature=0).finish_reason in ("length", "stop")
 
 
-class _SetAfter:
-    """A cancel token that turns True at its n-th question (the prefill asks once per chunk)."""
+def test_a_cancel_during_the_prefill_keeps_the_chunks_evaluated(siglip_vlm, painting, monkeypatch):
+    """Cancelled once the text before the image is decoded (set by that decode, so no timing is
+    involved): the prefill stops before the image, and the next request reads on from there."""
+    from edgevlm.llm import LlamaContext
 
-    def __init__(self, n: int) -> None:
-        self.n, self.asked = n, 0
-
-    def is_set(self) -> bool:
-        self.asked += 1
-        return self.asked >= self.n
-
-
-def test_a_cancel_during_the_prefill_keeps_the_chunks_evaluated(siglip_vlm, painting):
     vlm, messages = siglip_vlm, _ask(painting)
     expected = _fresh_reply(vlm, messages, max_tokens=8)
     vlm.reset()
     text_before_image = vlm.prompt_chunks(messages)[0]
-    reply = vlm.chat(messages, max_tokens=8, temperature=0, cancel=_SetAfter(2))  # after the first chunk
+    cancel, real_decode = threading.Event(), LlamaContext.decode_tokens
+
+    def decode_then_cancel(self, *args, **kwargs):
+        real_decode(self, *args, **kwargs)
+        cancel.set()
+
+    monkeypatch.setattr(LlamaContext, "decode_tokens", decode_then_cancel)
+    reply = vlm.chat(messages, max_tokens=8, temperature=0, cancel=cancel)
+    monkeypatch.undo()
     assert reply.finish_reason == "cancelled" and reply.completion_tokens == 0
     assert reply.prefill.evaluated_positions == len(text_before_image.tokens)
     resumed = vlm.chat(messages, max_tokens=8, temperature=0)

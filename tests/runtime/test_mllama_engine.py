@@ -230,6 +230,19 @@ def test_a_preparation_cancelled_inside_the_image_encode_stops_there(vlm):
     np.testing.assert_array_equal(vlm.next_token_logits(messages), after_cancel)  # as from scratch
 
 
+def test_a_preparation_cancelled_inside_the_text_decoder_keeps_nothing_of_its_batch(vlm):
+    """Asked: as the preparation starts, before the token batch, then as its graph starts (True)."""
+    vlm.engine.reset()
+    messages = [{"role": "system", "content": "a long system prompt, read while the user types"}, _ask("hi")]
+    cancel = _AfterChecks(2)
+    stats = vlm.prepare(messages, cancel=cancel)
+    assert cancel.asked == 3 and stats.evaluated_positions == 0
+    assert vlm.engine.pipe.text.n_past == 0 and vlm.engine.history == []
+    after_cancel = vlm.next_token_logits(messages).copy()
+    vlm.engine.reset()
+    np.testing.assert_array_equal(vlm.next_token_logits(messages), after_cancel)
+
+
 def test_a_stream_cancelled_inside_the_image_encode_ends_cancelled(vlm):
     calls = vlm.engine.encoder_calls
     stream = vlm.stream([_ask("and this one?", [gradient_image(150, 90, seed=12)])], max_tokens=5,

@@ -168,3 +168,50 @@ def test_settled_prefix_leaves_out_the_token_a_question_may_merge_with():
     other = ImageChunk("e/p/0", n_tokens=4, n_pos=4)
     assert settled_prefix([TextChunk((1, 2)), image], [TextChunk((1, 2)), other]) == [TextChunk((1,))]
     assert settled_prefix([TextChunk((5, 6))], [TextChunk((7, 6))]) == []
+
+
+def test_a_decode_stopped_mid_graph_drops_its_chunk_and_keeps_the_ones_before(siglip_vlm, painting, monkeypatch,
+                                                                             caplog):
+    """llama.cpp's abort hook fires inside the last text chunk's decode (the flag the watcher would
+    set is set here as that decode starts, so the stop does not depend on timing): llama_decode
+    returns ABORTED, that chunk's positions leave the KV cache, the text and image before it stay,
+    llama.cpp's error lines about it are debug lines, and the question then reads on from there
+    to the logits of a from-scratch turn."""
+    import ctypes
+    import logging
+    from contextlib import contextmanager
+
+    from edgevlm import llm as llm_module
+
+    flags: list[int] = []
+    real_watched, real_run = llm_module.watched_flag, llm_module.LlamaContext._run
+
+    @contextmanager
+    def exposed(cancelled):
+        with real_watched(cancelled) as flag:
+            flags.append(flag)
+            yield flag
+
+    runs: list[int] = []
+
+    def run(self, batch):  # the text chunks' decodes (the image goes through libmtmd's helper)
+        runs.append(batch.n_tokens)
+        if len(runs) == 2:
+            ctypes.memset(flags[-1], 1, 1)
+        return real_run(self, batch)
+
+    with siglip_vlm.isolated_caches():
+        monkeypatch.setattr(llm_module, "watched_flag", exposed)
+        monkeypatch.setattr(llm_module.LlamaContext, "_run", run)
+        with caplog.at_level(logging.DEBUG, logger="edgevlm.llama"):
+            stats = siglip_vlm.prepare([_images(painting)], cancel=threading.Event())
+        monkeypatch.undo()
+        assert len(runs) == 2 and stats.images_encoded == 1
+        kept = stats.prompt_positions - runs[1]
+        assert stats.evaluated_positions == kept and siglip_vlm.engine.kv.cached_positions == kept
+        aborted = [r for r in caplog.records if "failed to decode" in r.getMessage()]
+        assert aborted and all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "edgevlm.llama")
+        logits = siglip_vlm.next_token_logits([_images(painting, text=QUESTION)])
+        assert siglip_vlm.last_prefill.reused_positions == kept
+        siglip_vlm.reset()
+        np.testing.assert_array_equal(logits, siglip_vlm.next_token_logits([_images(painting, text=QUESTION)]))
