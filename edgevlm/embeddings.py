@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -68,24 +69,30 @@ class ImageEmbeddings:
         self.store = store
         self.ram = EmbeddingLRU()
 
-    def get(self, chunk: ImageChunk, stats: PrefillStats | None = None) -> np.ndarray:
-        """The chunk's embeddings (n_tokens, width); counts encodes and cache hits in ``stats``."""
+    def get(self, chunk: ImageChunk, stats: PrefillStats | None = None,
+            cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """The chunk's embeddings (n_tokens, width); counts encodes and cache hits in ``stats``.
+
+        Raises:
+            ComputeCancelled: ``cancelled`` stopped the encoder (nothing is cached).
+        """
         cached = self.ram.get(chunk.key)
         computed = cached is None
         if cached is None and self.store is not None:
             cached, computed = self.store.get_or_compute(
-                chunk.key, lambda: self.encode(chunk, stats), shape=(chunk.n_tokens, self.width))
+                chunk.key, lambda: self.encode(chunk, stats, cancelled), shape=(chunk.n_tokens, self.width))
         elif cached is None:
-            cached = self.encode(chunk, stats)
+            cached = self.encode(chunk, stats, cancelled)
         if stats is not None and not computed:
             stats.images_from_cache += 1
         self.ram.put(chunk.key, cached)
         return cached
 
-    def encode(self, chunk: ImageChunk, stats: PrefillStats | None = None) -> np.ndarray:
+    def encode(self, chunk: ImageChunk, stats: PrefillStats | None = None,
+               cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Run the encoder (no cache), timing it into ``stats``."""
         t0 = time.perf_counter()
-        embd = self.encoder.encode(chunk)
+        embd = self.encoder.encode(chunk, cancelled)
         if stats is not None:
             stats.encode_ms += (time.perf_counter() - t0) * 1e3
             stats.images_encoded += 1

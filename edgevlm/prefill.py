@@ -266,7 +266,7 @@ class KVPrefix:
             j = self._next_stop(units, owners, i, save_at)
             try:
                 with self.ctx.stoppable(cancelled):
-                    self._decode_chunk(owners[i], units[i:j], starts[i], j == len(units), stats)
+                    self._decode_chunk(owners[i], units[i:j], starts[i], j == len(units), stats, cancelled)
             except ComputeCancelled:
                 self.ctx.truncate(starts[i])
                 return
@@ -284,14 +284,16 @@ class KVPrefix:
                 j += 1
         return j
 
-    def _decode_chunk(self, owner: Chunk, units: list[Unit], start: int, last: bool, stats: PrefillStats) -> None:
-        """Decode one piece: text tokens, an image (encoded or from the caches), or raw embeddings."""
+    def _decode_chunk(self, owner: Chunk, units: list[Unit], start: int, last: bool, stats: PrefillStats,
+                      cancelled: Callable[[], bool] | None) -> None:
+        """Decode one piece: text tokens, an image (encoded, ``cancelled`` asked inside the encoder
+        where it can stop, or from the caches), or raw embeddings."""
         if isinstance(owner, TextChunk):
             self.ctx.decode_tokens([u for u in units if isinstance(u, int)], start, logits_last=last)
         elif isinstance(owner, ImageChunk):
             if self.encoder is None or self.embeddings is None:
                 raise InvalidRequestError("an image chunk reached a model without a vision encoder")
-            self.encoder.decode(self.ctx, owner, self.embeddings.get(owner, stats), start)
+            self.encoder.decode(self.ctx, owner, self.embeddings.get(owner, stats, cancelled), start)
         else:
             self.ctx.decode_embeddings(owner.embeddings, start, causal=owner.causal, logits_last=last)
 

@@ -23,7 +23,8 @@ only).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,10 +277,22 @@ class VisionTower:
                  ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in self.weights.buffer_bytes().items()))
         self._graph: CompiledGraph | None = None
         self._batch_graphs: dict[int, CompiledGraph] = {}
+        self._cancelled: Callable[[], bool] | None = None
 
     @property
     def device(self) -> str:
         return self.backend.name
+
+    @contextmanager
+    def cancellable(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:
+        """Inside, :meth:`encode` and :meth:`encode_views` stop inside their graph soon after
+        ``cancelled()`` turns true (CPU, Metal) and raise :class:`~edgevlm.errors.ComputeCancelled`
+        (for the family pipelines that call them; the caller serialises encodes)."""
+        self._cancelled = cancelled
+        try:
+            yield
+        finally:
+            self._cancelled = None
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Run tower + projector on normalised pixels (3, S, S): (n_tokens, output_width) float32."""
@@ -289,7 +302,7 @@ class VisionTower:
                                     f"(3, {cfg.image_size}, {cfg.image_size})")
         if self._graph is None:
             self._graph = self._build()
-        return self._graph.run({"patches": patchify(pixels.astype(np.float32), cfg.patch_size)})
+        return self._graph.run({"patches": patchify(pixels.astype(np.float32), cfg.patch_size)}, self._cancelled)
 
     def prepare(self) -> None:
         """Build the one-image graph and write its compute buffer now (load time), not in the first encode."""
@@ -322,7 +335,7 @@ class VisionTower:
             self._batch_graphs = {n: self._build(n)}
             graph = self._batch_graphs[n]
         patches = np.stack([patchify(p.astype(np.float32), cfg.patch_size) for p in pixels])
-        return graph.run({"patches": patches}).reshape(n, cfg.n_tokens, cfg.output_width)
+        return graph.run({"patches": patches}, self._cancelled).reshape(n, cfg.n_tokens, cfg.output_width)
 
     def _build(self, n_views: int = 0) -> CompiledGraph:
         """The tower graph for one image (``n_views == 0``) or a batch of ``n_views``."""

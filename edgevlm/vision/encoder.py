@@ -9,7 +9,7 @@ the model family's choice (:mod:`edgevlm.families`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -68,8 +68,12 @@ class VisionEncoder(Protocol):
         one budget for all, or one per image)."""
         ...
 
-    def encode(self, chunk: ImageChunk) -> np.ndarray:
-        """The chunk's embeddings: (n_tokens, n_embd_inp) float32."""
+    def encode(self, chunk: ImageChunk, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """The chunk's embeddings: (n_tokens, n_embd_inp) float32.
+
+        ``cancelled``: asked while the encoder's graph runs, where it can be stopped;
+        True raises :class:`~edgevlm.errors.ComputeCancelled`.
+        """
         ...
 
     def decode(self, ctx: LlamaContext, chunk: ImageChunk, embd: np.ndarray, pos: int) -> int:

@@ -130,11 +130,12 @@ class KernelsEncoder:
                 out.append(TextChunk(tuple(tokens)))
         return out
 
-    def encode(self, chunk: ImageChunk) -> np.ndarray:
-        """Run tower + projector: (n_tokens, n_embd_inp) float32."""
+    def encode(self, chunk: ImageChunk, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """Run tower + projector: (n_tokens, n_embd_inp) float32 (``cancelled``: asked while the
+        tower's graphs run; True raises :class:`~edgevlm.errors.ComputeCancelled`)."""
         if chunk.image is None:
             raise InvalidRequestError("an image chunk without its image cannot be encoded")
-        with self._lock:
+        with self._lock, self.tower.cancellable(cancelled):
             out = self.pipeline.embed(self.tower, chunk.image, chunk.budget)
             self.n_encode_calls += 1
         return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,8 +256,9 @@ class MtmdEncoder:
         return out
 
     # ------------------------------------------------------------------
-    def encode(self, chunk: ImageChunk) -> np.ndarray:
-        """Run the vision tower + projector: (n_tokens, n_embd_inp) float32."""
+    def encode(self, chunk: ImageChunk, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+        """Run the vision tower + projector: (n_tokens, n_embd_inp) float32 (libmtmd's encode has
+        no stop hook: ``cancelled`` is not asked, the encode runs to its end)."""
         with self._lock:
             rc = self._lib.mtmd_encode_chunk(self.ptr, _native(chunk).ptr)
             if rc != 0:

@@ -189,3 +189,34 @@ def test_bench_reports_both_engines_and_the_torch_reference(clip_f32, square_ima
         assert report["vision_engine"] == engine
         for key in ("image_encode_ms", "image_encode_first_ms", "torch_f32_encode_ms", "torch_bf16_encode_ms"):
             assert report[key] > 0, key
+
+
+def test_a_request_cancelled_inside_the_tower_stops_there_and_caches_nothing(clip_kernels, painting, monkeypatch):
+    """The cancel is set as the tower's encode starts (no timing involved): its graph stops at the
+    first node, the request ends "cancelled" with the text before the image read, no embeddings are
+    kept, and asking again encodes the image and reads on from the text."""
+    import threading
+
+    from edgevlm.kernels.vision import VisionTower
+
+    messages = _ask(painting, "Which colours, before the stop?")
+    with clip_kernels.isolated_caches():
+        expected = clip_kernels.chat(messages, max_tokens=4, temperature=0).text
+        clip_kernels.reset()
+        clip_kernels.engine.embeddings.ram.clear()
+        calls, text_before = clip_kernels.engine.encoder_calls, clip_kernels.prompt_chunks(messages)[0]
+        cancel, real_encode = threading.Event(), VisionTower.encode
+
+        def encode_after_cancel(self, pixels):
+            cancel.set()
+            return real_encode(self, pixels)
+
+        monkeypatch.setattr(VisionTower, "encode", encode_after_cancel)
+        reply = clip_kernels.chat(messages, max_tokens=4, temperature=0, cancel=cancel)
+        monkeypatch.undo()
+        assert reply.finish_reason == "cancelled" and reply.prefill.images_encoded == 0
+        assert clip_kernels.engine.encoder_calls == calls, "the tower's graph ran to its end"
+        assert reply.prefill.evaluated_positions == len(text_before.tokens)
+        again = clip_kernels.chat(messages, max_tokens=4, temperature=0)
+        assert again.prefill.images_encoded == 1 and again.prefill.reused_positions == len(text_before.tokens)
+        assert again.text == expected
