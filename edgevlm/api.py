@@ -512,9 +512,10 @@ class VLM:
             stop: sampling options as in the OpenAI API (temperature 0 = greedy).
             max_image_tokens: this request's image-token budget per image
                 (overrides the one given to :func:`load`).
-            cancel: a :class:`threading.Event` (anything with ``is_set()``);
+            cancel: a :class:`threading.Event` (anything with ``is_set()``, which is
+                asked from a watcher thread too, so it must be thread-safe);
                 setting it, from any thread, stops the prefill before its next
-                chunk or, on the CPU and Metal, within about 20 ms inside the
+                chunk or, on the CPU, within about 20 ms inside the
                 chunk being read (the LLM's graph; mllama's encoder too), and
                 the reply before its next token (finish reason "cancelled";
                 the engine keeps the chunks evaluated before for reuse).

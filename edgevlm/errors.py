@@ -60,9 +60,19 @@ class RuntimeFailure(EdgeVLMError, RuntimeError):
 class ComputeCancelled(EdgeVLMError, RuntimeError):
     """A graph computation was stopped by its cancel check before it finished.
 
-    The engines catch it (a cancelled request or preparation ends there, nothing half-done
-    kept); it reaches a caller only from :mod:`edgevlm.kernels` functions given ``cancelled``.
+    Raised by llama.cpp decodes inside :meth:`LlamaContext.stoppable` and by :mod:`edgevlm.kernels`
+    graphs given ``cancelled``; the engines catch it (a cancelled request or preparation ends
+    there, nothing half-done kept), so it does not reach users of :class:`edgevlm.VLM`.
+
+    Args:
+        message: what was stopped.
+        decoded: tokens of the stopped call that were already in the KV cache (its
+            earlier batches), for a caller that keeps them.
     """
+
+    def __init__(self, message: str, decoded: int = 0) -> None:
+        super().__init__(message)
+        self.decoded = decoded
 
 
 class HubError(EdgeVLMError, OSError):

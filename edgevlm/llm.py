@@ -272,7 +272,7 @@ class LlamaContext:
     @contextmanager
     def stoppable(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:
         """Inside, a decode stops mid-graph soon after ``cancelled()`` turns true (where the backend
-        has ggml's abort hook: CPU, Metal) and raises :class:`~edgevlm.errors.ComputeCancelled`;
+        has ggml's abort hook: the CPU) and raises :class:`~edgevlm.errors.ComputeCancelled`;
         llama.cpp drops the positions of the batch it stopped in, earlier batches stay. The hook
         reads a flag a watcher thread sets (:mod:`edgevlm.kernels.abort`): no Python per node. The
         error lines llama.cpp logs for a stop it was asked for go to the debug level."""
@@ -281,8 +281,8 @@ class LlamaContext:
             yield
             return
         with watched_flag(cancelled) as flag, native.demoted_while(lambda: ctypes.string_at(flag, 1) != b"\0"):
-            self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(hook), flag)
-            try:
+            try:  # installed inside the try: the hook never outlives the flag it reads
+                self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(hook), flag)
                 yield
             finally:
                 self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(), None)
@@ -343,6 +343,10 @@ class LlamaContext:
         """Decode ``tokens`` at positions start_pos, start_pos+1, ... in n_batch pieces.
 
         With ``logits_all`` (one batch only), :meth:`logits_at` reads every position.
+
+        Raises:
+            ComputeCancelled: stopped inside a piece (:meth:`stoppable`); its ``decoded``
+                tokens, the pieces before, are in the KV cache.
         """
         if logits_all and len(tokens) > self.n_batch:
             raise RuntimeFailure(f"logits_all needs at most n_batch={self.n_batch} tokens")
@@ -358,7 +362,10 @@ class LlamaContext:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = self.SEQ
                 batch.logits[i] = 1 if logits_all or (logits_last and last_piece and i == len(piece) - 1) else 0
-            self._run(batch)
+            try:
+                self._run(batch)
+            except ComputeCancelled as stop:  # the pieces before this one stay in the KV cache
+                raise ComputeCancelled(str(stop), decoded=offset) from None
         self._has_logits = (logits_last or logits_all) and bool(tokens)
 
     def decode_embeddings(self, embd: np.ndarray, start_pos: int, *, causal: bool = True,

@@ -310,8 +310,9 @@ class MllamaEngine:
             try:
                 logits = text.forward(tokens[done:end], mask[done:end] if mask is not None else None,
                                       cancelled=cancelled)[-1]
-            except ComputeCancelled:  # stopped inside a graph: drop the batch's micro-batches read so far
-                text.rewind(len(self.history))
+            except ComputeCancelled:  # stopped inside a graph: keep the micro-batches read before it
+                self.history.extend(tokens[done:done + text.n_past - len(self.history)])
+                text.rewind(text.n_past)  # (forgets the stopped micro-batch's cross-attention row)
                 return
             self.history.extend(tokens[done:end])
             done = end

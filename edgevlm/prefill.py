@@ -127,8 +127,9 @@ class KVPrefix:
             chunks: the prompt.
             text_prefix: tokens of a text-only prompt before its last user
                 message: a prefix worth a KV snapshot.
-            cancelled: asked before each chunk is evaluated; True stops there
-                (the KV cache and the ledger keep the chunks evaluated so far).
+            cancelled: asked before each chunk is evaluated and, from a watcher thread,
+                every 20 ms while it is (see :meth:`LlamaContext.stoppable`); True stops
+                there (the KV cache and the ledger keep the chunks evaluated before).
             continued: a request prepared before its question: snapshots may end where it ends.
 
         Returns:
@@ -157,13 +158,14 @@ class KVPrefix:
         stats.evaluated_positions = self.cached_positions - starts[keep]
         stats.decode_ms = (time.perf_counter() - t0) * 1e3 - stats.encode_ms
         stats.images_reused = sum(isinstance(u, ImageUnit) for u in units[:keep])
-        self._estimate_saved(stats)
+        self._estimate_saved(stats, complete=len(self.units) == len(units))
         _log_prefill(stats)
         return stats
 
-    def _estimate_saved(self, stats: PrefillStats) -> None:
-        """Fill ``stats.saved_ms`` at the rates last measured here (this prefill's if none yet)."""
-        if stats.evaluated_positions >= 32 or not self._position_ms:
+    def _estimate_saved(self, stats: PrefillStats, complete: bool) -> None:
+        """Fill ``stats.saved_ms`` at the rates last measured here (this prefill's if none yet; a
+        cancelled prefill's time includes work it dropped, so it does not set the rate)."""
+        if complete and (stats.evaluated_positions >= 32 or not self._position_ms):
             self._position_ms = stats.decode_ms / max(stats.evaluated_positions, 1)
         if stats.images_encoded:
             self._image_ms = stats.encode_ms / stats.images_encoded
@@ -258,8 +260,8 @@ class KVPrefix:
 
         A snapshot is saved when the KV cache reaches a length in ``save_at``;
         ``cancelled`` returning True stops before the next chunk, or inside the
-        LLM's graph (:meth:`LlamaContext.stoppable`): the chunk stopped in is
-        dropped from the KV cache, the chunks before it stay.
+        LLM's graph (:meth:`LlamaContext.stoppable`): the chunks before stay in
+        the KV cache, and of the chunk stopped in its text batches read before.
         """
         i = first
         while i < len(units) and not (cancelled is not None and cancelled()):
@@ -267,8 +269,10 @@ class KVPrefix:
             try:
                 with self.ctx.stoppable(cancelled):
                     self._decode_chunk(owners[i], units[i:j], starts[i], j == len(units), stats, cancelled)
-            except ComputeCancelled:
-                self.ctx.truncate(starts[i])
+            except ComputeCancelled as stop:  # keep the text batches read before the stop
+                kept = i + stop.decoded if isinstance(owners[i], TextChunk) else i
+                self.ctx.truncate(starts[kept])
+                self.commit(units[i:kept], starts[i:kept + 1])
                 return
             self.commit(units[i:j], starts[i:j + 1])
             i = j

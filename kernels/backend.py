@@ -152,7 +152,7 @@ class Backend:
         turns true (``ggml_backend_graph_compute`` then returns ``GGML_STATUS_ABORTED``).
 
         ``cancelled`` is asked from a watcher thread, never from ggml's compute threads
-        (:mod:`edgevlm.kernels.abort`). Backends without ggml's abort hook (CUDA) run each
+        (:mod:`edgevlm.kernels.abort`). Backends without ggml's abort hook (CUDA, Metal) run each
         graph to its end; so does everything when ``cancelled`` is None. Yields whether the
         hook is installed.
         """
@@ -162,14 +162,14 @@ class Backend:
             yield False
             return
         with abort.watched_flag(cancelled) as flag:
-            setter(self.ptr, hook, flag)
-            try:
+            try:  # installed inside the try: the hook never outlives the flag it reads
+                setter(self.ptr, hook, flag)
                 yield True
             finally:
                 setter(self.ptr, None, None)
 
     def _abort_setter(self) -> Callable[..., None] | None:
-        """The device's ``ggml_backend_set_abort_callback`` (CPU, Metal), or None."""
+        """The device's ``ggml_backend_set_abort_callback`` (the CPU's; CUDA and Metal export none), or None."""
         reg = self.g.ggml_backend_dev_backend_reg(self.dev)
         address = self.g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_abort_callback") if reg else None
         return ggml.SET_ABORT_CALLBACK(address) if address else None

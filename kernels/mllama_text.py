@@ -413,7 +413,7 @@ class MllamaTextModel:
             cross_mask: ``(len(tokens), n_images, max_tiles)`` 0/1 (see :func:`cross_attention_mask`);
                 ``None`` repeats the last row seen (or no row: every token is masked out).
             all_logits: Logits of every token (else of the last only).
-            cancelled: asked while each micro-batch's graph runs (CPU, Metal); True stops it.
+            cancelled: asked while each micro-batch's graph runs (on the CPU); True stops it.
 
         Returns:
             float32 ``(len(tokens) or 1, n_vocab)``.

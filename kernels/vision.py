@@ -286,7 +286,7 @@ class VisionTower:
     @contextmanager
     def cancellable(self, cancelled: Callable[[], bool] | None) -> Iterator[None]:
         """Inside, :meth:`encode` and :meth:`encode_views` stop inside their graph soon after
-        ``cancelled()`` turns true (CPU, Metal) and raise :class:`~edgevlm.errors.ComputeCancelled`
+        ``cancelled()`` turns true (on the CPU) and raise :class:`~edgevlm.errors.ComputeCancelled`
         (for the family pipelines that call them; the caller serialises encodes)."""
         self._cancelled = cancelled
         try:

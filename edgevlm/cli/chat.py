@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import queue
 import sys
 import threading
 from dataclasses import dataclass
@@ -142,12 +143,9 @@ class ChatSession:
         # then reads on from where it ended (stopping it could drop a half-read chunk: the engines
         # stop inside a graph). One that has not started yet finds the turn done and does nothing.
         self.preparations = [p for p in self.preparations if p.thread.is_alive()]
-        pieces = []
         try:
-            for piece in self.vlm.stream(self.messages, **self.sampling):
-                pieces.append(piece)
-                out.write(piece)
-                out.flush()
+            pieces = _stream_interruptibly(self.vlm, self.messages, self.sampling, out,
+                                           on_interrupt=self._cancel_preparations)
         except BaseException:
             self.messages.pop()  # keep the conversation consistent
             raise
@@ -157,6 +155,54 @@ class ChatSession:
         reply = "".join(pieces).strip()
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+
+def _stream_interruptibly(vlm: VLM, messages: list[dict[str, Any]], sampling: dict[str, Any], out: Any, *,
+                          on_interrupt: Callable[[], None]) -> list[str]:
+    """Stream the answer from a worker thread and write it here; Ctrl-C stops it at once.
+
+    Python runs its Ctrl-C handler in the main thread only between its own instructions, never
+    inside a llama.cpp call (a prompt batch can take seconds): here the main thread only waits
+    for pieces, so the interrupt arrives at once; it stops the preparations (``on_interrupt``,
+    the answer may be waiting for one) and sets the stream's cancel event, which the engines'
+    abort hook reads within 20 ms, then waits for the worker and re-raises.
+    """
+    cancel = threading.Event()
+    items: queue.Queue[str | BaseException | None] = queue.Queue()
+
+    def produce() -> None:
+        try:
+            for piece in vlm.stream(messages, cancel=cancel, **sampling):
+                items.put(piece)
+            items.put(None)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the main thread
+            items.put(exc)
+
+    worker = threading.Thread(target=produce, name="edgevlm-answer", daemon=True)
+    worker.start()
+    pieces: list[str] = []
+    try:
+        while (item := _next_item(items)) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            pieces.append(item)
+            out.write(item)
+            out.flush()
+    except KeyboardInterrupt:
+        on_interrupt()
+        cancel.set()
+        worker.join()
+        raise
+    return pieces
+
+
+def _next_item(items: queue.Queue[str | BaseException | None]) -> str | BaseException | None:
+    """The worker's next item; a short timeout keeps the wait interruptible on every platform."""
+    while True:
+        try:
+            return items.get(timeout=0.1)
+        except queue.Empty:
+            continue
 
 
 def _prepare_quietly(model: Callable[[], VLM], messages: list[dict[str, Any]], cancel: threading.Event) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,41 @@ def test_chat_session_prepares_attached_images_while_the_question_is_typed(sigli
     session.reset()  # the preparation is cancelled; nothing is left pending
     session.close()
     assert session.pending == [] and last.cancel.is_set() and not last.thread.is_alive()
+
+
+def test_ctrl_c_during_an_answer_stops_its_prompt_read_in_the_worker(siglip_vlm, painting, monkeypatch):
+    """The answer is read in a worker thread, so Ctrl-C (delivered to the main thread) is not held
+    back by a llama.cpp call: here it arrives while the worker decodes the prompt; the stream's
+    cancel event stops that decode, the turn is dropped, and the next question answers as usual."""
+    import io
+    import signal
+
+    from edgevlm.llm import LlamaContext
+
+    siglip_vlm.reset()
+    session = ChatSession(siglip_vlm, system=None, sampling={"max_tokens": 3, "temperature": 0})
+    session.attach([str(painting)])
+    decoding_threads, real_run = [], LlamaContext._run
+
+    def run_after_ctrl_c(self, batch):
+        decoding_threads.append(threading.current_thread().name)
+        if len(decoding_threads) == 1:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            threading.Event().wait(0.3)  # the main thread handles it meanwhile, and cancels
+        return real_run(self, batch)
+
+    monkeypatch.setattr(LlamaContext, "_run", run_after_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        session.ask("What genre?", out=io.StringIO())
+    monkeypatch.undo()
+    assert decoding_threads == ["edgevlm-answer"], decoding_threads  # stopped inside the first decode
+    assert siglip_vlm.last_prefill.evaluated_positions == 0 and session.messages == []
+    reply = session.ask("What genre?", out=io.StringIO())
+    siglip_vlm.reset()
+    fresh = siglip_vlm.chat([{"role": "user", "content": [{"type": "image", "image": str(painting)},
+                                                          {"type": "text", "text": "What genre?"}]}],
+                            max_tokens=3, temperature=0)
+    assert reply == fresh.text.strip()
 
 
 def test_chat_quits_at_once_while_preparing(siglip_f32, painting):

@@ -170,20 +170,16 @@ def test_settled_prefix_leaves_out_the_token_a_question_may_merge_with():
     assert settled_prefix([TextChunk((5, 6))], [TextChunk((7, 6))]) == []
 
 
-def test_a_decode_stopped_mid_graph_drops_its_chunk_and_keeps_the_ones_before(siglip_vlm, painting, monkeypatch,
-                                                                             caplog):
-    """llama.cpp's abort hook fires inside the last text chunk's decode (the flag the watcher would
-    set is set here as that decode starts, so the stop does not depend on timing): llama_decode
-    returns ABORTED, that chunk's positions leave the KV cache, the text and image before it stay,
-    llama.cpp's error lines about it are debug lines, and the question then reads on from there
-    to the logits of a from-scratch turn."""
+def _stop_in_decode(monkeypatch, number: int) -> list[int]:
+    """Make the ``number``-th llama_decode stop inside its graph: the abort flag the watcher would set
+    is set as that decode starts (no timing involved). Returns the decoded batches' sizes."""
     import ctypes
-    import logging
     from contextlib import contextmanager
 
     from edgevlm import llm as llm_module
 
     flags: list[int] = []
+    runs: list[int] = []
     real_watched, real_run = llm_module.watched_flag, llm_module.LlamaContext._run
 
     @contextmanager
@@ -192,17 +188,28 @@ def test_a_decode_stopped_mid_graph_drops_its_chunk_and_keeps_the_ones_before(si
             flags.append(flag)
             yield flag
 
-    runs: list[int] = []
-
-    def run(self, batch):  # the text chunks' decodes (the image goes through libmtmd's helper)
+    def run(self, batch):
         runs.append(batch.n_tokens)
-        if len(runs) == 2:
+        if len(runs) == number:
             ctypes.memset(flags[-1], 1, 1)
         return real_run(self, batch)
 
+    monkeypatch.setattr(llm_module, "watched_flag", exposed)
+    monkeypatch.setattr(llm_module.LlamaContext, "_run", run)
+    return runs
+
+
+def test_a_decode_stopped_mid_graph_drops_its_chunk_and_keeps_the_ones_before(siglip_vlm, painting, monkeypatch,
+                                                                             caplog):
+    """llama.cpp's abort hook fires inside the last text chunk's decode (the flag the watcher would
+    set is set here as that decode starts, so the stop does not depend on timing): llama_decode
+    returns ABORTED, that chunk's positions leave the KV cache, the text and image before it stay,
+    llama.cpp's error lines about it are debug lines, and the question then reads on from there
+    to the logits of a from-scratch turn."""
+    import logging
+
     with siglip_vlm.isolated_caches():
-        monkeypatch.setattr(llm_module, "watched_flag", exposed)
-        monkeypatch.setattr(llm_module.LlamaContext, "_run", run)
+        runs = _stop_in_decode(monkeypatch, 2)  # the text chunks' decodes (the image goes through libmtmd)
         with caplog.at_level(logging.DEBUG, logger="edgevlm.llama"):
             stats = siglip_vlm.prepare([_images(painting)], cancel=threading.Event())
         monkeypatch.undo()
@@ -215,3 +222,20 @@ def test_a_decode_stopped_mid_graph_drops_its_chunk_and_keeps_the_ones_before(si
         assert siglip_vlm.last_prefill.reused_positions == kept
         siglip_vlm.reset()
         np.testing.assert_array_equal(logits, siglip_vlm.next_token_logits([_images(painting, text=QUESTION)]))
+
+
+def test_a_stop_inside_a_long_text_keeps_its_batches_read_before(siglip_f32, monkeypatch):
+    """A text chunk longer than n_batch is read in batches: stopped inside the third, the first two
+    stay in the KV cache and the ledger, and the next request reads on from there."""
+    system = "You describe paintings: " + " ".join(f"genre {i} is listed here," for i in range(12))
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Which genre?"}]
+    with _load(siglip_f32, n_batch=16) as vlm:
+        runs = _stop_in_decode(monkeypatch, 3)
+        stats = vlm.prepare(messages, cancel=threading.Event())
+        monkeypatch.undo()
+        assert runs == [16, 16, 16] and stats.prompt_positions > 48
+        assert stats.evaluated_positions == 32 and vlm.engine.kv.cached_positions == 32
+        logits = vlm.next_token_logits(messages)
+        assert vlm.last_prefill.reused_positions == 32
+        vlm.reset()
+        np.testing.assert_array_equal(logits, vlm.next_token_logits(messages))
