@@ -140,8 +140,8 @@ class ChatSession:
         content.append({"type": "text", "text": question})
         self.messages.append({"role": "user", "content": content})
         # a preparation still running is left to finish: it evaluates a prefix of this turn, which
-        # then reads on from where it ended (stopping it could drop a half-read chunk: the engines
-        # stop inside a graph). One that has not started yet finds the turn done and does nothing.
+        # then reads on from where it ended (stopping it could drop an image stopped mid-encode: the
+        # engines stop inside a graph). One that has not started yet finds the turn done and does nothing.
         self.preparations = [p for p in self.preparations if p.thread.is_alive()]
         try:
             pieces = _stream_interruptibly(self.vlm, self.messages, self.sampling, out,
