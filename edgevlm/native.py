@@ -34,7 +34,9 @@ LOG.addHandler(logging.NullHandler())  # never Python's last-resort stderr handl
 _GGML_TO_LOGGING = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING,
                     4: logging.ERROR}
 
-_state_lock = threading.Lock()
+# Re-entrant: Python may collect garbage at any allocation inside _forward, and freeing a llama.cpp
+# object there logs, which calls _forward again on the same thread (a plain Lock deadlocked).
+_state_lock = threading.RLock()
 _pending = {"level": logging.DEBUG, "text": ""}
 _callbacks: list[object] = []  # keeps the ctypes callbacks alive
 _listeners: list[Callable[[str], None]] = []
@@ -82,13 +84,14 @@ def _forward(level: int, text: bytes | None, _user_data: object) -> None:
     if not text:
         return
     chunk = text.decode("utf-8", errors="replace")
+    expected = _expected_here()
     with _state_lock:
         if level != 5:
             _pending["level"] = _GGML_TO_LOGGING.get(level, logging.DEBUG)
         buffered = _pending["text"] + chunk
         *lines, rest = buffered.split("\n")
         _pending["text"] = rest
-        lvl = logging.DEBUG if _expected_here() else _pending["level"]
+        lvl = logging.DEBUG if expected else _pending["level"]
         listeners = list(_listeners)
     for line in lines:
         if line.strip():
