@@ -23,7 +23,7 @@ from edgevlm import amx_guard
 from edgevlm.constants import KV_TYPES, QUANTISED_KV_TYPES
 from edgevlm.errors import (ComputeCancelled, ContextOverflowError, InvalidModelError, InvalidRequestError,
                             RuntimeFailure)
-from edgevlm.kernels.abort import byte_flag_hook, watched_flag
+from edgevlm.kernels.abort import stop_hook
 
 #: llama.h ``LLAMA_LOAD_MODE_NONE``: read tensor data into the buffers (no memory map).
 LOAD_MODE_READ = 0
@@ -276,16 +276,18 @@ class LlamaContext:
         llama.cpp drops the positions of the batch it stopped in, earlier batches stay. The hook
         reads a flag a watcher thread sets (:mod:`edgevlm.kernels.abort`): no Python per node. The
         error lines llama.cpp logs for a stop it was asked for go to the debug level."""
-        hook = byte_flag_hook()
-        if cancelled is None or hook is None:
-            yield
-            return
-        with watched_flag(cancelled) as flag, native.demoted_while(lambda: ctypes.string_at(flag, 1) != b"\0"):
-            try:  # installed inside the try: the hook never outlives the flag it reads
-                self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(hook), flag)
+        lib = self._lib
+
+        def install(hook: int | None, flag: int | None) -> None:
+            lib.llama_set_abort_callback(self.ptr, lib.ggml_abort_callback(hook) if hook else
+                                         lib.ggml_abort_callback(), flag)
+
+        with stop_hook(install, cancelled) as flag:
+            if flag is None:
                 yield
-            finally:
-                self._lib.llama_set_abort_callback(self.ptr, self._lib.ggml_abort_callback(), None)
+                return
+            with native.demoted_while(lambda: ctypes.string_at(flag, 1) != b"\0"):
+                yield
 
     def truncate(self, n_pos: int) -> None:
         """Drop every cached position >= n_pos."""

@@ -42,6 +42,24 @@ def _asked(cancelled: Callable[[], bool]) -> bool:
 
 
 @contextmanager
+def stop_hook(install: Callable[[int | None, int | None], None],
+              cancelled: Callable[[], bool] | None) -> Iterator[int | None]:
+    """Install the flag-reading hook with ``install(hook, flag)`` for the block and remove it with
+    ``install(None, None)`` after; yields the flag's address (None, and nothing installed, without
+    ``cancelled`` or where libc's ``strlen`` cannot be found). The hook never outlives its flag."""
+    hook = byte_flag_hook()
+    if cancelled is None or hook is None:
+        yield None
+        return
+    with watched_flag(cancelled) as flag:
+        try:
+            install(hook, flag)
+            yield flag
+        finally:
+            install(None, None)
+
+
+@contextmanager
 def watched_flag(cancelled: Callable[[], bool]) -> Iterator[int]:
     """A two-byte buffer set to ``"\\x01"`` once ``cancelled()`` is true; yields its address, valid inside
     the block. Asked once at the start (in this thread: a check already true stops the compute at

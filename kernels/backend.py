@@ -157,16 +157,11 @@ class Backend:
         hook is installed.
         """
         setter = self._abort_setter() if cancelled is not None else None
-        hook = abort.byte_flag_hook()
-        if setter is None or hook is None or cancelled is None:
+        if setter is None:
             yield False
             return
-        with abort.watched_flag(cancelled) as flag:
-            try:  # installed inside the try: the hook never outlives the flag it reads
-                setter(self.ptr, hook, flag)
-                yield True
-            finally:
-                setter(self.ptr, None, None)
+        with abort.stop_hook(lambda hook, flag: setter(self.ptr, hook, flag), cancelled) as flag:
+            yield flag is not None
 
     def _abort_setter(self) -> Callable[..., None] | None:
         """The device's ``ggml_backend_set_abort_callback`` (the CPU's; CUDA and Metal export none), or None."""

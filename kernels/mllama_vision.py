@@ -167,15 +167,9 @@ def _upload(device: str, n_threads: int, tensors: dict[str, RawTensor], matmul: 
             progress: Callable[[float], None] | None) -> Weights:
     """The encoder's weights on a new backend; on the CPU, f16 matrices as ``auto`` converts a tower's
     (Q8_0 for ggml's AMX tile kernels where they are usable: :func:`tower_weights.choose_weight_type`)."""
-    backend = Backend(device, n_threads=n_threads)
-    try:
-        extra = backend.extra_buffer_types()
-        weights, choice = upload_tower(backend, tensors, "auto", extra, matmul, progress)
-        LOG.info("mllama vision encoder on %s: matrices %s, %s", backend.name, choice.weight_type, choice.reason)
-        return weights
-    except BaseException:
-        backend.close()
-        raise
+    weights, choice = upload_tower(device, n_threads, tensors, "auto", matmul, progress=progress)
+    LOG.info("mllama vision encoder on %s: matrices %s, %s", weights.backend.name, choice.weight_type, choice.reason)
+    return weights
 
 
 class MllamaVisionEncoder:

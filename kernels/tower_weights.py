@@ -201,17 +201,19 @@ def q8_0_bytes(data: np.ndarray, row_length: int) -> np.ndarray:
 _LAZY = {"bf16": lazy_bf16, "q8_0": lazy_q8_0}
 
 
-def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: str,
-                 extra: Sequence[BufferType], matrices: set[str] | None = None,
+def upload_tower(device: str, n_threads: int, tensors: Mapping[str, RawTensor], requested: str,
+                 matrices: set[str] | None = None, *, allow_extra: bool | None = None,
                  progress: Callable[[float], None] | None = None) -> tuple[Weights, WeightChoice]:
-    """A tower's device tensors on ``backend``, their matrices in the type :func:`choose_weight_type` picks.
+    """A tower's device tensors on a new backend (``weights.backend``; closed again on failure),
+    their matrices in the type :func:`choose_weight_type` picks.
 
     Args:
-        backend: where the tower runs (the caller closes it if this raises).
+        device, n_threads: the backend to start (as :class:`~edgevlm.kernels.backend.Backend`).
         tensors: the device tensors as in the file.
         requested: the ``weight_type`` asked for ("auto", "as-file", "bf16", "q8_0").
-        extra: the extra buffer types the matrices may use (``Backend.extra_buffer_types``).
         matrices: the ``mul_mat`` weights (default: :func:`matmul_weights`).
+        allow_extra: the CPU's repacking buffer types for the matrices (as
+            :meth:`~edgevlm.kernels.backend.Backend.extra_buffer_types`; None: unless the AMX guard is on).
         progress: as in :class:`~edgevlm.kernels.graph.Weights` (raising stops the upload).
 
     Returns:
@@ -219,11 +221,18 @@ def upload_tower(backend: Backend, tensors: Mapping[str, RawTensor], requested: 
 
     Raises:
         InvalidRequestError: an unknown ``requested`` value.
+        KernelsUnavailableError: no such device, or a buffer could not be allocated.
     """
-    choice = choose_weight_type(requested, tensors, backend, extra, matrices)
-    converted = apply_weight_type(tensors, choice, matrices)
-    names = matmul_weights(converted) if matrices is None else matrices
-    return Weights(backend, converted, matmul=names, extra=extra, progress=progress), choice
+    backend = Backend(device, n_threads=n_threads)
+    try:
+        extra = backend.extra_buffer_types(allow_extra)
+        choice = choose_weight_type(requested, tensors, backend, extra, matrices)
+        converted = apply_weight_type(tensors, choice, matrices)
+        names = matmul_weights(converted) if matrices is None else matrices
+        return Weights(backend, converted, matmul=names, extra=extra, progress=progress), choice
+    except BaseException:
+        backend.close()
+        raise
 
 
 def apply_weight_type(tensors: Mapping[str, RawTensor], choice: WeightChoice,

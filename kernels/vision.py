@@ -35,7 +35,6 @@ from edgevlm import constants as C
 from edgevlm.errors import InvalidModelError, UnsupportedModelError
 from edgevlm.gguf_info import GGUFHeader, read_header
 
-from .backend import Backend
 from .graph import CompiledGraph, GraphBuilder, RawTensor, Weights, shape
 from .tower_weights import LOG, upload_tower
 
@@ -265,13 +264,9 @@ class VisionTower:
         self.special = {name: np.asarray(t.data, dtype=np.float32).reshape(-1)
                         for name, t in tensors.items() if is_host_tensor(name)}
         device_tensors = {n: t for n, t in tensors.items() if not is_host_tensor(n)}
-        self.backend = Backend(device, n_threads=n_threads)
-        try:
-            extra = self.backend.extra_buffer_types(extra_buffers)
-            self.weights, self.weight_choice = upload_tower(self.backend, device_tensors, weight_type, extra)
-        except Exception:
-            self.backend.close()
-            raise
+        self.weights, self.weight_choice = upload_tower(device, n_threads, device_tensors, weight_type,
+                                                        allow_extra=extra_buffers)
+        self.backend = self.weights.backend
         LOG.info("kernels tower %s on %s: matrices %s, %s; weight buffers %s", self.path.name,
                  self.backend.name, self.weight_choice.weight_type, self.weight_choice.reason,
                  ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in self.weights.buffer_bytes().items()))

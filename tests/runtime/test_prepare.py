@@ -177,10 +177,11 @@ def _stop_in_decode(monkeypatch, number: int) -> list[int]:
     from contextlib import contextmanager
 
     from edgevlm import llm as llm_module
+    from edgevlm.kernels import abort
 
     flags: list[int] = []
     runs: list[int] = []
-    real_watched, real_run = llm_module.watched_flag, llm_module.LlamaContext._run
+    real_watched, real_run = abort.watched_flag, llm_module.LlamaContext._run
 
     @contextmanager
     def exposed(cancelled):
@@ -194,7 +195,7 @@ def _stop_in_decode(monkeypatch, number: int) -> list[int]:
             ctypes.memset(flags[-1], 1, 1)
         return real_run(self, batch)
 
-    monkeypatch.setattr(llm_module, "watched_flag", exposed)
+    monkeypatch.setattr(abort, "watched_flag", exposed)
     monkeypatch.setattr(llm_module.LlamaContext, "_run", run)
     return runs
 
